@@ -1,0 +1,140 @@
+"""`DGAConfig`: the settings of Dynamic Group Attention, validated on construction.
+
+The meaning of every field is defined in `DGA_SPEC.md` (shipped in the README's "Semantics" section).
+Named presets live as JSON files in `configs/` (installed as `dga_hf.configs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping
+
+GROUP_BIASES = ("none", "log_size")
+BACKENDS = ("auto", "torch", "triton", "naive")
+DEFAULT_PRESET = "default"
+
+
+@dataclass(frozen=True)
+class DGAConfig:
+    """Settings of Dynamic Group Attention.
+
+    Attributes:
+        group_size: tokens per group (block), ``m`` in the paper. ``>= 1``.
+        focal_ratio: share of tokens kept individually, ``gamma``. ``0 < focal_ratio <= 1``.
+        probe_queries: the last ``r`` queries used to score token importance. ``>= 1``.
+        local_blocks: a query sees the raw tokens of its own block and the ``local_blocks - 1`` blocks
+            before it. ``>= 1``.
+        sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). ``>= 0``.
+        group_bias: ``"none"``, or ``"log_size"`` to add ``log(members)`` to an aggregate's logit.
+        min_seq_len: sequences shorter than this use plain dense causal attention. ``>= 0``.
+        dense_layers: indices of layers that always use dense attention.
+        backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"``, ``"triton"``
+            or ``"naive"`` (the float64 reference, for tests only).
+    """
+
+    group_size: int = 16
+    focal_ratio: float = 0.1
+    probe_queries: int = 64
+    local_blocks: int = 1
+    sink_tokens: int = 0
+    group_bias: str = "none"
+    min_seq_len: int = 0
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("group_size", self.group_size, minimum=1)
+        _check_int("probe_queries", self.probe_queries, minimum=1)
+        _check_int("local_blocks", self.local_blocks, minimum=1)
+        _check_int("sink_tokens", self.sink_tokens, minimum=0)
+        _check_int("min_seq_len", self.min_seq_len, minimum=0)
+        ratio = self.focal_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
+            raise ValueError(f"DGAConfig.focal_ratio={ratio!r} is invalid: allowed range is 0 < focal_ratio <= 1")
+        object.__setattr__(self, "focal_ratio", float(ratio))
+        if self.group_bias not in GROUP_BIASES:
+            raise ValueError(f"DGAConfig.group_bias={self.group_bias!r} is invalid: allowed values are {GROUP_BIASES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"DGAConfig.backend={self.backend!r} is invalid: allowed values are {BACKENDS}")
+        layers = self.dense_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(
+                f"DGAConfig.dense_layers={layers!r} is invalid: allowed values are a list of layer indices >= 0"
+            )
+        layers = tuple(layers)
+        for index in layers:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(
+                    f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
+                )
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["dense_layers"] = list(self.dense_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DGAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"DGAConfig got unknown fields {unknown}: allowed fields are {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def preset(cls, name: str) -> "DGAConfig":
+        """Load a named preset shipped in `configs/` (e.g. ``"default"``, ``"paper"``)."""
+        available = preset_names()
+        if name not in available:
+            raise ValueError(f"unknown DGA preset {name!r}: available presets are {available}")
+        text = resources.files("dga_hf.configs").joinpath(f"{name}.json").read_text()
+        return cls.from_dict(json.loads(text)["dga"])
+
+    def replace(self, **changes: Any) -> "DGAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def keys_per_query_share(self, seq_len: int) -> float:
+        """Average share of dense attention's keys a query reads at ``seq_len`` (the spec's cost formula,
+        counted exactly for the layout, with focal tokens spread evenly over the sequence)."""
+        total_dense = seq_len * (seq_len + 1) / 2
+        m, n = self.group_size, self.local_blocks
+        focal = min(seq_len, max(1, math.ceil(self.focal_ratio * seq_len)))
+        density = focal / seq_len
+        total = 0.0
+        for block in range(math.ceil(seq_len / m)):
+            first_local = max(0, (block - n + 1) * m)
+            old_tokens = first_local
+            old_blocks = max(0, block - n + 1)
+            for i in range(block * m, min((block + 1) * m, seq_len)):
+                local = i - first_local + 1
+                total += local + density * old_tokens + old_blocks
+        return total / total_dense
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"DGAConfig.{name}={value!r} is invalid: allowed range is an integer >= {minimum}")
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("dga_hf.configs")
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and "dga" in json.loads(p.read_text()))
+
+
+def resolve_config(value: "DGAConfig | Mapping[str, Any] | str | None") -> DGAConfig:
+    """A `DGAConfig` from a config, a dict (as stored in ``model.config.dga``), a preset name, or None
+    (the shipped default)."""
+    if value is None:
+        return DGAConfig.preset(DEFAULT_PRESET)
+    if isinstance(value, DGAConfig):
+        return value
+    if isinstance(value, str):
+        return DGAConfig.preset(value)
+    if isinstance(value, Mapping):
+        return DGAConfig.from_dict(value)
+    raise TypeError(f"expected a DGAConfig, a dict or a preset name, got {type(value).__name__}")

@@ -1,0 +1,108 @@
+"""The single dispatch point of DGA backends."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..config import BACKENDS, DGAConfig
+from . import torch_backend
+from .dense import dense_attention
+from .layout import build_layout, compact_padding, compute_dtype, uncompact
+from .naive import naive_dga_attention
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    names = ["torch", "naive"]
+    if _triton_usable(device):
+        names.insert(0, "triton")
+    return names
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """"auto" picks Triton on CUDA when it is installed, else PyTorch. An explicit backend that cannot
+    run on this device is an error, never a silent substitution."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend={requested!r} is invalid: allowed values are {BACKENDS}")
+    if requested == "auto":
+        return "triton" if _triton_usable(device) and _has_triton_backend() else "torch"
+    if requested == "triton" and not _has_triton_backend():
+        raise ValueError("backend='triton' is not available: this build of dga_hf has no Triton backend")
+    return requested
+
+
+def _has_triton_backend() -> bool:
+    return importlib.util.find_spec("dga_hf.ops.triton_backend") is not None
+
+
+def dga_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: DGAConfig,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal Dynamic Group Attention over a whole sequence (prefill), as defined in DGA_SPEC.md.
+
+    Args:
+        query: [B, Hq, L, d]; key, value: [B, Hkv, L, d] with Hq a multiple of Hkv (GQA, no copy).
+        config: the DGA settings.
+        scale: softmax scale, default ``1/sqrt(d)``.
+        backend: "auto" defers to ``config.backend``; "torch", "triton" or "naive" force one.
+        padding_mask: optional [B, L] bool, True for real tokens. Each row gets the result of its own
+            unpadded sequence; padded query positions return zeros.
+
+    Returns: [B, Hq, L, d] in the dtype of ``query``.
+    """
+    _check_shapes(query, key, value, padding_mask)
+    batch, q_heads, seq_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    chosen = resolve_backend(config.backend if backend == "auto" else backend, query.device)
+    if chosen == "naive":
+        return naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
+
+    if padding_mask is None and seq_len < config.min_seq_len:
+        return dense_attention(query, key, value, scale=scale)
+    dtype = compute_dtype(query.dtype)
+    q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
+    q = q.to(dtype).view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
+    k, v = k.to(dtype), v.to(dtype)
+    layout = build_layout(q, k, v, lengths, config, scale)
+    if chosen == "triton":
+        from . import triton_backend
+
+        out = triton_backend.attend(q, k, v, layout, config, scale)
+    else:
+        out = torch_backend.attend(q, k, v, layout, config, scale)
+    out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order)
+    return out.to(query.dtype)
+
+
+def _check_shapes(query, key, value, padding_mask) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"dga_attention expects 4-D query/key/value [B, H, L, d], got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"batch/head/length of key {tuple(key.shape)} and value {tuple(value.shape)} must match")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"dga_attention computes prefill (q_len == kv_len); got q_len={query.shape[2]}, kv_len={key.shape[2]}"
+        )
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
+    if padding_mask is not None and tuple(padding_mask.shape) != (query.shape[0], query.shape[2]):
+        raise ValueError(f"padding_mask must be [B, L] = {(query.shape[0], query.shape[2])}, got {tuple(padding_mask.shape)}")

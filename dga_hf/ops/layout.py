@@ -1,0 +1,183 @@
+"""Stages 1-4 of DGA_SPEC.md, vectorised over batch and heads: importance, focal selection, block
+aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
+over focal keys, aggregates and local keys).
+
+Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L.
+Padding is handled by compaction: the real tokens of each row are moved to the front (stable), so every
+row is a right-padded sequence of length ``lengths[b]`` whose blocks start at position 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DGAConfig
+from .naive import focal_count
+
+
+@dataclass
+class DGALayout:
+    """Everything stage 5 needs, for queries/keys in compacted (right-padded) order.
+
+    Shapes: B rows, H kv heads, L positions, nb blocks, F focal slots, d head dim.
+    """
+
+    lengths: torch.Tensor  # [B] int64, real tokens per row
+    focal_pos: torch.Tensor  # [B, H, F] int64, focal positions sorted ascending; unused slots = L
+    focal_key: torch.Tensor  # [B, H, F, d]
+    focal_value: torch.Tensor  # [B, H, F, dv]
+    agg_key: torch.Tensor  # [B, H, nb, d]
+    agg_value: torch.Tensor  # [B, H, nb, dv]
+    agg_bias: torch.Tensor  # [B, H, nb]: 0 or log(members), -inf for blocks with no non-focal member
+    focal: torch.Tensor  # [B, H, L] bool
+    group_size: int
+
+    @property
+    def focal_block(self) -> torch.Tensor:
+        """Block of each focal slot; unused slots land past the last block."""
+        return self.focal_pos // self.group_size
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compact_padding(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Move each row's real tokens to the front. Returns q, k, v, lengths and the permutation
+    (None when there is no padding, so the common case copies nothing)."""
+    batch, seq_len = query.shape[0], query.shape[-2]
+    if padding_mask is None or bool(padding_mask.all()):
+        lengths = torch.full((batch,), seq_len, dtype=torch.long, device=query.device)
+        return query, key, value, lengths, None
+    mask = padding_mask.to(device=query.device, dtype=torch.bool)
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real tokens first, in order
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        index = order.view(batch, *([1] * (x.dim() - 3)), seq_len, 1).expand(*x.shape[:-1], x.shape[-1])
+        return x.gather(-2, index)
+
+    return gather(query), gather(key), gather(value), mask.sum(-1), order
+
+
+def uncompact(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of `compact_padding` for an output [B, ..., L, d] (padded positions are already zero)."""
+    if order is None:
+        return out
+    batch, seq_len = order.shape
+    index = order.view(batch, *([1] * (out.dim() - 3)), seq_len, 1).expand_as(out)
+    return torch.zeros_like(out).scatter_(-2, index, out)
+
+
+def build_layout(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, config: DGAConfig, scale: float
+) -> DGALayout:
+    """query [B, H, G, L, d], key/value [B, H, L, d] in compute dtype, compacted."""
+    batch, heads, group, seq_len, _ = query.shape
+    device = query.device
+    positions = torch.arange(seq_len, device=device)
+    real = positions[None, :] < lengths[:, None]  # [B, L]
+
+    importance = _importance(query, key, lengths, config.probe_queries, scale)
+    focal = _select_focal(importance, lengths, real, config)
+    focal_pos, focal_key, focal_value = _gather_focal(focal, key, value, lengths, config)
+    agg_key, agg_value, agg_bias = _aggregate(query, key, value, focal, real, lengths, config, scale)
+    return DGALayout(
+        lengths=lengths,
+        focal_pos=focal_pos,
+        focal_key=focal_key,
+        focal_value=focal_value,
+        agg_key=agg_key,
+        agg_value=agg_value,
+        agg_bias=agg_bias,
+        focal=focal,
+        group_size=config.group_size,
+    )
+
+
+def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, probes: int, scale: float) -> torch.Tensor:
+    """imp[b, h, j] = sum over the group's heads and the last min(r, L_b) queries of their causal
+    attention weight on j."""
+    batch, heads, group, seq_len, dim = query.shape
+    probes = min(probes, seq_len)
+    probe_pos = lengths[:, None] - probes + torch.arange(probes, device=query.device)  # [B, r]; < 0 = unused
+    index = probe_pos.clamp(min=0).view(batch, 1, 1, probes, 1).expand(batch, heads, group, probes, dim)
+    probe_q = query.gather(3, index)
+    logits = scale * probe_q @ key.unsqueeze(2).transpose(-1, -2)  # [B, H, G, r, L]
+    keys = torch.arange(seq_len, device=query.device)
+    hidden = (keys.view(1, 1, seq_len) > probe_pos.unsqueeze(-1)) | (probe_pos.unsqueeze(-1) < 0)  # [B, r, L]
+    logits = logits.masked_fill(hidden.view(batch, 1, 1, probes, seq_len), -math.inf)
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # unused probe rows are all -inf
+    return weights.sum(dim=(2, 3))
+
+
+def _budgets(lengths: torch.Tensor, config: DGAConfig) -> torch.Tensor:
+    """Focal tokens per row: k (at least the sinks); the whole row when it is below min_seq_len."""
+    budgets = []
+    for length in lengths.tolist():
+        if length < config.min_seq_len:
+            budgets.append(length)
+        else:
+            budgets.append(max(focal_count(length, config.focal_ratio), min(config.sink_tokens, length)) if length else 0)
+    return torch.tensor(budgets, dtype=torch.long, device=lengths.device)
+
+
+def _select_focal(importance: torch.Tensor, lengths: torch.Tensor, real: torch.Tensor, config: DGAConfig) -> torch.Tensor:
+    batch, heads, seq_len = importance.shape
+    score = importance.masked_fill(~real[:, None, :], -math.inf)
+    sinks = torch.arange(seq_len, device=score.device) < config.sink_tokens
+    score = score.masked_fill((sinks[None, :] & real)[:, None, :], math.inf)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: earlier position first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(seq_len, device=score.device).expand_as(order))
+    return rank < _budgets(lengths, config).view(batch, 1, 1)
+
+
+def _gather_focal(
+    focal: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, config: DGAConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seq_len = focal.shape[-1]
+    slots = int(focal.sum(-1).max())
+    positions = torch.arange(seq_len, device=focal.device).expand_as(focal)
+    focal_pos = torch.where(focal, positions, seq_len).sort(dim=-1).values[..., :slots]
+    index = focal_pos.clamp(max=seq_len - 1).unsqueeze(-1)
+    focal_key = key.gather(2, index.expand(*index.shape[:-1], key.shape[-1]))
+    focal_value = value.gather(2, index.expand(*index.shape[:-1], value.shape[-1]))
+    return focal_pos, focal_key, focal_value
+
+
+def _aggregate(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    focal: torch.Tensor,
+    real: torch.Tensor,
+    lengths: torch.Tensor,
+    config: DGAConfig,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, group, seq_len, dim = query.shape
+    m = config.group_size
+    num_blocks = math.ceil(seq_len / m)
+    pad = num_blocks * m - seq_len
+
+    def blocked(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, num_blocks, m, x.shape[-1])
+
+    members = torch.nn.functional.pad(~focal & real[:, None, :], (0, pad)).view(batch, heads, num_blocks, m)
+    block_ends = torch.minimum(
+        (torch.arange(num_blocks, device=query.device) + 1) * m, lengths[:, None]
+    ).clamp(min=1) - 1  # [B, nb]
+    index = block_ends.view(batch, 1, 1, num_blocks, 1).expand(batch, heads, group, num_blocks, dim)
+    query_bar = query.gather(3, index).mean(2)  # [B, H, nb, d]
+    block_keys = blocked(key)
+    logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar)
+    weights = torch.softmax(logits.masked_fill(~members, -math.inf), dim=-1).nan_to_num(0.0)
+    agg_key = torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys)
+    agg_value = torch.einsum("bhcm,bhcmd->bhcd", weights, blocked(value))
+    counts = members.sum(-1).to(query.dtype)
+    bias = counts.clamp(min=1).log() if config.group_bias == "log_size" else torch.zeros_like(counts)
+    return agg_key, agg_value, bias.masked_fill(counts == 0, -math.inf)
