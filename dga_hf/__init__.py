@@ -1,12 +1,27 @@
 """dga-hf: Dynamic Group Attention for Hugging Face Transformers.
 
     import dga_hf
-    dga_hf.patch(model)              # shipped default settings
-    dga_hf.unpatch(model)            # back to the exact original
+    dga_hf.patch(model)                                   # shipped default settings
+    dga_hf.patch(model, dga_hf.DGAConfig(local_blocks=8))  # explicit settings
+    dga_hf.unpatch(model)                                 # back to the exact original
+    AutoModelForCausalLM.from_pretrained(path, attn_implementation="dga")
 """
 
 from .config import DGAConfig, preset_names
-from .ops import dga_attention, naive_dga_attention
+from .integration import check_supported, is_patched, patch, register, unpatch
+from .ops import dense_attention, dga_attention, naive_dga_attention
 
-__all__ = ["DGAConfig", "dga_attention", "naive_dga_attention", "preset_names"]
+register()
+
+__all__ = [
+    "DGAConfig",
+    "check_supported",
+    "dense_attention",
+    "dga_attention",
+    "is_patched",
+    "naive_dga_attention",
+    "patch",
+    "preset_names",
+    "unpatch",
+]
 __version__ = "0.1.0"

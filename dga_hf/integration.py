@@ -1,0 +1,175 @@
+"""Transformers integration: the "dga" attention backend, its mask function, patch() and unpatch().
+
+One backend is one function with the standard `AttentionInterface` signature. Settings live in the
+model's config (`config.dga`, a dict), so they are saved with `save_pretrained`, come back with
+`from_pretrained`, and two models in one process never share them.
+
+Where DGA is used and where dense attention is (the one place that decides it, `_use_dga`):
+- prefill (q_len == kv_len) of at least `min_seq_len` tokens, on layers not in `dense_layers`: DGA;
+- shorter prompts, `dense_layers`, and every step with q_len < kv_len (decoding, chunked prefill):
+  dense attention over the given keys with causal and padding masks (documented fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+
+from .config import DGAConfig, resolve_config
+from .ops import dense_attention, dga_attention
+
+try:  # AttentionMaskInterface appeared in transformers 4.53
+    from transformers import AttentionMaskInterface
+except ImportError as error:  # pragma: no cover - guarded by install_requires
+    raise ImportError("dga_hf needs transformers>=4.53 (AttentionMaskInterface)") from error
+
+ATTN_NAME = "dga"
+_ORIGINAL_ATTN = "_dga_original_attn_implementation"
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(frozen: str) -> DGAConfig:
+    return DGAConfig.from_dict(json.loads(frozen))
+
+
+def config_of(module: torch.nn.Module) -> DGAConfig:
+    """The DGA settings of the model that owns `module` (default preset when the config has none)."""
+    stored = getattr(getattr(module, "config", None), "dga", None)
+    if stored is None:
+        return resolve_config(None)
+    if isinstance(stored, DGAConfig):
+        return stored
+    return _parse(json.dumps(stored, sort_keys=True))
+
+
+def dga_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`AttentionInterface` backend. query [B, Hq, q_len, d], key/value [B, Hkv, kv_len, d];
+    `attention_mask` is what `dga_mask` made: a [B, kv_len] padding mask or None."""
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(
+            f"DGA does not support sliding-window attention ({type(module).__name__}, "
+            f"sliding_window={kwargs['sliding_window']}); set config.sliding_window=None or use another backend"
+        )
+    if dropout and module.training:
+        raise ValueError("DGA attention does not implement attention dropout; set attention_dropout=0")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"DGA expects the [batch, kv_len] padding mask made by its mask function, got a "
+            f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (custom 4-D masks are not supported)"
+        )
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        raise ValueError(
+            f"DGA needs a cache whose keys end at the current query (DynamicCache); got a padding mask of "
+            f"length {attention_mask.shape[-1]} for {key.shape[-2]} keys"
+        )
+    config = config_of(module)
+    if _use_dga(module, query, key, config):
+        out = dga_attention(query, key, value, config, scale=scaling, padding_mask=attention_mask)
+    else:
+        out = dense_attention(query, key, value, scale=scaling, padding_mask=attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_dga(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, config: DGAConfig) -> bool:
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if q_len != kv_len or q_len < config.min_seq_len:
+        return False
+    return getattr(module, "layer_idx", None) not in config.dense_layers
+
+
+def dga_mask(
+    batch_size: int,
+    kv_length: int,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """`AttentionMaskInterface` function: instead of a [B, 1, q, kv] mask it returns the [B, kv]
+    padding mask (None when nothing is padded); causality is applied inside the attention."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    if mask.shape[-1] < kv_length:  # keys past the given mask (e.g. a cache longer than the mask)
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=True)
+    return None if bool(mask.all()) else mask
+
+
+def register() -> None:
+    """Register "dga" with Transformers (done on `import dga_hf`)."""
+    AttentionInterface.register(ATTN_NAME, dga_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, dga_mask)
+
+
+def _configs(model: PreTrainedModel) -> list[PretrainedConfig]:
+    """Every distinct config object that an attention module of the model reads."""
+    seen: dict[int, PretrainedConfig] = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise a clear error for models DGA cannot run on."""
+    from dga_hf.patches import TESTED_MODEL_TYPES, sliding_window_layers
+
+    supported = f"supported: models whose attention goes through transformers' AttentionInterface (tested: {', '.join(TESTED_MODEL_TYPES)})"
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"dga_hf.patch expects a transformers PreTrainedModel, got {type(model).__name__}; {supported}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(f"{type(model).__name__} cannot be patched with DGA: its attention does not use AttentionInterface; {supported}")
+    for config in _configs(model):
+        layers = sliding_window_layers(config)
+        if layers:
+            raise ValueError(
+                f"{type(model).__name__} uses sliding-window attention on layers {layers[:8]}{'...' if len(layers) > 8 else ''} "
+                f"(sliding_window={config.sliding_window}); DGA is defined for full causal attention. "
+                "Load the model with sliding_window=None to patch it."
+            )
+
+
+def patch(model: PreTrainedModel, config: DGAConfig | dict | str | None = None) -> PreTrainedModel:
+    """Make `model` use DGA. `config`: a DGAConfig, a dict, a preset name, or None (the settings already
+    in ``model.config.dga``, else the shipped default). Patching again only changes the settings."""
+    check_supported(model)
+    if config is None and getattr(model.config, "dga", None) is not None:
+        settings = config_of(model)
+    else:
+        settings = resolve_config(config)
+    if model.config._attn_implementation != ATTN_NAME:
+        setattr(model, _ORIGINAL_ATTN, model.config._attn_implementation)
+    for sub_config in _configs(model):
+        sub_config.dga = settings.to_dict()
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Restore the attention implementation the model had before `patch` (sdpa for a model loaded
+    with attn_implementation="dga") and remove the DGA settings from its config."""
+    original = getattr(model, _ORIGINAL_ATTN, None) or "sdpa"
+    model.set_attn_implementation(original)
+    for sub_config in _configs(model):
+        if hasattr(sub_config, "dga"):
+            delattr(sub_config, "dga")
+    if hasattr(model, _ORIGINAL_ATTN):
+        delattr(model, _ORIGINAL_ATTN)
+    return model
+
+
+def is_patched(model: PreTrainedModel) -> bool:
+    return model.config._attn_implementation == ATTN_NAME
