@@ -15,16 +15,21 @@ import torch
 from ..config import DGAConfig
 from .layout import DGALayout
 
-# Elements of one tile's logits (fp32): 2**25 is 128 MiB, a few tiles' worth of live temporaries.
-TILE_LOGITS_BUDGET = 2**25
+# Elements of one tile's logits: 2**24 fp32 is 64 MiB, a few tiles' worth of live temporaries.
+TILE_LOGITS_BUDGET = 2**24
+# Fewer query rows per tile than this and Python overhead per tile dominates.
+MIN_TILE_QUERIES = 128
 
 
 def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_blocks: int) -> int:
-    """Blocks per query tile, so that one tile's logits stay within the budget."""
-    m = config.group_size
-    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + config.local_blocks * m
-    per_block = heads_total * m * (keys_per_query + m)
-    return max(1, min(num_blocks, TILE_LOGITS_BUDGET // max(per_block, 1)))
+    """Blocks per query tile: about the local window (a tile of T queries computes T x (T + n*m) local
+    logits, so much larger tiles waste work on the local stream), at least MIN_TILE_QUERIES queries,
+    and within the logits budget."""
+    m, n = config.group_size, config.local_blocks
+    wanted = max(n, -(-MIN_TILE_QUERIES // m))
+    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + (n + wanted) * m
+    affordable = TILE_LOGITS_BUDGET // max(heads_total * m * keys_per_query, 1)
+    return max(1, min(num_blocks, wanted, affordable))
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
@@ -40,37 +45,36 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
-        q_pos = torch.arange(q_lo, q_hi, device=device)
-        q_block = (q_pos // m).view(1, 1, 1, -1, 1)
+        q_pos = torch.arange(q_lo, q_hi, device=device).view(1, 1, 1, -1, 1)
         q_tile = query[:, :, :, q_lo:q_hi]
+        streams = []  # (logits, values) per key stream, all masked to -inf where hidden
 
-        # focal keys of blocks that are old for the tile's last query (a prefix: sorted by position)
+        # focal keys of blocks old for the tile's last query: a prefix, as slots are sorted by position
         old_limit = last - n
-        focal_old_count = int((focal_block <= old_limit).sum(-1).max()) if old_limit >= 0 else 0
-        f_block = focal_block[..., :focal_old_count].unsqueeze(2).unsqueeze(3)  # [B, H, 1, 1, F']
-        f_logits = scale * q_tile @ layout.focal_key[:, :, None, :focal_old_count].transpose(-1, -2)
-        f_logits = f_logits.masked_fill(f_block > q_block - n, -math.inf)
-
-        agg_count = max(0, old_limit + 1)
-        a_block = torch.arange(agg_count, device=device).view(1, 1, 1, 1, -1)
-        a_logits = scale * q_tile @ layout.agg_key[:, :, None, :agg_count].transpose(-1, -2)
-        a_logits = (a_logits + layout.agg_bias[:, :, None, None, :agg_count]).masked_fill(a_block > q_block - n, -math.inf)
+        if old_limit >= 0:
+            count = int((focal_block <= old_limit).sum(-1).max())
+            logits = scale * q_tile @ layout.focal_key[:, :, None, :count].transpose(-1, -2)
+            hidden = focal_block[:, :, None, None, :count] > q_pos // m - n
+            streams.append((logits.masked_fill_(hidden, -math.inf), layout.focal_value[:, :, None, :count]))
+            agg_blocks = torch.arange(old_limit + 1, device=device)
+            logits = scale * q_tile @ layout.agg_key[:, :, None, : old_limit + 1].transpose(-1, -2)
+            logits += layout.agg_bias[:, :, None, None, : old_limit + 1]
+            streams.append((logits.masked_fill_(agg_blocks > q_pos // m - n, -math.inf), layout.agg_value[:, :, None, : old_limit + 1]))
 
         w_lo = max(0, (first - n + 1) * m)
-        w_pos = torch.arange(w_lo, q_hi, device=device).view(1, 1, 1, 1, -1)
-        l_logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
-        hidden = (w_pos > q_pos.view(1, 1, 1, -1, 1)) | (w_pos // m <= q_block - n) | (w_pos >= lengths)
-        l_logits = l_logits.masked_fill(hidden, -math.inf)
+        w_pos = torch.arange(w_lo, q_hi, device=device)
+        logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
+        hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n) | (w_pos >= lengths)
+        streams.append((logits.masked_fill_(hidden, -math.inf), value[:, :, None, w_lo:q_hi]))
 
-        logits = torch.cat([f_logits, a_logits, l_logits], dim=-1)
-        peak = logits.amax(-1, keepdim=True)
-        weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, 0.0))
-        total = weights.sum(-1, keepdim=True)
-        splits = [f_logits.shape[-1], a_logits.shape[-1], l_logits.shape[-1]]
-        w_f, w_a, w_l = weights.split(splits, dim=-1)
-        tile = w_f @ layout.focal_value[:, :, None, :focal_old_count]
-        tile = tile + w_a @ layout.agg_value[:, :, None, :agg_count]
-        tile = tile + w_l @ value[:, :, None, w_lo:q_hi]
+        peak = torch.stack([logits.amax(-1) for logits, _ in streams]).amax(0, keepdim=False).unsqueeze(-1)
+        peak = torch.where(torch.isfinite(peak), peak, 0.0)
+        total = torch.zeros_like(peak)
+        tile = 0.0
+        for logits, values in streams:
+            weights = logits.sub_(peak).exp_()
+            total += weights.sum(-1, keepdim=True)
+            tile = tile + weights @ values
         # rows with nothing to attend (padding) have total 0 and stay zero
         out[:, :, :, q_lo:q_hi] = tile / total.clamp(min=torch.finfo(total.dtype).tiny)
     real = torch.arange(seq_len, device=device).view(1, 1, 1, -1, 1) < lengths
