@@ -67,7 +67,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
         hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n) | (w_pos >= lengths)
         streams.append((logits.masked_fill_(hidden, -math.inf), value[:, :, None, w_lo:q_hi]))
 
-        peak = torch.stack([logits.amax(-1) for logits, _ in streams]).amax(0, keepdim=False).unsqueeze(-1)
+        streams = [(logits, values) for logits, values in streams if logits.shape[-1]]
+        peak = torch.stack([logits.amax(-1) for logits, _ in streams]).amax(0).unsqueeze(-1)
         peak = torch.where(torch.isfinite(peak), peak, 0.0)
         total = torch.zeros_like(peak)
         tile = 0.0

@@ -1,0 +1,78 @@
+"""Perplexity sweep over DGA settings on fixed corpus windows (how the shipped default was chosen).
+
+    python -m dga_eval.sweep --config configs/sweep_defaults.json --out runs/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dga_hf
+from dga_hf import DGAConfig
+
+from .corpus import corpus_tokens
+from .models import load_model
+from .perplexity import perplexity
+
+
+def run_sweep(spec: dict, out: Path, only: list[str] | None = None) -> dict:
+    model, tokenizer = load_model(spec.get("model"))
+    tokens = torch.tensor(corpus_tokens(tokenizer))
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "sweep.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    jobs = [(name, window) for name in spec["settings"] for window in spec["windows"] if not only or name in only]
+    for name, window in tqdm(jobs, desc="sweep"):
+        if window in results.get(name, {}):
+            continue
+        settings = spec["settings"][name]
+        if settings is None:
+            if dga_hf.is_patched(model):
+                dga_hf.unpatch(model)
+        else:
+            dga_hf.patch(model, DGAConfig(**settings))
+        start, end = spec["windows"][window]
+        began = time.time()
+        value = perplexity(model, [tokens[start:end]])
+        entry = results.setdefault(name, {"settings": settings})
+        entry[window] = value
+        entry[f"{window}_seconds"] = round(time.time() - began, 1)
+        if settings is not None:
+            entry[f"{window}_keys_share"] = DGAConfig(**settings).keys_per_query_share(end - start)
+        results_path.write_text(json.dumps(results, indent=2))
+    (out / "sweep.md").write_text(markdown_table(results, list(spec["windows"])))
+    return results
+
+
+def markdown_table(results: dict, windows: list[str]) -> str:
+    header = "| setting | " + " | ".join(f"ppl {w} | keys/query {w}" for w in windows) + " |"
+    lines = [header, "|---|" + "---|---|" * len(windows)]
+    for name, entry in results.items():
+        cells = []
+        for w in windows:
+            ppl = entry.get(w)
+            share = entry.get(f"{w}_keys_share", 1.0 if entry.get("settings") is None else None)
+            cells.append(f"{ppl:.2f}" if ppl is not None else "")
+            cells.append(f"{share:.1%}" if share is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sweep_defaults.json")
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--only", nargs="*", help="run only these setting names")
+    args = parser.parse_args(argv)
+    run_sweep(json.loads(Path(args.config).read_text()), Path(args.out), args.only)
+    print((Path(args.out) / "sweep.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

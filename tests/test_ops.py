@@ -1,0 +1,238 @@
+"""The PyTorch backend against the naive float64 transcription of DGA_SPEC.md, and the spec's invariants.
+
+Inputs are fresh random tensors (hypothesis draws shapes, settings and seeds)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dga_hf import DGAConfig, dense_attention, dga_attention, naive_dga_attention
+
+FP32_TOL = 2e-5  # float32 vs float64 on O(1) outputs
+
+
+def qkv(batch, q_heads, kv_heads, seq_len, dim, *, seed, dtype=torch.float32, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda heads: (spread * torch.randn(batch, heads, seq_len, dim, generator=gen)).to(dtype)
+    return make(q_heads), make(kv_heads), make(kv_heads)
+
+
+def left_padding(batch, seq_len, *, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    for row in range(1, batch):
+        mask[row, : int(torch.randint(0, seq_len, (1,), generator=gen))] = False
+    return mask
+
+
+def dense_reference(q, k, v, padding_mask=None):
+    """Plain causal softmax attention in float64 (GQA by repeating heads)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    seq_len = q.shape[2]
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :]
+    logits = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    out = logits.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0) @ v
+    if padding_mask is not None:
+        out = out * padding_mask[:, None, :, None]
+    return out
+
+
+configs = st.builds(
+    DGAConfig,
+    group_size=st.integers(1, 9),
+    focal_ratio=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
+    probe_queries=st.integers(1, 40),
+    local_blocks=st.integers(1, 4),
+    sink_tokens=st.integers(0, 6),
+    group_bias=st.sampled_from(["none", "log_size"]),
+    min_seq_len=st.sampled_from([0, 0, 0, 30]),
+)
+shapes = st.tuples(
+    st.integers(1, 3),  # batch
+    st.sampled_from([(1, 1), (2, 1), (3, 1), (4, 2), (8, 2), (4, 4)]),  # (Hq, Hkv)
+    st.integers(1, 90),  # L, rarely a multiple of group_size
+    st.sampled_from([4, 8, 16]),  # head dim
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs, shape=shapes, padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_torch_backend_matches_naive_reference(config, shape, padded, seed):
+    batch, (q_heads, kv_heads), seq_len, dim = shape
+    q, k, v = qkv(batch, q_heads, kv_heads, seq_len, dim, seed=seed)
+    mask = left_padding(batch, seq_len, seed=seed) if padded else None
+    expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
+    actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    assert actual.dtype == q.dtype and actual.shape == q.shape
+    torch.testing.assert_close(actual.double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision_inputs(dtype, tol):
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=2, probe_queries=8)
+    q, k, v = qkv(2, 6, 2, 77, 16, seed=1, dtype=dtype)
+    mask = left_padding(2, 77, seed=1)
+    expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
+    actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=tol)
+
+
+def test_sparse_setting_differs_from_dense():
+    """Guards the equality tests below from passing because DGA silently became dense."""
+    q, k, v = qkv(1, 2, 1, 64, 8, seed=3)
+    out = dga_attention(q, k, v, DGAConfig(group_size=4, focal_ratio=0.1), backend="torch")
+    assert (out.double() - dense_reference(q, k, v)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "exact",
+    [
+        dict(group_size=1),
+        dict(focal_ratio=1.0),
+        dict(group_size=8, local_blocks=9),  # ceil(70 / 8) = 9 local blocks cover everything
+        dict(min_seq_len=71),
+    ],
+    ids=["group_size=1", "focal_ratio=1", "local_blocks>=ceil(L/m)", "below_min_seq_len"],
+)
+@pytest.mark.parametrize("others", [dict(), dict(sink_tokens=3, group_bias="log_size", probe_queries=2, local_blocks=2)])
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_exact_settings_equal_dense(exact, others, backend):
+    config = DGAConfig(**{"group_size": 4, "focal_ratio": 0.1, **others, **exact})
+    q, k, v = qkv(2, 4, 2, 70, 8, seed=7)
+    mask = left_padding(2, 70, seed=7)
+    for padding in (None, mask):
+        actual = dga_attention(q, k, v, config, backend=backend, padding_mask=padding)
+        torch.testing.assert_close(actual.double(), dense_reference(q, k, v, padding), atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def attention_mass(config, seq_len, padding_mask=None, seed=0):
+    """With V = identity, output row i is the attention mass query i puts on each position
+    (an aggregate spreads its weight over its members)."""
+    q, k, _ = qkv(1 if padding_mask is None else padding_mask.shape[0], 4, 2, seq_len, 16, seed=seed)
+    v = torch.eye(seq_len).expand(q.shape[0], 2, seq_len, seq_len).contiguous()
+    return dga_attention(q, k, v, config, backend="torch", padding_mask=padding_mask)
+
+
+@pytest.mark.parametrize("config", [DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1), DGAConfig(group_size=5, focal_ratio=0.1, local_blocks=2, sink_tokens=2)])
+def test_no_query_sees_a_later_key_and_mass_sums_to_one(config):
+    mass = attention_mass(config, 45)
+    later = torch.ones(45, 45, dtype=torch.bool).triu(diagonal=1)
+    assert mass[..., later].abs().max() == 0
+    torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_padding_is_never_attended_selected_or_aggregated():
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :13] = False
+    config = DGAConfig(group_size=4, focal_ratio=0.3, local_blocks=1, sink_tokens=2)
+    mass = attention_mass(config, 40, mask, seed=5)
+    assert mass[1, :, :, :13].abs().max() == 0  # no query puts weight on a padded key
+    assert mass[1, :, :13].abs().max() == 0  # padded queries output zeros
+    torch.testing.assert_close(mass[1, :, 13:].sum(-1), torch.ones(4, 27), atol=1e-5, rtol=0)
+
+
+def test_left_padded_row_equals_its_unpadded_sequence():
+    config = DGAConfig(group_size=4, focal_ratio=0.15, local_blocks=2, sink_tokens=1, probe_queries=6)
+    q, k, v = qkv(2, 4, 2, 50, 8, seed=11)
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, :17] = False
+    batched = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    alone = dga_attention(q[1:, :, 17:], k[1:, :, 17:], v[1:, :, 17:], config, backend="torch")
+    torch.testing.assert_close(batched[1, :, 17:], alone[0], atol=1e-6, rtol=1e-6)
+    assert batched[1, :, :17].abs().max() == 0
+
+
+def test_output_is_finite_for_extreme_inputs():
+    config = DGAConfig(group_size=3, focal_ratio=0.1, local_blocks=1)
+    q, k, v = qkv(2, 2, 1, 60, 8, seed=2, spread=300.0)
+    mask = left_padding(2, 60, seed=2)
+    out = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    assert torch.isfinite(out).all()
+    fully_padded = torch.zeros(2, 60, dtype=torch.bool)
+    fully_padded[0] = True
+    assert torch.isfinite(dga_attention(q, k, v, config, backend="torch", padding_mask=fully_padded)).all()
+
+
+def test_focal_tokens_all_in_recent_blocks():
+    """Old blocks may hold no focal token at all (an empty focal stream for early query tiles)."""
+    config = DGAConfig(group_size=4, focal_ratio=0.05, local_blocks=1, probe_queries=4)
+    q, k, v = qkv(1, 2, 1, 80, 8, seed=4)
+    k[..., -4:, :] = 20 * q[..., -1:, :].mean(1, keepdim=True)  # the probes look only at the last tokens
+    expected = naive_dga_attention(q, k, v, config)
+    torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_ties_in_importance_pick_the_earlier_position():
+    """Identical keys give identical importance: the focal set must be the earliest ones."""
+    config = DGAConfig(group_size=4, focal_ratio=0.25, local_blocks=1, probe_queries=1)
+    q, _, v = qkv(1, 1, 1, 16, 4, seed=9)
+    k = torch.zeros(1, 1, 16, 4)
+    q[..., -1, :] = 0.0  # the probe sees all keys as equal
+    expected = naive_dga_attention(q, k, v, config)
+    torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_default_dense_fallback_matches_reference():
+    q, k, v = qkv(2, 4, 2, 33, 8, seed=12)
+    mask = left_padding(2, 33, seed=12)
+    torch.testing.assert_close(dense_attention(q, k, v, padding_mask=mask).double(), dense_reference(q, k, v, mask), atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_decode_step_dense_fallback_sees_all_real_past_keys():
+    q, k, v = qkv(2, 4, 2, 20, 8, seed=13)
+    mask = left_padding(2, 20, seed=13)
+    full = dense_reference(q, k, v, mask)
+    step = dense_attention(q[:, :, -1:], k, v, padding_mask=mask)
+    torch.testing.assert_close(step.double(), full[:, :, -1:], atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda q, k, v, c: dga_attention(q[0], k, v, c), "4-D"),
+        (lambda q, k, v, c: dga_attention(q[:, :3], k, v, c), "multiple"),
+        (lambda q, k, v, c: dga_attention(q[:, :, :5], k, v, c), "q_len"),
+        (lambda q, k, v, c: dga_attention(q, k, v, c, backend="cuda"), "backend"),
+        (lambda q, k, v, c: dga_attention(q, k, v, c, padding_mask=torch.ones(1, 3, dtype=torch.bool)), "padding_mask"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, match):
+    q, k, v = qkv(1, 4, 2, 10, 8, seed=0)
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v, DGAConfig())
+
+
+def test_memory_stays_bounded_at_32k():
+    """Peak extra memory at L = 32768 stays a few times q+k+v (an L x L float32 score tensor alone
+    would be 4 GiB per head). Measured in a fresh process through the peak resident set size."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from dga_hf import DGAConfig, dga_attention
+        torch.manual_seed(0)
+        L = 32768
+        q, k, v = torch.randn(1, 2, L, 32), torch.randn(1, 1, L, 32), torch.randn(1, 1, L, 32)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = dga_attention(q, k, v, DGAConfig(group_size=16, focal_ratio=0.1, local_blocks=4), backend="torch")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+        print(peak - base, qkv_bytes, bool(torch.isfinite(out).all()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    extra, qkv_bytes, finite = result.stdout.split()
+    assert finite == "True"
+    assert int(extra) < 6 * int(qkv_bytes), f"peak extra {int(extra) / 2**20:.0f} MiB for {int(qkv_bytes) / 2**20:.0f} MiB of q, k, v"
