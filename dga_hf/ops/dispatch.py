@@ -73,17 +73,17 @@ def dga_attention(
 
     if padding_mask is None and seq_len < config.min_seq_len:
         return dense_attention(query, key, value, scale=scale)
-    dtype = compute_dtype(query.dtype)
     q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
-    q = q.to(dtype).view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
-    k, v = k.to(dtype), v.to(dtype)
+    q = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
     layout = build_layout(q, k, v, lengths, config, scale)
     if chosen == "triton":
         from . import triton_backend
 
+        # the kernel reads bf16/fp16 operands directly and accumulates in fp32
         out = triton_backend.attend(q, k, v, layout, config, scale)
     else:
-        out = torch_backend.attend(q, k, v, layout, config, scale)
+        dtype = compute_dtype(query.dtype)
+        out = torch_backend.attend(q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
     out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order)
     return out.to(query.dtype)
 

@@ -76,8 +76,12 @@ def uncompact(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 def build_layout(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, config: DGAConfig, scale: float
 ) -> DGALayout:
-    """query [B, H, G, L, d], key/value [B, H, L, d] in compute dtype, compacted."""
+    """query [B, H, G, L, d], key/value [B, H, L, d], compacted, in any float dtype. Selection and
+    aggregates are computed in float32 (float64 for float64 input); of the queries only the probes and
+    the block ends are read, so no full-precision copy of them is made."""
     batch, heads, group, seq_len, _ = query.shape
+    dtype = compute_dtype(query.dtype)
+    key, value = key.to(dtype), value.to(dtype)
     device = query.device
     positions = torch.arange(seq_len, device=device)
     real = positions[None, :] < lengths[:, None]  # [B, L]
@@ -106,13 +110,16 @@ def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, p
     probes = min(probes, seq_len)
     probe_pos = lengths[:, None] - probes + torch.arange(probes, device=query.device)  # [B, r]; < 0 = unused
     index = probe_pos.clamp(min=0).view(batch, 1, 1, probes, 1).expand(batch, heads, group, probes, dim)
-    probe_q = query.gather(3, index)
-    logits = scale * probe_q @ key.unsqueeze(2).transpose(-1, -2)  # [B, H, G, r, L]
+    probe_q = query.gather(3, index).to(key.dtype)
     keys = torch.arange(seq_len, device=query.device)
     hidden = (keys.view(1, 1, seq_len) > probe_pos.unsqueeze(-1)) | (probe_pos.unsqueeze(-1) < 0)  # [B, r, L]
-    logits = logits.masked_fill(hidden.view(batch, 1, 1, probes, seq_len), -math.inf)
-    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # unused probe rows are all -inf
-    return weights.sum(dim=(2, 3))
+    hidden = hidden.view(batch, 1, probes, seq_len)
+    importance = []
+    for head in range(heads):  # one kv head at a time bounds the [G, r, L] scores
+        logits = scale * probe_q[:, head] @ key[:, head, None].transpose(-1, -2)  # [B, G, r, L]
+        weights = torch.softmax(logits.masked_fill_(hidden, -math.inf), dim=-1).nan_to_num_(0.0)
+        importance.append(weights.sum(dim=(1, 2)))  # unused probe rows (all -inf) count 0
+    return torch.stack(importance, dim=1)
 
 
 def _budgets(lengths: torch.Tensor, config: DGAConfig) -> torch.Tensor:
@@ -172,12 +179,12 @@ def _aggregate(
         (torch.arange(num_blocks, device=query.device) + 1) * m, lengths[:, None]
     ).clamp(min=1) - 1  # [B, nb]
     index = block_ends.view(batch, 1, 1, num_blocks, 1).expand(batch, heads, group, num_blocks, dim)
-    query_bar = query.gather(3, index).mean(2)  # [B, H, nb, d]
+    query_bar = query.gather(3, index).to(key.dtype).mean(2)  # [B, H, nb, d]
     block_keys = blocked(key)
     logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar)
     weights = torch.softmax(logits.masked_fill(~members, -math.inf), dim=-1).nan_to_num(0.0)
     agg_key = torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys)
     agg_value = torch.einsum("bhcm,bhcmd->bhcd", weights, blocked(value))
-    counts = members.sum(-1).to(query.dtype)
+    counts = members.sum(-1).to(key.dtype)
     bias = counts.clamp(min=1).log() if config.group_bias == "log_size" else torch.zeros_like(counts)
     return agg_key, agg_value, bias.masked_fill(counts == 0, -math.inf)

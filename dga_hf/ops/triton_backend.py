@@ -27,13 +27,12 @@ Design (one program per tile of queries and one kv head, grid ``(tiles, B * H * 
 
 float64 is not supported by the kernel (no fp64 tensor-core path worth having); `attend` falls back,
 explicitly and documented here, to `torch_backend.attend` for float64 inputs, which computes the same
-function. On CPU tensors the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set
-before this module is imported); that is how the test-suite checks it without a GPU.
+function. On CPU tensors the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1`` in the
+environment before triton is first imported); that is how the test-suite checks it without a GPU.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -82,16 +81,22 @@ if _interpreting():
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b (+ acc) with fp32 accumulation. UPCAST (interpreter only): the interpreter multiplies the raw
-    bits of 16-bit floats, so feed it the exact fp32 values instead (same products as the tensor cores)."""
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter only): the interpreter multiplies the raw
+    bits of 16-bit floats, so it gets their exact fp32 values instead (the products the tensor cores form)."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if acc is None:
-        out = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits(q, k, qk_scale, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """q [R, D] . k [N, D]^T * scale (log2 units), fp32 [R, N]."""
+    kt = tl.trans(k)
+    if UPCAST:
+        return tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=DOT_PRECISION) * qk_scale
     else:
-        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return out
+        return tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
 
 
 @triton.jit
@@ -124,7 +129,9 @@ def _load_rows(ptrs, row_mask, col_mask, EVEN_COLS: tl.constexpr, MASK_ROWS: tl.
     return x
 
 
-@triton.jit
+# sizes that change with the sequence length are not specialised on (no recompilation per length; the
+# addresses they scale are aligned by the constexpr head dims anyway)
+@triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES"])
 def _dga_attend_kernel(
     Q, K, V, O,
     FK, FV, FP, AK, AV, AB, LENS, FCNT,
@@ -199,7 +206,7 @@ def _dga_attend_kernel(
         slots = start + offs_n
         k = _load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], slots < F, mask_d, EVEN_D, False)
         v = _load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], slots < F, mask_dv, EVEN_DV, False)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
     for start in range(focal_full, focal_hi, BLOCK_N):
         slots = start + offs_n
@@ -207,7 +214,7 @@ def _dga_attend_kernel(
         k = _load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
         v = _load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
         fpos = tl.load(fp_base + slots, mask=in_range, other=2147483647)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         s = tl.where(fpos[None, :] < row_local_start[:, None], s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
@@ -221,7 +228,7 @@ def _dga_attend_kernel(
         k = _load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], blocks < NB, mask_d, EVEN_D, False)
         v = _load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], blocks < NB, mask_dv, EVEN_DV, False)
         bias = tl.load(ab_base + blocks)  # log2 units; -inf = empty block
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale + bias[None, :]
+        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
@@ -229,7 +236,7 @@ def _dga_attend_kernel(
         k = _load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
         v = _load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
         bias = tl.load(ab_base + blocks, mask=in_range, other=float("-inf"))
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale + bias[None, :]
+        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         visible = (blocks[None, :] * GROUP_SIZE) < row_local_start[:, None]
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
@@ -245,7 +252,7 @@ def _dga_attend_kernel(
         keys64 = keys.to(tl.int64)
         k = _load_rows(k_base + keys64[:, None] * stride_kl + offs_d[None, :], in_range, mask_d, EVEN_D, True)
         v = _load_rows(v_base + keys64[:, None] * stride_vl + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         visible = (keys[None, :] <= qpos[:, None]) & (keys[None, :] >= row_local_start[:, None])
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
@@ -257,6 +264,10 @@ def _dga_attend_kernel(
     o_ptrs = (O + b64 * stride_ob + h64 * stride_oh
               + (g.to(tl.int64) * stride_og + qpos.to(tl.int64) * stride_ol)[:, None] + offs_dv[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(qpos < L)[:, None] & mask_dv[None, :])
+
+
+# Whether this module's kernel runs in Triton's interpreter (decided when triton / this module was imported).
+KERNEL_INTERPRETED = type(_dga_attend_kernel).__name__ == "InterpretedFunction"
 
 
 def _pow2_divisor(value: int) -> int:
@@ -330,10 +341,10 @@ def attend(
         return torch_backend.attend(query, key, value, layout, config, scale)
     if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"triton_backend.attend supports float32/bfloat16/float16, got {query.dtype}")
-    if query.device.type != "cuda" and not _interpreting():
+    if query.device.type != "cuda" and not KERNEL_INTERPRETED:
         raise RuntimeError(
             f"triton_backend.attend needs CUDA tensors (got {query.device}); CPU tensors run only under "
-            "Triton's interpreter (TRITON_INTERPRET=1 set before dga_hf.ops.triton_backend is imported)"
+            "Triton's interpreter (TRITON_INTERPRET=1 in the environment before triton is first imported)"
         )
     batch, heads, group, seq_len, head_dim = query.shape
     value_dim = value.shape[-1]
@@ -382,7 +393,7 @@ def attend(
         HEADS_PER_PROG=cfg["HEADS_PER_PROG"], HEAD_CHUNKS=cfg["HEAD_CHUNKS"],
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32",
-        UPCAST=_interpreting() and dtype != torch.float32,
+        UPCAST=KERNEL_INTERPRETED and dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

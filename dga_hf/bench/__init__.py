@@ -1,0 +1,1 @@
+"""Benchmarks of DGA against dense attention (``python -m dga_hf.bench.attention``)."""

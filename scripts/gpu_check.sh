@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check, run from the repository root on the GPU machine (no network; torch/triton/transformers there):
+#   1. editable install of dga_hf (no deps, no build isolation);
+#   2. the GPU test subset with compiled Triton kernels (TRITON_INTERPRET unset, CUDA used);
+#   3. the attention benchmark, results in $OUT/bench.
+# Logs are tee'd to $OUT (default runs/gpu_check). Every step runs even if an earlier one failed; the exit
+# status is non-zero when any step failed. Budget: about 9 minutes (each step has its own timeout).
+set -uo pipefail
+
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+status=0
+t0=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.log"
+    local start rc
+    start=$(date +%s)
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+{
+    echo "host: $(hostname)  date: $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
+    python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/env.log"
+
+step pip_install 60 python -m pip install --no-deps --no-build-isolation -e .
+
+tests=(tests/test_triton_backend.py)
+[ -f tests/test_ops.py ] && tests+=(tests/test_ops.py)
+step pytest 220 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
+
+step model_smoke 60 python scripts/gpu_model_smoke.py
+
+step bench 200 python -m dga_hf.bench.attention --out "$OUT/bench"
+
+echo "=== total $(( $(date +%s) - t0 ))s, status=$status" | tee -a "$OUT/summary.log"
+exit "$status"
