@@ -27,11 +27,16 @@ def run_sweep(spec: dict, out: Path, only: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "sweep.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    jobs = [(name, window) for name in spec["settings"] for window in spec["windows"] if not only or name in only]
+    jobs = [
+        (name, window)
+        for name, entry in spec["settings"].items()
+        for window in entry.get("windows", list(spec["windows"]))
+        if not only or name in only
+    ]
     for name, window in tqdm(jobs, desc="sweep"):
         if window in results.get(name, {}):
             continue
-        settings = spec["settings"][name]
+        settings = spec["settings"][name]["dga"]
         if settings is None:
             if dga_hf.is_patched(model):
                 dga_hf.unpatch(model)
