@@ -1,0 +1,150 @@
+"""`dga-eval`: dense attention vs DGA configurations on one model, on identical samples, with a report.
+
+    dga-eval --quick --out runs/quick                 # ~minutes on a laptop CPU: 1K and 2K tokens
+    dga-eval --config configs/eval_full.json --out runs/full --device cuda --dtype bfloat16
+    dga-eval --model Qwen/Qwen3-0.6B --device-map auto --config my_run.json
+
+Writes OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .harness import run_tasks
+from .models import DEFAULT_MODEL, load_model, resolve_model_path
+from .report import write_report
+from .runconfig import dga_configs, load_run_config
+
+VERSIONED = ("torch", "transformers", "dga-hf", "lm_eval", "accelerate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dga-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the shipped quick run (configs/eval_quick.json)")
+    parser.add_argument("--config", help="run configuration JSON (default: configs/eval_full.json, or the quick one)")
+    parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    parser.add_argument("--model", help="local path or Hub name (default: the run configuration's, else the embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device-map", choices=["auto"], help="spread the model over the available GPUs (accelerate)")
+    parser.add_argument("--seed", type=int, help="overrides the run configuration's seed")
+    parser.add_argument(
+        "--threads", type=int,
+        help="CPU threads for torch (default: torch's, one per core); 1 on a machine shared with other jobs, where "
+        "waiting threads can make each small decoding step 10-100x slower",
+    )
+    args = parser.parse_args(argv)
+    if args.quick and args.config:
+        parser.error("--quick and --config are alternatives: the quick run is configs/eval_quick.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: its return value becomes the exit status, so it returns nothing."""
+    run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    began = time.perf_counter()
+    spec = load_run_config(args.config, quick=args.quick)
+    if args.seed is not None:
+        spec["seed"] = args.seed
+    if args.model:
+        spec["model"] = args.model
+    configs = dga_configs(spec)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = load_model(spec.get("model"), dtype=args.dtype, device=args.device, device_map=args.device_map)
+    layers = getattr(model.config, "num_hidden_layers", None)
+    results = {"settings": run_settings(args, argv, spec, model), "configs": describe_configs(configs, spec, layers), "tasks": {}}
+
+    def save(task_results: dict) -> None:
+        results["tasks"] = task_results
+        results["settings"]["wall_seconds"] = round(time.perf_counter() - began, 1)
+        write_report(results, out)
+
+    save(run_tasks(model, tokenizer, spec, configs, out, on_task_done=save))
+    print((out / "report.md").read_text())
+    print(f"dga-eval: {results['settings']['wall_seconds']} s; results in {out}/")
+    return results
+
+
+def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, model) -> dict:
+    return {
+        "model": model_name(spec.get("model")),
+        "model_path": resolve_model_path(spec.get("model")),
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(model.device),
+        "device_map": args.device_map,
+        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "seed": int(spec.get("seed", 0)),
+        "lengths": all_lengths(spec),
+        "command": shlex.join(["dga-eval", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "run_config": spec,
+    }
+
+
+def model_name(name: str | None) -> str:
+    return DEFAULT_MODEL if name in (None, "", "default") else name
+
+
+def all_lengths(spec: dict) -> list[int]:
+    lengths = set(spec["lengths"])
+    for task in spec["tasks"].values():
+        lengths.update(task.get("lengths", []))
+    return sorted(int(n) for n in lengths)
+
+
+def describe_configs(configs: dict, spec: dict, layers: int | None) -> dict:
+    """Settings of each configuration and the share of dense attention's keys it reads at each length."""
+    return {
+        name: None if config is None else {
+            "settings": config.to_dict(),
+            "keys_share": {str(n): keys_share(config, n, layers) for n in all_lengths(spec)},
+        }
+        for name, config in configs.items()
+    }
+
+
+def keys_share(config, length: int, layers: int | None) -> float:
+    """The spec's keys-per-query share, averaged over layers: dense (1.0) below `min_seq_len` and on
+    `dense_layers`."""
+    if length < config.min_seq_len:
+        return 1.0
+    share = config.keys_per_query_share(length)
+    if not layers:
+        return share
+    dense = len([i for i in config.dense_layers if i < layers])
+    return (share * (layers - dense) + dense) / layers
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+if __name__ == "__main__":
+    main()

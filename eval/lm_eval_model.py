@@ -1,0 +1,52 @@
+"""`hf-dga`: lm-evaluation-harness's `hf` model, patched with DGA after loading; and `dga-lm-eval`, the `lm_eval`
+command with `hf-dga` registered.
+
+    dga-lm-eval run --model hf-dga --model_args pretrained=PATH,dga=paper,dga_local_blocks=8 \\
+        --tasks niah_single_1 --metadata '{"max_seq_lengths": [4096]}'
+
+Model arguments: `dga` = a preset name (default: the shipped default preset); `dga_<field>` = any
+`DGAConfig` field, cast to the field's type (`dga_dense_layers=0;1` for a list); all others go to `hf`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+import dga_hf
+from dga_hf import DGAConfig
+
+from .runconfig import named_dga_config
+
+PREFIX = "dga_"
+
+
+def dga_config_from_model_args(preset: str | None, fields: dict[str, Any]) -> DGAConfig:
+    return named_dga_config({"preset": preset or "default", **fields})[1]
+
+
+@register_model("hf-dga")
+class DGAHFLM(HFLM):
+    """`HFLM` whose model runs DGA: every `hf` argument works as for `hf`."""
+
+    def __init__(self, pretrained, dga: str | None = None, **kwargs) -> None:
+        fields = {name[len(PREFIX):]: kwargs.pop(name) for name in list(kwargs) if name.startswith(PREFIX)}
+        self.dga_config = dga_config_from_model_args(dga, fields)  # before loading: bad settings fail fast
+        super().__init__(pretrained=pretrained, **kwargs)
+        dga_hf.patch(self.model, self.dga_config)
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "dga": self.dga_config.to_dict()}
+
+
+def main() -> None:
+    """Exactly the `lm_eval` command (same arguments, from sys.argv), with `hf-dga` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

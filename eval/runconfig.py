@@ -1,0 +1,101 @@
+"""Run configurations of the harness (JSON files in `configs/`, kvpress style) and DGA settings by name.
+
+A run configuration names the model, the seed, the context lengths, the tasks with their sizes, and the
+DGA settings to compare with dense attention:
+
+    {"model": "default", "seed": 0, "lengths": [1024, 2048],
+     "dga_configs": ["default", {"name": "n=8", "preset": "default", "local_blocks": 8}],
+     "tasks": {"passkey": {"depths": [0.1, 0.5, 0.9], "samples_per_depth": 1}, ...}}
+
+A DGA entry is a preset name, or a dict: `preset` (optional) is the starting point and every other key
+except `name` is a `DGAConfig` field overriding it; without `preset` the fields start from
+`DGAConfig()`'s own defaults, as `DGAConfig(**fields)` would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from dga_hf import DGAConfig
+
+DENSE = "dense"
+QUICK_CONFIG = "eval_quick.json"
+FULL_CONFIG = "eval_full.json"
+TASK_NAMES = ("passkey", "copy", "perplexity", "speed", "ruler")
+
+
+def load_run_config(path: str | Path | None = None, *, quick: bool = False) -> dict[str, Any]:
+    """The run configuration in `path`, else the shipped quick or full one (installed with `dga_hf.configs`)."""
+    if path is not None:
+        spec = json.loads(Path(path).read_text())
+    else:
+        name = QUICK_CONFIG if quick else FULL_CONFIG
+        spec = json.loads(resources.files("dga_hf.configs").joinpath(name).read_text())
+    check_run_config(spec)
+    return spec
+
+
+def check_run_config(spec: Mapping[str, Any]) -> None:
+    """Fail before any model work on a misspelt task or DGA setting (a long run should not die at the end)."""
+    unknown = sorted(set(spec.get("tasks", {})) - set(TASK_NAMES))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown} in the run configuration: known tasks are {list(TASK_NAMES)}")
+    if not spec.get("lengths"):
+        raise ValueError("the run configuration needs a non-empty list of context `lengths`")
+    dga_configs(spec)
+
+
+def dga_configs(spec: Mapping[str, Any]) -> dict[str, DGAConfig | None]:
+    """Name -> settings of every configuration of the run, dense (None) first."""
+    configs: dict[str, DGAConfig | None] = {DENSE: None}
+    for index, entry in enumerate(spec.get("dga_configs", ["default"])):
+        name, config = named_dga_config(entry, index)
+        if name in configs:
+            raise ValueError(f"two configurations of the run are named {name!r}; give each dict a distinct `name`")
+        configs[name] = config
+    return configs
+
+
+def named_dga_config(entry: str | Mapping[str, Any], index: int = 0) -> tuple[str, DGAConfig]:
+    if isinstance(entry, str):
+        return entry, DGAConfig.preset(entry)
+    fields = dict(entry)
+    name = fields.pop("name", None) or f"dga{index}"
+    preset = fields.pop("preset", None)
+    base = DGAConfig.preset(preset) if preset else DGAConfig()
+    return str(name), base.replace(**parse_dga_fields(fields))
+
+
+def parse_dga_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`DGAConfig` field values from strings or JSON values, each cast to its field's type
+    (`lm_eval --model_args` hands over strings or numbers; `dense_layers` may be "0;1;2" or a list)."""
+    types = typing.get_type_hints(DGAConfig)
+    known = {f.name for f in dataclasses.fields(DGAConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown DGA settings {unknown}: allowed settings are {sorted(known)}")
+    return {name: _cast(name, value, types[name]) for name, value in fields.items()}
+
+
+def _cast(name: str, value: Any, kind: Any) -> Any:
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [part for part in value.replace(";", " ").replace("|", " ").replace(",", " ").split() if part]
+        elif isinstance(value, int):
+            value = [value]
+        return tuple(_cast(name, item, int) for item in value)
+    if kind is int and isinstance(value, str):
+        return int(value)
+    if kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return float(value)
+    return value  # DGAConfig validates the rest and names the field in its error
+
+
+def task_lengths(spec: Mapping[str, Any], task: str) -> list[int]:
+    """A task's own `lengths` if it sets them, else the run's."""
+    return [int(n) for n in spec["tasks"][task].get("lengths", spec["lengths"])]

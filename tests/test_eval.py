@@ -1,0 +1,339 @@
+"""The evaluation harness (dga_eval): task generators, metrics, the report end to end, RULER and `hf-dga`.
+
+Self-contained: a word-level tokenizer trained here on the offline corpus and a tiny random Llama, so
+nothing depends on the converted default model or on the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dga_eval import copying, passkey, perplexity
+from dga_eval.corpus import corpus_tokens, pydoc_text
+from dga_eval.report import markdown_report
+from dga_eval.runconfig import DENSE, check_run_config, dga_configs, named_dga_config, parse_dga_fields
+
+import dga_hf
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    # digits one by one, like the real model's tokenizer: any 5-digit pass key is encodable
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    trainer = trainers.WordLevelTrainer(vocab_size=3000, special_tokens=["[UNK]", "[PAD]", "[EOS]"])
+    raw.train_from_iterator([pydoc_text(), " ".join("0123456789")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def corpus(tokenizer):
+    return corpus_tokens(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from dga_eval.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------- task generators
+
+
+def test_passkey_samples_are_deterministic_and_hide_the_key_at_the_depth(tokenizer, corpus):
+    spec = {"depths": [0.1, 0.5, 0.9], "samples_per_depth": 2, "max_new_tokens": 8}
+    first = passkey.make_samples(tokenizer, corpus, 1024, spec, random.Random("s"))
+    again = passkey.make_samples(tokenizer, corpus, 1024, spec, random.Random("s"))
+    other = passkey.make_samples(tokenizer, corpus, 1024, spec, random.Random("t"))
+    assert first == again and first != other
+    intro = len(tokenizer(passkey.INTRO)["input_ids"])
+    for sample in first:
+        needle = passkey.encode(tokenizer, passkey.NEEDLE.format(key=sample.key))
+        assert len(sample.prompt) == 1024 - 8  # prompt + generated tokens = the context length
+        assert sample.prompt[sample.needle_start : sample.needle_start + len(needle)] == needle
+        filler = len(sample.prompt) - len(needle) - intro - len(passkey.encode(tokenizer, passkey.QUESTION))
+        assert abs((sample.needle_start - intro) / filler - sample.depth) <= 1 / filler
+        assert abs(sample.needle_start / len(sample.prompt) - sample.depth) < 0.05
+        assert " ".join(sample.key) in tokenizer.decode(sample.prompt) and len(sample.key) == 5
+    assert [s.depth for s in first] == [0.1, 0.1, 0.5, 0.5, 0.9, 0.9]
+
+
+def test_copy_samples_repeat_the_passage_at_the_end(tokenizer, corpus):
+    spec = {"samples": 3, "passage_tokens": 24, "lead_tokens": 8}
+    samples = copying.make_samples(tokenizer, corpus, 300, spec, random.Random(1))
+    assert samples == copying.make_samples(tokenizer, corpus, 300, spec, random.Random(1))
+    for sample in samples:
+        assert len(sample.ids) == 300 and len(sample.passage) == 24
+        assert sample.ids[-24:] == sample.passage == sample.ids[sample.first_start : sample.first_start + 24]
+        assert sample.first_start == 8
+    assert samples[0].passage != samples[1].passage
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize(
+    ("answer", "key", "expected"),
+    [(" 12345.", "12345", True), ("12345 is the key", "12345", True), (" 1234", "12345", False),
+     (" 123456", "12345", False), (" the key", "12345", False), (" 54321 12345", "12345", False)],
+)
+def test_passkey_exact_match(answer, key, expected):
+    assert passkey.exact_match(answer, key) is expected
+
+
+def test_token_accuracy():
+    assert copying.token_accuracy(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4])) == 0.75
+    assert copying.token_accuracy(torch.tensor([5]), torch.tensor([5])) == 1.0
+
+
+class KnownDistribution(torch.nn.Module):
+    """A stand-in model: probability `p_true` on the actual next token, the rest spread evenly, so the
+    perplexity is known in closed form."""
+
+    def __init__(self, vocab: int, p_true: float | None):
+        super().__init__()
+        self.vocab, self.p_true = vocab, p_true
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        ids = input_ids
+        length = ids.shape[1]
+        probs = torch.full((1, length, self.vocab), 1.0 / self.vocab)
+        if self.p_true is not None:
+            probs[:] = (1 - self.p_true) / (self.vocab - 1)
+            probs[0, torch.arange(length - 1), ids[0, 1:]] = self.p_true
+        logits = probs.log()
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_perplexity_of_known_distributions():
+    windows = [torch.randint(0, 50, (64,)), torch.randint(0, 50, (33,))]
+    assert perplexity.perplexity(KnownDistribution(50, None), windows) == pytest.approx(50, rel=1e-5)
+    assert perplexity.perplexity(KnownDistribution(50, 0.5), windows) == pytest.approx(2, rel=1e-5)
+    metrics, details = perplexity.run(KnownDistribution(50, 0.25), None, windows, {})
+    assert metrics["perplexity"] == pytest.approx(4, rel=1e-5)
+    assert [d["tokens"] for d in details] == [32, 17]
+
+
+def test_second_half_nll_equals_the_full_logits_computation(tiny_model):
+    model, _ = tiny_model
+    for length in (64, 65):
+        window = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            logits = model(window.view(1, -1)).logits[0].float()
+        half = length // 2
+        full = torch.nn.functional.cross_entropy(logits[half - 1 : -1], window[half:], reduction="sum")
+        nll, count = perplexity.second_half_nll(model, window)
+        assert count == length - half and nll == pytest.approx(float(full), rel=1e-6)
+
+
+def test_second_copy_accuracy_of_a_model_that_copies():
+    sample = copying.CopySample(ids=[1, 2, 3, 9, 9, 1, 2, 3], passage=[1, 2, 3], first_start=0)
+    assert copying.second_copy_accuracy(KnownDistribution(10, 0.9), sample) == 1.0
+
+
+# ---------------------------------------------------------------- configurations
+
+
+def test_dga_settings_from_strings_and_run_configs():
+    assert parse_dga_fields({"group_size": "8", "focal_ratio": "0.2", "dense_layers": "0;2", "group_bias": "log_size"}) == {
+        "group_size": 8, "focal_ratio": 0.2, "dense_layers": (0, 2), "group_bias": "log_size"}
+    assert parse_dga_fields({"dense_layers": 3, "local_blocks": 4}) == {"dense_layers": (3,), "local_blocks": 4}
+    with pytest.raises(ValueError, match="unknown DGA settings"):
+        parse_dga_fields({"groupsize": 8})
+    assert named_dga_config("paper") == ("paper", dga_hf.DGAConfig.preset("paper"))
+    name, config = named_dga_config({"name": "n=8", "preset": "default", "local_blocks": 8})
+    assert name == "n=8" and config == dga_hf.DGAConfig.preset("default").replace(local_blocks=8)
+    assert named_dga_config({"group_size": 4}, 3) == ("dga3", dga_hf.DGAConfig(group_size=4))
+    assert list(dga_configs({"dga_configs": ["default", "paper"]})) == [DENSE, "default", "paper"]
+    with pytest.raises(ValueError, match="unknown tasks"):
+        check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
+    from dga_eval.cli import main
+
+    spec = {
+        "seed": 3,
+        "lengths": [128, 256],
+        "dga_configs": ["paper", {"name": "tiny", "group_size": 8, "local_blocks": 2, "backend": "torch"}],
+        "tasks": {
+            "passkey": {"depths": [0.5], "samples_per_depth": 1, "max_new_tokens": 6},
+            "copy": {"samples": 1, "passage_tokens": 16, "lead_tokens": 4},
+            "perplexity": {"windows": 2},
+            "speed": {"new_tokens": 4, "repeats": 1},
+        },
+    }
+    (tmp_path / "run.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    main(["--config", str(tmp_path / "run.json"), "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"])
+    for name in ("results.json", "report.md", "passkey_accuracy.png", "copy_accuracy.png", "perplexity.png", "latency.png", "memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["configs"]) == [DENSE, "paper", "tiny"]
+    assert results["configs"]["tiny"]["settings"]["group_size"] == 8
+    assert results["settings"]["seed"] == 3 and results["settings"]["versions"]["torch"] == torch.__version__
+    for task, metric in [("passkey", "accuracy"), ("copy", "accuracy"), ("perplexity", "perplexity"), ("speed", "ttft_ms")]:
+        for config in (DENSE, "paper", "tiny"):
+            for length in ("128", "256"):
+                cell = results["tasks"][task]["results"][config][length]
+                assert "error" not in cell, cell.get("error")
+                assert math.isfinite(cell["metrics"][metric])
+    # identical samples for every configuration: the same pass keys were asked
+    keys = {c: [d["key"] for d in results["tasks"]["passkey"]["results"][c]["128"]["details"]] for c in (DENSE, "tiny")}
+    assert keys[DENSE] == keys["tiny"]
+    report = (out / "report.md").read_text()
+    assert "## passkey" in report and "tiny − dense" in report and "paper ÷ dense" in report
+
+
+def test_report_shows_errors_without_hiding_other_cells():
+    task = {
+        "spec": {}, "lengths": [8],
+        "metrics": {"a": {"label": "A", "unit": "share", "higher_is_better": True, "compare": "diff"},
+                    "b": {"label": "B", "unit": "share", "higher_is_better": True, "compare": "diff"}},
+        "results": {DENSE: {"8": {"metrics": {"a": 0.5}, "errors": {"b": "Traceback\nConnectionError: offline"}}},
+                    "x": {"8": {"error": "Traceback\nRuntimeError: out of memory"}}},
+    }
+    results = {"settings": {"model": "m", "date": "d", "device": "cpu", "dtype": "float32", "seed": 0, "command": "c",
+                            "versions": {}, "lengths": [8]},
+               "configs": {DENSE: None, "x": {"settings": {}, "keys_share": {"8": 0.5}}}, "tasks": {"t": task}}
+    report = markdown_report(results)
+    assert "| 8 | 50.0% | error | — |" in report
+    assert "ConnectionError: offline" in report and "RuntimeError: out of memory" in report
+
+
+# ---------------------------------------------------------------- lm-eval: RULER and hf-dga
+
+TINY_TASK = """
+task: tiny_ruler
+dataset_path: ""
+dataset_name: ""
+output_type: generate_until
+test_split: test
+custom_dataset: !function tiny_utils.dataset
+doc_to_text: "{{input}}"
+doc_to_target: "{{outputs}}"
+gen_prefix: "{{gen_prefix}}"
+target_delimiter: " "
+process_results: !function tiny_utils.process_results
+metric_list:
+  - metric: "4096"
+    aggregation: !function tiny_utils.aggregate_metrics
+    higher_is_better: true
+generation_kwargs: {do_sample: false, max_gen_toks: 3, until: []}
+metadata: {version: 1.0}
+"""
+TINY_UTILS = '''
+import datasets
+from lm_eval.tasks.ruler.common_utils import aggregate_metrics, get_tokenizer, process_results, resolve_tokenizer_name
+
+def dataset(**kwargs):
+    tokenizer = get_tokenizer(resolve_tokenizer_name(kwargs))  # as RULER does: fails without a tokenizer
+    docs = [{"input": " ".join(["the", "key", "is", str(i)] * 8), "outputs": [str(i)], "max_length": n,
+             "gen_prefix": "the key is", "length": len(tokenizer("x").input_ids)}
+            for n in kwargs["max_seq_lengths"] for i in range(4)]
+    return {"test": datasets.Dataset.from_list(docs)}
+'''
+NEEDS_DOWNLOAD = """
+task: needs_download
+dataset_path: no-such-user/no-such-dataset
+output_type: generate_until
+test_split: test
+doc_to_text: "{{input}}"
+doc_to_target: "{{output}}"
+"""
+
+
+def test_ruler_runs_offline_on_identical_samples_and_records_failures(tmp_path, monkeypatch, tiny_model):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install dga-hf[eval])")
+    import lm_eval.tasks
+
+    from dga_eval import harness, ruler
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "tiny_ruler.yaml").write_text(TINY_TASK)
+    (tasks_dir / "tiny_utils.py").write_text(TINY_UTILS)
+    (tasks_dir / "needs_download.yaml").write_text(NEEDS_DOWNLOAD)
+    # only these task folders: indexing lm-eval's thousands of tasks would take the test 15 s
+    manager = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False, include_path=str(tasks_dir))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+
+    model, tokenizer = tiny_model
+    configs = {DENSE: None, "paper": dga_hf.DGAConfig.preset("paper")}
+    spec = {"tasks": ["tiny_ruler", "needs_download"], "limit": 2}
+    results = ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, [64], 0, tmp_path)
+    harness.apply_config(model, None)
+    for config in configs:
+        cell = results[config]["64"]
+        assert 0.0 <= cell["metrics"]["tiny_ruler"] <= 1.0
+        assert [a["target"] for a in cell["details"]["tiny_ruler"]["answers"]] == [["0"], ["1"]]
+        assert cell["details"]["tiny_ruler"]["attention"] == ("sdpa" if config == DENSE else "dga")
+        assert "needs_download" not in cell["metrics"]
+        assert "offline" in cell["errors"]["needs_download"].lower()  # refused by offline mode, not downloaded
+
+
+def test_offline_sets_and_restores_the_flags(monkeypatch):
+    import huggingface_hub.constants
+
+    from dga_eval.ruler import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    with offline():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ
+    assert huggingface_hub.constants.HF_HUB_OFFLINE == before
+
+
+def test_hf_dga_is_an_lm_eval_model_that_patches(tiny_model_dir):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install dga-hf[eval])")
+    from lm_eval.api.registry import get_model
+
+    from dga_eval.lm_eval_model import DGAHFLM
+
+    assert get_model("hf-dga") is DGAHFLM
+    lm = get_model("hf-dga").create_from_arg_string(
+        f"pretrained={tiny_model_dir},dga=paper,dga_local_blocks=4,dga_dense_layers=1", {"device": "cpu", "batch_size": 1}
+    )
+    assert dga_hf.is_patched(lm.model)
+    assert lm.dga_config == dga_hf.DGAConfig.preset("paper").replace(local_blocks=4, dense_layers=(1,))
+    assert lm.model.config.dga["local_blocks"] == 4
+    with pytest.raises(ValueError, match="unknown DGA settings"):
+        DGAHFLM(pretrained=str(tiny_model_dir), dga_local_block=4, device="cpu")
