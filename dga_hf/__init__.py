@@ -4,20 +4,26 @@
     dga_hf.patch(model)                                   # shipped default settings
     dga_hf.patch(model, dga_hf.DGAConfig(local_blocks=8))  # explicit settings
     dga_hf.unpatch(model)                                 # back to the exact original
+    model.generate(...)                # on a patched model: decodes with a dga_hf.DGACache
+    dga_hf.enable_decoding(model, mode="compact")         # decoding options (docs/decoding.md)
     AutoModelForCausalLM.from_pretrained(path, attn_implementation="dga")
 """
 
 from .config import DGAConfig, preset_names
+from .decoding import DGACache, disable_decoding, enable_decoding
 from .integration import check_supported, is_patched, patch, register, unpatch
 from .ops import dense_attention, dga_attention, naive_dga_attention
 
 register()
 
 __all__ = [
+    "DGACache",
     "DGAConfig",
     "check_supported",
     "dense_attention",
     "dga_attention",
+    "disable_decoding",
+    "enable_decoding",
     "is_patched",
     "naive_dga_attention",
     "patch",

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
+from . import decoding
 from .config import DGAConfig, resolve_config
 from .ops import dense_attention, dga_attention
 
 try:  # AttentionMaskInterface appeared in transformers 4.53
     from transformers import AttentionMaskInterface
+    from transformers.masking_utils import causal_mask_function
 except ImportError as error:  # pragma: no cover - guarded by install_requires
     raise ImportError("dga_hf needs transformers>=4.53 (AttentionMaskInterface)") from error
 
@@ -36,11 +38,16 @@ def _parse(frozen: str) -> DGAConfig:
     return DGAConfig.from_dict(json.loads(frozen))
 
 
+@functools.lru_cache(maxsize=1)
+def _default_config() -> DGAConfig:
+    return resolve_config(None)  # reads the shipped preset file once, not on every attention call
+
+
 def config_of(module: torch.nn.Module) -> DGAConfig:
     """The DGA settings of the model that owns `module` (default preset when the config has none)."""
     stored = getattr(getattr(module, "config", None), "dga", None)
     if stored is None:
-        return resolve_config(None)
+        return _default_config()
     if isinstance(stored, DGAConfig):
         return stored
     return _parse(json.dumps(stored, sort_keys=True))
@@ -70,13 +77,17 @@ def dga_attention_forward(
             f"DGA expects the [batch, kv_len] padding mask made by its mask function, got a "
             f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (custom 4-D masks are not supported)"
         )
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+    state = getattr(key, "_dga_state", None)  # set by a DGACache (dga_hf.decoding) on the keys it returns
+    if state is None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         raise ValueError(
             f"DGA needs a cache whose keys end at the current query (DynamicCache); got a padding mask of "
             f"length {attention_mask.shape[-1]} for {key.shape[-2]} keys"
         )
     config = config_of(module)
-    if _use_dga(module, query, key, config):
+    if state is not None:  # a DGACache layer: its state runs the prefill, the decoding steps and chunks
+        dense = getattr(module, "layer_idx", None) in config.dense_layers
+        out = state.attend(query, key, value, attention_mask, config, scaling, dense=dense)
+    elif _use_dga(module, query, key, config):
         out = dga_attention(query, key, value, config, scale=scaling, padding_mask=attention_mask)
     else:
         out = dense_attention(query, key, value, scale=scaling, padding_mask=attention_mask)
@@ -98,13 +109,78 @@ def dga_mask(
     **kwargs: Any,
 ) -> torch.Tensor | None:
     """`AttentionMaskInterface` function: instead of a [B, 1, q, kv] mask it returns the [B, kv]
-    padding mask (None when nothing is padded); causality is applied inside the attention."""
+    padding mask (None when nothing is padded); causality is applied inside the attention.
+
+    Works with both calling conventions of Transformers: `q_length`/`q_offset` (recent 5.x) and
+    `cache_position` (4.53 to early 5.x). Refuses what it cannot honour instead of computing another
+    function: mask functions other than plain causal, and caches whose keys do not end at the query."""
+    q_start, q_end = _query_span(kwargs)
+    if q_end is not None and q_end != kv_offset + kv_length:
+        raise ValueError(
+            f"DGA needs a cache whose keys end at the current query (DynamicCache): the queries end at position "
+            f"{q_end} but the cache holds {kv_length} key slots from offset {kv_offset} (a static or "
+            "pre-allocated cache? use the default DynamicCache)"
+        )
+    mask_function = kwargs.get("mask_function")
+    if mask_function is not None and mask_function is not causal_mask_function and q_end is not None:
+        _check_causal(mask_function, batch_size, q_start, q_end, kv_offset, kv_length, kwargs, attention_mask)
     if attention_mask is None:
         return None
     mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     if mask.shape[-1] < kv_length:  # keys past the given mask (e.g. a cache longer than the mask)
         mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=True)
     return None if bool(mask.all()) else mask
+
+
+def _query_span(kwargs: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Positions of the first query and one past the last, from either mask-interface calling convention."""
+    if kwargs.get("q_length") is not None:
+        start = int(kwargs.get("q_offset") or 0)
+        return start, start + int(kwargs["q_length"])
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position[0]), int(cache_position[-1]) + 1
+    return None, None
+
+
+def _check_causal(
+    mask_function: Any,
+    batch_size: int,
+    q_start: int,
+    q_end: int,
+    kv_offset: int,
+    kv_length: int,
+    kwargs: dict[str, Any],
+    attention_mask: torch.Tensor | None,
+) -> None:
+    """DGA computes plain causal attention (plus padding) whatever mask function the model asks for.
+    Transformers sometimes wraps the causal function in one that changes nothing (4.57 adds a packed-sequence
+    term to every forward without a cache), so the function is checked, in O(batch x kv_len) and never as an
+    L x L mask, where a different function would show: the last query must see every key (this fails for
+    packed sequences, sliding windows shorter than the sequence, chunked attention) and the first query must
+    not see the next key (this fails for bidirectional attention)."""
+    device = kwargs.get("device")
+    if device is None:
+        reference = kwargs.get("cache_position", attention_mask)
+        device = reference.device if isinstance(reference, torch.Tensor) else "cpu"
+    batch = torch.arange(batch_size, device=device)[:, None]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    keys = torch.arange(kv_offset, kv_offset + kv_length, device=device)[None, :]
+    try:
+        causal = bool(torch.as_tensor(mask_function(batch, head, torch.tensor(q_end - 1, device=device), keys)).all())
+        if causal and q_end - q_start > 1:
+            first = torch.tensor(q_start, device=device)
+            ahead = mask_function(batch, head, first, torch.full((1, 1), q_start + 1, device=device))
+            causal = not bool(torch.as_tensor(ahead).any())
+    except Exception:  # a mask function that only works element-wise: cannot be checked, so not supported
+        causal = False
+    if not causal:
+        name = getattr(mask_function, "__name__", type(mask_function).__name__)
+        raise ValueError(
+            f"DGA implements plain causal attention with a padding mask; this model asked for another attention "
+            f"pattern (mask function {name}: packed sequences, bidirectional, sliding-window or chunked "
+            "attention, or extra and/or mask functions), which DGA does not support"
+        )
 
 
 def register() -> None:
@@ -154,21 +230,36 @@ def patch(model: PreTrainedModel, config: DGAConfig | dict | str | None = None) 
         setattr(model, _ORIGINAL_ATTN, model.config._attn_implementation)
     for sub_config in _configs(model):
         sub_config.dga = settings.to_dict()
-    model.set_attn_implementation(ATTN_NAME)
+    _set_attn_implementation(model, ATTN_NAME)
+    decoding.install(model)  # generate() decodes with a DGACache (dga_hf.decoding.enable_decoding)
     return model
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
-    """Restore the attention implementation the model had before `patch` (sdpa for a model loaded
-    with attn_implementation="dga") and remove the DGA settings from its config."""
-    original = getattr(model, _ORIGINAL_ATTN, None) or "sdpa"
-    model.set_attn_implementation(original)
+    """Restore the attention implementation the model had before `patch` (sdpa, or eager where the model
+    has no sdpa, for a model loaded with attn_implementation="dga") and remove the DGA settings from its
+    config. A model that is not patched keeps its attention implementation."""
+    if is_patched(model):
+        fallback = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+        _set_attn_implementation(model, getattr(model, _ORIGINAL_ATTN, None) or fallback)
     for sub_config in _configs(model):
         if hasattr(sub_config, "dga"):
             delattr(sub_config, "dga")
     if hasattr(model, _ORIGINAL_ATTN):
         delattr(model, _ORIGINAL_ATTN)
+    decoding.disable_decoding(model)
     return model
+
+
+def _set_attn_implementation(model: PreTrainedModel, name: str) -> None:
+    """`set_attn_implementation` where it exists (transformers >= 4.54); before it, the models read
+    `config._attn_implementation` at every forward, so setting it on every config is the switch."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(name)
+        return
+    for config in _configs(model):
+        config._attn_implementation = name
 
 
 def is_patched(model: PreTrainedModel) -> bool:

@@ -41,7 +41,14 @@ SLIDING_LAYERS: dict[str, Callable[[PretrainedConfig], list[int]]] = {
 TESTED_MODEL_TYPES = tuple(SLIDING_LAYERS)
 
 
+def _generic(config: PretrainedConfig) -> list[int]:
+    """Untested architectures: per-layer `layer_types` where the config has them (how current Transformers
+    models declare it); without them a `sliding_window` applies to every layer (Mixtral, Phi-3, Starcoder2)."""
+    if getattr(config, "layer_types", None) is not None:
+        return _sliding_layer_types(config)
+    return _sliding_window_everywhere(config)
+
+
 def sliding_window_layers(config: PretrainedConfig) -> list[int]:
-    """Layers of a model that attend through a sliding window. Untested architectures go through the
-    generic `layer_types` convention, which is how current Transformers models declare it."""
-    return SLIDING_LAYERS.get(config.model_type, _sliding_layer_types)(config)
+    """Layers of a model that attend through a sliding window."""
+    return SLIDING_LAYERS.get(config.model_type, _generic)(config)

@@ -1,0 +1,202 @@
+"""Decoding speed and KV memory: dense decoding (DynamicCache) vs DGACache keep_full / compact.
+
+    python -m dga_hf.bench.decoding --length 8192 --new-tokens 16 --threads 1
+    python -m dga_hf.bench.decoding --memory-only --length 32768
+    python -m dga_hf.bench.decoding --quality --length 4096      # passkey + copy through decoding steps
+
+For each cache the model (patched with the given preset; the prefill is DGA except for "sdpa") prefills a
+corpus prompt of `length` tokens and then generates `new_tokens` greedy tokens one step at a time. Reported:
+inter-token latency (mean and median of the decoding steps, prefill excluded; wall clock and this process's
+CPU time, the latter being robust to other jobs sharing the CPU), the bytes each cache holds after the last
+step, and whether the greedy tokens equal those of dense decoding.
+
+`--memory-only` builds one layer's cache on random tensors with the model's head shapes (no model run) and
+reports the bytes per layer for dense, keep_full and compact: the ratio is the same for every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from ..config import DGAConfig, resolve_config
+from ..decoding import DGACache
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, DGACache):
+        return cache.kv_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+@torch.no_grad()
+def decode(model, prompt: list[int], new_tokens: int, cache) -> dict:
+    ids = torch.tensor([prompt], device=model.device)
+    began = time.perf_counter()
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - began
+    token = int(out.logits[0, -1].argmax())
+    tokens, wall, cpu = [token], [], []
+    for _ in range(new_tokens - 1):
+        began, began_cpu = time.perf_counter(), time.process_time()
+        out = model(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        wall.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+        tokens.append(token)
+    return {
+        "prefill_s": prefill,
+        "itl_ms": 1000 * statistics.mean(wall),
+        "itl_median_ms": 1000 * statistics.median(wall),
+        "itl_cpu_ms": 1000 * statistics.mean(cpu),
+        "itl_cpu_median_ms": 1000 * statistics.median(cpu),
+        "kv_bytes": cache_bytes(cache),
+        "tokens": tokens,
+    }
+
+
+def _make_cache(model, name: str):
+    return DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name)
+
+
+@torch.no_grad()
+def copy_by_decoding(model, ids: list[int], passage_tokens: int, cache) -> float:
+    """Teacher-forced copy through the cache: the prompt ends with the second copy's first token; each of
+    the passage's next tokens is predicted by one decoding step (fed the true previous token)."""
+    prompt = ids[: len(ids) - passage_tokens + 1]
+    targets = ids[len(prompt) :]
+    out = model(input_ids=torch.tensor([prompt], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
+    hits = 0
+    for index, target in enumerate(targets):
+        hits += int(out.logits[0, -1].argmax()) == target
+        if index + 1 < len(targets):
+            out = model(input_ids=torch.tensor([[target]], device=model.device), cache=cache, use_cache=True)
+    return hits / len(targets)
+
+
+def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+            copies: int = 3, passage_tokens: int = 64) -> dict:
+    """Passkey exact match (the harness's samples and scoring, 8 greedy tokens) and teacher-forced copy
+    token accuracy through decoding steps, per cache."""
+    import random
+
+    from dga_eval import copying, passkey
+    from dga_eval.corpus import corpus_tokens
+
+    corpus = corpus_tokens(tokenizer)
+    rng = random.Random(seed)
+    keys = [passkey.make_sample(tokenizer, corpus, length - 8, depth, rng) for depth in depths]
+    texts = [copying.make_sample(tokenizer, corpus, length, passage_tokens, 32, rng) for _ in range(copies)]
+    result = {name: {"passkey": [], "copy": []} for name in caches}
+    for sample in keys:
+        for name in caches:
+            tokens = decode(model, sample.prompt, 8, _make_cache(model, name))["tokens"]
+            answer = tokenizer.decode(tokens, skip_special_tokens=True)
+            result[name]["passkey"].append({"depth": sample.depth, "key": sample.key, "answer": answer,
+                                            "match": passkey.exact_match(answer, sample.key)})
+        print("passkey", sample.depth, {n: result[n]["passkey"][-1]["answer"] for n in caches}, flush=True)
+    for sample in texts:
+        for name in caches:
+            result[name]["copy"].append(copy_by_decoding(model, sample.ids, passage_tokens, _make_cache(model, name)))
+        print("copy", {n: round(result[n]["copy"][-1], 3) for n in caches}, flush=True)
+    summary = {
+        name: {"passkey_accuracy": sum(d["match"] for d in r["passkey"]) / len(r["passkey"]),
+               "copy_accuracy": sum(r["copy"]) / len(r["copy"])}
+        for name, r in result.items()
+    }
+    return {"summary": summary, "details": result}
+
+
+def synthetic_memory(model_config, length: int, settings: DGAConfig, steps: int = 0) -> dict:
+    """Bytes of one layer's cache after a `length`-token prefill (+ `steps` decoded tokens) on random
+    tensors with the model's shapes."""
+    heads = model_config.num_key_value_heads
+    q_heads = model_config.num_attention_heads
+    dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // q_heads
+    torch.manual_seed(0)
+    result = {}
+    for name in ("dense", "keep_full", "compact"):
+        q = torch.randn(1, q_heads, length, dim)
+        k, v = torch.randn(1, heads, length, dim), torch.randn(1, heads, length, dim)
+        if name == "dense":
+            result[name] = 2 * (length + steps) * heads * dim * k.element_size()
+            continue
+        cache = DGACache(mode=name)
+        key, value = cache.update(k, v, 0)
+        key._dga_state.attend(q, key, value, None, settings, None)
+        for _ in range(steps):
+            key, value = cache.update(torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim), 0)
+            key._dga_state.attend(torch.randn(1, q_heads, 1, dim), key, value, None, settings, None)
+        result[name] = cache.kv_bytes()
+    result["keep_full/dense"] = result["keep_full"] / result["dense"]
+    result["compact/dense"] = result["compact"] / result["dense"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="path or Hub name (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--preset", default=None, help="DGA preset name or JSON file (default: the shipped default)")
+    parser.add_argument("--length", type=int, default=8192, help="prompt length")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--caches", default="dense,keep_full,compact",
+                        help="dense: patched model, DGA prefill, DynamicCache (dense decoding); sdpa: the unpatched model")
+    parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--quality", action="store_true", help="passkey and copy-by-decoding instead of speed")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
+    parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
+    parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import dga_hf
+    from dga_eval.corpus import corpus_tokens
+    from dga_eval.models import load_model
+
+    settings = resolve_config(args.preset)
+    if args.memory_only:
+        from transformers import AutoConfig
+        from dga_eval.models import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+        print(json.dumps({"length": args.length, "settings": settings.to_dict(),
+                          "bytes_per_layer": synthetic_memory(config, args.length, settings, args.memory_steps)}, indent=1))
+        return
+    model, tokenizer = load_model(args.model)
+    dga_hf.patch(model, settings)
+    if args.quality:
+        depths = tuple(float(x) for x in args.depths.split(","))
+        report = quality(model, tokenizer, args.length, args.caches.split(","), depths=depths, copies=args.copies)
+        print(json.dumps({"length": args.length, "settings": settings.to_dict(), **report}, indent=1))
+        return
+    corpus = corpus_tokens(tokenizer)
+    prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
+    results = {}
+    for name in args.caches.split(","):
+        if name == "sdpa":  # the unpatched model: dense prefill and dense decoding with its own attention
+            dga_hf.unpatch(model)
+            results[name] = decode(model, prompt, args.new_tokens, DynamicCache(config=model.config))
+            dga_hf.patch(model, settings)
+            print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
+            continue
+        cache = DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name)
+        results[name] = decode(model, prompt, args.new_tokens, cache)
+        del cache
+        print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
+    if "dense" in results:
+        for name, result in results.items():
+            result["same_tokens_as_dense"] = sum(a == b for a, b in zip(result["tokens"], results["dense"]["tokens"]))
+            for key in ("itl_ms", "itl_median_ms", "itl_cpu_ms", "itl_cpu_median_ms", "kv_bytes"):
+                result[f"{key}_vs_dense"] = result[key] / results["dense"][key]
+    print(json.dumps({"length": args.length, "new_tokens": args.new_tokens, "settings": settings.to_dict(),
+                      "threads": torch.get_num_threads(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""Decoding with DGA (dga_hf.decoding, docs/decoding.md).
+
+- the cache's state against a naive float64 transcription of the decode rule, step by step: refresh off
+  (= the spec's prefill semantics with the prefill's F), refresh on, compact and keep_full, chunked steps,
+  min_seq_len transitions, dense layers, sinks / log-size bias / one local block;
+- compact == keep_full without refreshes; left-padded batches == rows alone;
+- real models (tiny Llama, Mistral, Qwen2, Qwen3): per-layer outputs of a teacher-forced run against the
+  transcription, generate() greedy/sampling on left-padded batches, the generate() hook, beam search;
+- memory accounting of compact mode and the number of keys a step reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import dga_hf
+from dga_hf import DGACache, DGAConfig
+from dga_hf.decoding import DGADecodeState, refresh_interval
+from dga_hf.ops.naive import focal_count, naive_dga_attention
+
+# ------------------------------------------------------------------------------------------------ transcription
+
+
+def _budget(t: int, cfg: DGAConfig, dense_layer: bool) -> int:
+    if dense_layer or t < cfg.min_seq_len:
+        return t
+    return max(focal_count(t, cfg.focal_ratio), min(cfg.sink_tokens, t)) if t else 0
+
+
+def _select(imp: dict, candidates: set, cfg: DGAConfig, k: int) -> set:
+    chosen = {j for j in candidates if j < cfg.sink_tokens}
+    for j in sorted((j for j in candidates if j not in chosen), key=lambda j: (-imp[j], j)):
+        if len(chosen) >= k:
+            break
+        chosen.add(j)
+    return chosen
+
+
+def _importance(q, k, probes, candidates, s) -> dict:
+    imp = {j: 0.0 for j in candidates}
+    for p in probes:
+        visible = [j for j in sorted(candidates) if j <= p]
+        weights = (s * q[:, p] @ k[visible].T).softmax(-1).sum(0)
+        for index, j in enumerate(visible):
+            imp[j] += float(weights[index])
+    return imp
+
+
+def _attend(q, k, v, i, focal, members, cfg, s):
+    m, n = cfg.group_size, cfg.local_blocks
+    beta = i // m
+    raw = [j for j in range(i + 1) if (j in focal and j // m <= beta - n) or j // m > beta - n]
+    logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]
+    for c in sorted(members):
+        if c <= beta - n and members[c]:
+            idx = sorted(members[c])
+            w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
+            logit = s * q[:, i] @ (w @ k[idx])
+            if cfg.group_bias == "log_size":
+                logit = logit + math.log(len(idx))
+            logits.append(logit[:, None])
+            values.append((w @ v[idx])[None])
+    return torch.cat(logits, -1).softmax(-1) @ torch.cat(values, 0)
+
+
+def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=None, dense_layer=False):
+    """The decode rule of docs/decoding.md for one row and one kv head, float64, written for clarity.
+    q [G, T, d], k/v [T, d]; `steps`: the token counts of the calls after the prefill (default: 1 each)."""
+    q, k, v = q.double(), k.double(), v.double()
+    m, n = cfg.group_size, cfg.local_blocks
+    t = prompt_len
+    if dense_layer or t < cfg.min_seq_len:
+        focal = set(range(t))
+    else:
+        probes = range(t - min(cfg.probe_queries, t), t)
+        focal = _select(_importance(q, k, probes, set(range(t)), s), set(range(t)), cfg, _budget(t, cfg, False))
+    members = {c: set(range(c * m, (c + 1) * m)) - focal for c in range(t // m)}
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
+    for i in range(t):
+        out[:, i] = _attend(q, k, v, i, focal, members, cfg, s)
+    dense = dense_layer or t < cfg.min_seq_len
+    since = 0
+    for size in steps or [1] * (q.shape[1] - t):
+        new = list(range(t, t + size))
+        if dense:
+            focal |= set(new)
+        for i in new:
+            if (i + 1) % m == 0:
+                members[i // m] = set(range(i + 1 - m, i + 1)) - focal
+        for i in new:
+            out[:, i] = _attend(q, k, v, i, focal, members, cfg, s)
+        t += size
+        since += size
+        if not every or since < every or dense_layer:
+            continue
+        since = 0
+        beta = (t - 1) // m
+        if mode == "keep_full":
+            candidates = set(range(t))
+        else:
+            candidates = focal | {j for j in range(t) if j // m > beta - n}
+        imp = _importance(q, k, new[-min(cfg.probe_queries, size):], candidates, s)
+        chosen = _select(imp, candidates, cfg, min(_budget(t, cfg, False), len(candidates)))
+        if mode == "keep_full":
+            members = {c: set(range(c * m, (c + 1) * m)) - chosen for c in range(t // m)}
+        else:
+            for j in focal - chosen:
+                if j // m <= beta - n:
+                    members[j // m].add(j)
+            for c in range(max(0, beta - n + 1), beta + 1):
+                if (c + 1) * m <= t:
+                    members[c] = set(range(c * m, (c + 1) * m)) - chosen
+        focal = chosen
+        dense = t < cfg.min_seq_len
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ state level
+
+H, G, D = 2, 2, 8
+SCALE = D**-0.5
+CFG = DGAConfig(
+    group_size=8, focal_ratio=0.2, probe_queries=8, local_blocks=2, sink_tokens=2, group_bias="log_size",
+    min_seq_len=0, backend="torch",
+)
+
+
+def qkv(batch: int, length: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, H * G, length, D, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(batch, H, length, D, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(batch, H, length, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None):
+    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d]."""
+    cache = cache or DGACache(mode=mode, refresh_every=every)
+    t, outs = 0, []
+    for size in [prompt_len, *steps]:
+        key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
+        step_mask = None if mask is None else mask[:, : t + size]
+        outs.append(key._dga_state.attend(q[:, :, t : t + size], key, value, step_mask, cfg, SCALE, dense=dense))
+        t += size
+    return torch.cat(outs, dim=2), cache
+
+
+def reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False):
+    fed = prompt_len + sum(steps)
+    q, k, v = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed]
+    out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(H):
+            out[b, h * G : (h + 1) * G] = naive_decode(
+                q[b, h * G : (h + 1) * G], k[b, h], v[b, h], cfg, SCALE, prompt_len, every, mode, steps, dense
+            )
+    return out
+
+
+VARIANTS = {
+    "sinks-logbias-2local": CFG,
+    "one-local-block": CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none"),
+    "three-local-blocks": CFG.replace(local_blocks=3, group_size=4, focal_ratio=0.15),
+}
+
+
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+@pytest.mark.parametrize("every", [None, 9, 1])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_steps_match_the_transcription(mode, every, variant):
+    cfg = VARIANTS[variant]
+    q, k, v = qkv(1, 110, seed=1)
+    steps = [1] * 40
+    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
+    torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, every), rtol=0, atol=1e-12)
+
+
+def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
+    """keep_full, no refresh: every position (prompt and decoded) gets the spec's output for F fixed at
+    the prefill's selection; the prompt part is the spec's prefill output."""
+    q, k, v = qkv(1, 120, seed=2)
+    out, cache = run_cache(q, k, v, CFG, 64, [1] * 56, "keep_full", None)
+    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], CFG, scale=SCALE))
+    state = cache.layers[0].state
+    for h in range(H):
+        focal = set(state.focal_pos[0, h, : state.focal_hi].tolist())
+        assert len(focal) == focal_count(64, CFG.focal_ratio) and max(focal) < 64  # the prefill's F
+        members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
+        qh = q[0, h * G : (h + 1) * G]
+        for i in range(120):
+            expected = _attend(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
+            torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
+
+
+def test_refresh_schedule_and_default_interval():
+    assert refresh_interval(16) == 18 and refresh_interval(8) == 9 and refresh_interval(1) == 2
+    q, k, v = qkv(1, 130, seed=3)
+    _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto")
+    assert cache.layers[0].state.every == 9 and cache.layers[0].state.since_refresh == 20 - 18
+
+
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+@pytest.mark.parametrize("every", [None, 9])
+def test_chunked_steps_match_the_transcription(mode, every):
+    q, k, v = qkv(1, 140, seed=4)
+    steps = [5, 30, 1, 1, 12, 1, 1]
+    out, _ = run_cache(q, k, v, CFG, 70, steps, mode, every)
+    assert out.shape[2] == 70 + sum(steps)
+    torch.testing.assert_close(out, reference(q, k, v, CFG, 70, steps, mode, every), rtol=0, atol=1e-12)
+
+
+def test_long_chunk_is_tiled_like_a_short_one(monkeypatch):
+    from dga_hf import decoding
+
+    q, k, v = qkv(1, 200, seed=5)
+    whole, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
+    monkeypatch.setattr(decoding, "QUERY_TILE", 16)
+    tiled, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(whole, reference(q, k, v, CFG, 40, [150, 1], "compact", 9), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+def test_short_prompt_decodes_densely_then_switches_at_a_refresh(mode):
+    cfg = CFG.replace(min_seq_len=90)
+    q, k, v = qkv(1, 140, seed=6)
+    steps = [1] * 70
+    out, cache = run_cache(q, k, v, cfg, 70, steps, mode, 9)
+    torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, 9), rtol=0, atol=1e-12)
+    state = cache.layers[0].state
+    assert state.dense_rows == [False] and state.focal_hi == _budget(133, cfg, False)  # last refresh: t = 133
+    # before 90 tokens the output is dense attention
+    from dga_hf.ops.dense import dense_attention
+
+    dense = dense_attention(q[:, :, :90], k[:, :, :90], v[:, :, :90], scale=SCALE)
+    torch.testing.assert_close(out[:, :, :90], dense, rtol=0, atol=1e-12)
+    # with refreshing off the row stays dense for good
+    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, None)
+    torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+def test_dense_layer_is_dense_attention(mode):
+    from dga_hf.ops.dense import dense_attention
+
+    q, k, v = qkv(1, 100, seed=7)
+    out, cache = run_cache(q, k, v, CFG, 60, [1] * 20 + [20], mode, 9, dense=True)
+    torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
+    assert cache.layers[0].state.arch_k is None  # nothing to re-select: no archive
+
+
+def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
+    q, k, v = qkv(1, 160, seed=8)
+    steps = [1] * 60 + [30]
+    full, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", None)
+    compact, _ = run_cache(q, k, v, CFG, 70, steps, "compact", None)
+    torch.testing.assert_close(compact, full, rtol=0, atol=1e-12)
+    full, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9)
+    compact, _ = run_cache(q, k, v, CFG, 70, steps, "compact", 9)
+    assert (full - compact).abs().max() > 1e-3  # the refreshes choose among other candidates
+
+
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+def test_left_padded_batch_equals_rows_alone(mode):
+    cfg = CFG.replace(min_seq_len=50)
+    q, k, v = qkv(3, 150, seed=9)
+    mask = torch.ones(3, 150, dtype=torch.bool)
+    mask[1, :23] = False
+    mask[2, :40] = False  # 30 real prompt tokens < min_seq_len: dense until a refresh
+    steps = [1] * 30 + [7, 1, 1, 1]
+    out, _ = run_cache(q, k, v, cfg, 110, steps, mode, 9, mask=mask)
+    for b, pad in enumerate([0, 23, 40]):
+        alone, _ = run_cache(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], cfg, 110 - pad, steps, mode, 9)
+        torch.testing.assert_close(out[b : b + 1, :, pad:], alone, rtol=0, atol=1e-12)
+        assert out[b, :, :pad].abs().max() == 0 if pad else True
+
+
+def test_padded_new_tokens_are_skipped():
+    """A step whose new token is padding for one row leaves that row's state as it was."""
+    q, k, v = qkv(2, 100, seed=10)
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    mask[1, 80] = False  # row 1 gets padding at the 11th decode step
+    out, _ = run_cache(q, k, v, CFG, 70, [1] * 30, "compact", 9, mask=mask)
+    assert out[1, :, 80].abs().max() == 0
+    keep = torch.cat([torch.arange(80), torch.arange(81, 100)])
+    alone, _ = run_cache(q[1:, :, keep], k[1:, :, keep], v[1:, :, keep], CFG, 70, [1] * 29, "compact", 9)
+    torch.testing.assert_close(out[1:, :, keep][:, :, :80], alone[:, :, :80], rtol=0, atol=1e-12)
+
+
+def test_bfloat16_runs_and_stays_close():
+    q, k, v = qkv(1, 120, seed=11)
+    ref, _ = run_cache(q, k, v, CFG, 70, [1] * 50, "compact", 9)
+    low, _ = run_cache(q.bfloat16(), k.bfloat16(), v.bfloat16(), CFG, 70, [1] * 50, "compact", 9)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.double() - ref).abs().mean() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ memory and cost
+
+
+def test_compact_memory_and_keys_read():
+    """compact holds ~gamma + 1/m + n*m/t of the dense KV bytes; a decode step reads |F| + old blocks + n*m keys."""
+    cfg = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=16, local_blocks=2, min_seq_len=0, backend="torch")
+    length, heads, dim = 4096, 2, 32
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, heads * 2, length + 40, dim, generator=g)
+    k, v = torch.randn(1, heads, length + 40, dim, generator=g), torch.randn(1, heads, length + 40, dim, generator=g)
+    caches = {}
+    for mode in ("keep_full", "compact"):
+        cache = DGACache(mode=mode)
+        for lo, hi in [(0, length)] + [(t, t + 1) for t in range(length, length + 40)]:
+            key, value = cache.update(k[:, :, lo:hi], v[:, :, lo:hi], 0)
+            key._dga_state.attend(q[:, :, lo:hi], key, value, None, cfg, None)
+        caches[mode] = cache
+    dense_bytes = 2 * (length + 40) * heads * dim * 4
+    assert caches["compact"].kv_bytes() <= dense_bytes / 4
+    assert caches["keep_full"].kv_bytes() >= dense_bytes  # keep_full saves time, not memory
+    state = caches["compact"].layers[0].state
+    t = length + 40
+    assert state.arch_k is None and state.lengths == [t]
+    assert state.focal_hi == focal_count(t - 40 + 36, 0.1)  # F from the last refresh (at t - 4)
+    keys_read = state.focal_hi + (t - 1) // 16 - 2 + 1 + state.ring_k.shape[2]
+    assert keys_read <= 0.1 * t + t / 16 + 2 * 16 + 2
+    assert state.ring_k.shape[2] == 32
+
+
+# ------------------------------------------------------------------------------------------------ real models
+
+VOCAB = 128
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    initializer_range=0.2,
+)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False, "head_dim": 16}),
+}
+SPARSE = DGAConfig(group_size=8, focal_ratio=0.1, probe_queries=8, local_blocks=2, sink_tokens=1, min_seq_len=0, backend="torch")
+
+
+# transformers 5 renamed `past_key_values` to `cache` (forward/generate argument and output field)
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    return getattr(output, CACHE)
+
+
+def make_model(arch: str, seed: int = 0):
+    config_class, model_class, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**COMMON, **extra})).eval()
+
+
+def random_ids(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
+    return ids, mask
+
+
+class Recorder:
+    """Records every state.attend call: per state, the (query, key, value, output, scale) of each step."""
+
+    def __init__(self, monkeypatch):
+        self.calls: dict[int, list] = {}
+        real = DGADecodeState.attend
+
+        def attend(state, query, key, value, mask, config, scale, **kwargs):
+            out = real(state, query, key, value, mask, config, scale, **kwargs)
+            self.calls.setdefault(id(state), []).append((query, key, value, out, scale))
+            return out
+
+        monkeypatch.setattr(DGADecodeState, "attend", attend)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, monkeypatch):
+    """Prompt, a chunk, then tokens one by one (teacher forcing): each layer's outputs equal the decode
+    rule applied to the queries/keys/values that layer saw (RoPE positions from the cache length)."""
+    model = dga_hf.patch(make_model(arch).double(), SPARSE)
+    recorder = Recorder(monkeypatch)
+    ids = random_ids(1, 100, seed=13)
+    cache = DGACache(model, mode=mode, refresh_every=5)
+    steps = [12] + [1] * 18
+    with torch.no_grad():
+        model(input_ids=ids[:, :70], use_cache=True, **{CACHE: cache})
+        t = 70
+        for size in steps:
+            model(input_ids=ids[:, t : t + size], use_cache=True, **{CACHE: cache})
+            t += size
+    assert cache.get_seq_length() == 100 and len(recorder.calls) == 2
+    for calls in recorder.calls.values():
+        q, k, v, out = (torch.cat([c[i] for c in calls], dim=2) for i in range(4))
+        group = q.shape[1] // k.shape[1]
+        for h in range(k.shape[1]):
+            heads = slice(h * group, (h + 1) * group)
+            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE, calls[0][4], 70, 5, mode, steps)
+            torch.testing.assert_close(out[0, heads], expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_generate_greedy_left_padded_equals_rows_alone(arch):
+    model = dga_hf.patch(make_model(arch), SPARSE)
+    rows = [random_ids(120, seed=14), random_ids(90, seed=15)]
+    ids, mask = left_pad(rows)
+    new = 24  # > one refresh interval
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(cache_of(out), DGACache) and cache_of(out).mode == "keep_full"
+    assert cache_of(out).get_seq_length() == 120 + new - 1
+    for b, row in enumerate(rows):
+        alone = model.generate(input_ids=row[None], max_new_tokens=new, do_sample=False)
+        assert torch.equal(out.sequences[b, -new:], alone[0, -new:]), b
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_generate_sampling_compact(arch):
+    model = dga_hf.enable_decoding(dga_hf.patch(make_model(arch), SPARSE), mode="compact")
+    ids, mask = left_pad([random_ids(100, seed=16), random_ids(80, seed=17)])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=0, return_dict_in_generate=True)
+    torch.manual_seed(11)
+    first = model.generate(**kwargs)
+    torch.manual_seed(11)
+    again = model.generate(**kwargs)
+    assert cache_of(first).mode == "compact" and torch.equal(first.sequences, again.sequences)
+    assert first.sequences.shape == (2, 120) and int(first.sequences.max()) < VOCAB
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_exact_settings_decode_like_dense(arch):
+    """focal_ratio=1: DGA is dense attention, in prefill and in every decoding step."""
+    model = make_model(arch)
+    ids, mask = left_pad([random_ids(60, seed=18), random_ids(45, seed=19)])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    dense = model.generate(**kwargs)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE.replace(focal_ratio=1.0)), mode="compact", refresh_every=3)
+    patched = model.generate(**kwargs)
+    assert isinstance(cache_of(patched), DGACache)
+    assert torch.equal(patched.sequences, dense.sequences)
+    for a, b in zip(patched.scores, dense.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
+    model = dga_hf.patch(make_model("llama"), SPARSE)
+    ids = random_ids(1, 40, seed=20)
+    kwargs = dict(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(cache_of(model.generate(**kwargs)), DGACache)
+    user = DynamicCache(config=model.config) if CACHE == "cache" else DynamicCache()
+    assert cache_of(model.generate(**kwargs, **{CACHE: user})) is user  # a cache passed in is kept
+    mine = DGACache(model, mode="compact", refresh_every=None)
+    assert cache_of(model.generate(**kwargs, **{CACHE: mine})) is mine
+    dga_hf.disable_decoding(model)
+    assert type(cache_of(model.generate(**kwargs))) is DynamicCache
+    dga_hf.enable_decoding(model, mode="compact")
+    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto"}
+    dga_hf.patch(model, SPARSE.replace(local_blocks=1))  # patching again keeps the decoding options
+    assert cache_of(model.generate(**kwargs)).mode == "compact"
+    assert dga_hf.decoding.cache_for(model).mode == "compact"
+    dga_hf.unpatch(model)
+    assert "_prepare_cache_for_generation" not in model.__dict__ and dga_hf.decoding.cache_for(model) is None
+    assert type(cache_of(model.generate(**kwargs))) is DynamicCache
+    with pytest.raises(ValueError, match="mode"):
+        dga_hf.enable_decoding(model, mode="full")
+    with pytest.raises(ValueError, match="refresh_every"):
+        DGACache(refresh_every=-1)
+
+
+def test_static_cache_and_beam_search():
+    model = dga_hf.patch(make_model("llama"), SPARSE)
+    ids = random_ids(2, 50, seed=21)
+    with pytest.raises(ValueError, match="DynamicCache"):  # left alone by the hook: still refused
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(cache_of(out), DGACache) and out.sequences.shape == (2, 56)
+
+
+def test_unpatched_model_with_a_dga_cache_fails_clearly():
+    model = make_model("llama")
+    cache = DGACache(model)
+    ids = random_ids(1, 30, seed=22)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{CACHE: cache})
+        with pytest.raises(RuntimeError, match="patched with dga_hf"):
+            model(input_ids=ids[:, :1], use_cache=True, **{CACHE: cache})
+
+
+def test_dense_layers_and_short_prompts_in_a_model():
+    """A dense layer decodes densely; a prompt below min_seq_len decodes densely until a refresh."""
+    model = make_model("llama")
+    ids = random_ids(1, 60, seed=23)
+    kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    dense = model.generate(**kwargs)
+    dga_hf.patch(model, SPARSE.replace(dense_layers=[0, 1]))
+    patched = model.generate(**kwargs)
+    assert torch.equal(patched.sequences, dense.sequences)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE.replace(min_seq_len=1000)), refresh_every=None)
+    patched = model.generate(**kwargs)
+    assert torch.equal(patched.sequences, dense.sequences)
+    for a, b in zip(patched.scores, dense.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
