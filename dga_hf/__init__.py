@@ -4,8 +4,7 @@
     dga_hf.patch(model)                                   # shipped default settings
     dga_hf.patch(model, dga_hf.DGAConfig(local_blocks=8))  # explicit settings
     dga_hf.unpatch(model)                                 # back to the exact original
-    model.generate(...)                # on a patched model: decodes with a dga_hf.DGACache
-    dga_hf.enable_decoding(model, mode="compact")         # decoding options (docs/decoding.md)
+    dga_hf.enable_decoding(model, mode="compact")         # opt-in: generate() decodes with a DGACache
     AutoModelForCausalLM.from_pretrained(path, attn_implementation="dga")
 """
 

@@ -1019,11 +1019,6 @@ def cache_for(model: Any) -> "DGACache | None":
     return DGACache(model, **options)
 
 
-def install(model: Any) -> None:
-    """Called by `dga_hf.patch`: enable DGA decoding with the defaults unless options are already set."""
-    if _OPTIONS not in model.__dict__:
-        enable_decoding(model)
-
 
 def _assisted(args: tuple, kwargs: dict) -> bool:
     try:

@@ -7,7 +7,9 @@ model's config (`config.dga`, a dict), so they are saved with `save_pretrained`,
 Where DGA is used and where dense attention is (the one place that decides it, `_use_dga`):
 - prefill (q_len == kv_len) of at least `min_seq_len` tokens, on layers not in `dense_layers`: DGA;
 - shorter prompts, `dense_layers`, and every step with q_len < kv_len (decoding, chunked prefill):
-  dense attention over the given keys with causal and padding masks (documented fallback).
+  dense attention over the given keys with causal and padding masks (documented fallback);
+- keys returned by a `DGACache` (they carry `_dga_state`; generate() uses one after dga_hf.enable_decoding): the
+  layer's decode state runs the prefill, the decoding steps and chunks (docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -231,7 +233,8 @@ def patch(model: PreTrainedModel, config: DGAConfig | dict | str | None = None) 
     for sub_config in _configs(model):
         sub_config.dga = settings.to_dict()
     _set_attn_implementation(model, ATTN_NAME)
-    decoding.install(model)  # generate() decodes with a DGACache (dga_hf.decoding.enable_decoding)
+    # DGA decoding stays opt-in (dga_hf.enable_decoding) until it meets its quality target: measured on
+    # SmolLM2 it keeps passkeys but loses long-range copying (docs/decoding.md)
     return model
 
 

@@ -427,7 +427,7 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_generate_greedy_left_padded_equals_rows_alone(arch):
-    model = dga_hf.patch(make_model(arch), SPARSE)
+    model = dga_hf.enable_decoding(dga_hf.patch(make_model(arch), SPARSE))
     rows = [random_ids(120, seed=14), random_ids(90, seed=15)]
     ids, mask = left_pad(rows)
     new = 24  # > one refresh interval
@@ -471,6 +471,8 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     model = dga_hf.patch(make_model("llama"), SPARSE)
     ids = random_ids(1, 40, seed=20)
     kwargs = dict(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert type(cache_of(model.generate(**kwargs))) is DynamicCache  # decoding with DGA is opt-in
+    dga_hf.enable_decoding(model)
     assert isinstance(cache_of(model.generate(**kwargs)), DGACache)
     user = DynamicCache(config=model.config) if CACHE == "cache" else DynamicCache()
     assert cache_of(model.generate(**kwargs, **{CACHE: user})) is user  # a cache passed in is kept
@@ -493,7 +495,7 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
 
 
 def test_static_cache_and_beam_search():
-    model = dga_hf.patch(make_model("llama"), SPARSE)
+    model = dga_hf.enable_decoding(dga_hf.patch(make_model("llama"), SPARSE))
     ids = random_ids(2, 50, seed=21)
     with pytest.raises(ValueError, match="DynamicCache"):  # left alone by the hook: still refused
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")

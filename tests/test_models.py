@@ -3,8 +3,8 @@
 What is checked, per architecture where it matters:
 - exact settings (group_size=1, focal_ratio=1, local_blocks >= ceil(L/m)) give the unpatched logits;
 - sparse settings change the logits and match the model run with the naive float64 reference;
-- generate(): greedy and sampling, left-padded batch of 2, cache (a DGACache by default, tests/test_decoding.py
-  covers its rule; dense decoding after dga_hf.disable_decoding); each padded row equals the row alone;
+- generate(): greedy and sampling, left-padded batch of 2, dense decoding by default (a DGACache after
+  dga_hf.enable_decoding, covered in tests/test_decoding.py); each padded row equals the row alone;
 - padding: a left-padded row gets the logits of its unpadded sequence;
 - dense fallbacks: prompts below min_seq_len, dense_layers, and decoding steps over a plain DynamicCache;
 - per-model settings, patch/unpatch round trips, save/from_pretrained, clear errors.
@@ -176,7 +176,8 @@ class _CountDGA:
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_generate_greedy_left_padded_equals_rows_alone(arch):
-    """generate() on a patched model: DGA prefill, then decoding with a DGACache (dga_hf.decoding)."""
+    """generate() on a patched model: DGA prefill, then dense decoding (DGA decoding is opt-in through
+    dga_hf.enable_decoding and tested in tests/test_decoding.py)."""
     model = patch(make_model(arch), GENERATE)
     torch.manual_seed(3)
     rows = [random_ids(120), random_ids(90)]
