@@ -31,14 +31,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend={requested!r} is invalid: allowed values are {BACKENDS}")
     if requested == "auto":
-        return "triton" if _triton_usable(device) and _has_triton_backend() else "torch"
-    if requested == "triton" and not _has_triton_backend():
-        raise ValueError("backend='triton' is not available: this build of dga_hf has no Triton backend")
+        return "triton" if _triton_usable(device) else "torch"
     return requested
-
-
-def _has_triton_backend() -> bool:
-    return importlib.util.find_spec("dga_hf.ops.triton_backend") is not None
 
 
 def dga_attention(
