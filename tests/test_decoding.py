@@ -18,17 +18,12 @@ import pytest
 import torch
 from transformers import (
     DynamicCache,
-    LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 import dga_hf
+from tiny_archs import ARCHS
+
 from dga_hf import DGACache, DGAConfig
 from dga_hf.decoding import DGADecodeState, refresh_interval
 from dga_hf.ops.naive import focal_count, naive_dga_attention
@@ -347,12 +342,6 @@ COMMON = dict(
     vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=0,
     initializer_range=0.2,
 )
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False, "head_dim": 16}),
-}
 SPARSE = DGAConfig(group_size=8, focal_ratio=0.1, probe_queries=8, local_blocks=2, sink_tokens=1, min_seq_len=0, backend="torch")
 
 

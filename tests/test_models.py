@@ -24,17 +24,12 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 import dga_hf
+from tiny_archs import ARCHS
+
 from dga_hf import DGAConfig, is_patched, patch, unpatch
 from dga_hf import integration
 from dga_hf.integration import config_of
@@ -55,12 +50,6 @@ COMMON = dict(
     # sharper attention than the default 0.02, so that a wrong key set shows in the logits
     initializer_range=0.2,
 )
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False, "head_dim": 16}),
-}
 ARCH_NAMES = list(ARCHS)
 
 # DGA really sparse at L ~ 150: 10 focal tokens, one local block of 16, aggregates for the rest.
