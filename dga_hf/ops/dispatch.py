@@ -7,7 +7,7 @@ import importlib.util
 import torch
 
 from ..config import BACKENDS, DGAConfig
-from . import torch_backend
+from . import autograd, torch_backend
 from .dense import dense_attention
 from .layout import build_layout, compact_padding, compute_dtype, uncompact
 from .naive import naive_dga_attention
@@ -74,10 +74,10 @@ def dga_attention(
         from . import triton_backend
 
         # the kernel reads bf16/fp16 operands directly and accumulates in fp32
-        out = triton_backend.attend(q, k, v, layout, config, scale)
+        out = autograd.attend(triton_backend, q, k, v, layout, config, scale)
     else:
         dtype = compute_dtype(query.dtype)
-        out = torch_backend.attend(q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
+        out = autograd.attend(torch_backend, q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
     out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order)
     return out.to(query.dtype)
 

@@ -86,8 +86,9 @@ def build_layout(
     positions = torch.arange(seq_len, device=device)
     real = positions[None, :] < lengths[:, None]  # [B, L]
 
-    importance = _importance(query, key, lengths, config.probe_queries, scale)
-    focal = _select_focal(importance, lengths, real, config)
+    with torch.no_grad():  # the selection is a discrete choice: no gradient, nothing saved for one
+        importance = _importance(query, key, lengths, config.probe_queries, scale)
+        focal = _select_focal(importance, lengths, real, config)
     focal_pos, focal_key, focal_value = _gather_focal(focal, key, value, lengths, config)
     agg_key, agg_value, agg_bias = _aggregate(query, key, value, focal, real, lengths, config, scale)
     return DGALayout(

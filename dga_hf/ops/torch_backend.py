@@ -3,12 +3,15 @@
 Queries are processed in tiles of whole blocks; a tile reads the focal keys and aggregates of the blocks
 that are old for its last query (a prefix of each, since both are sorted by position), and the raw keys
 of its own blocks plus the ``local_blocks - 1`` before. Masks are rebuilt from positions per tile, so
-memory is bounded by the tile budget, never L x L.
+memory is bounded by the tile budget, never L x L, in the forward and in the backward: the backward
+(`attend_backward`) recomputes each tile's logits from the saved log-sum-exp, as FlashAttention does.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -33,22 +36,30 @@ def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_bloc
     return max(1, min(num_blocks, wanted, affordable))
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
-    """query [B, H, G, L, d], key/value [B, H, L, d] (compacted, compute dtype) -> [B, H, G, L, dv]."""
+@dataclass
+class _Stream:
+    """One key stream as a tile sees it: masked logits [B, H, G, T, K] over ``source[:, :, lo:hi]``."""
+
+    logits: torch.Tensor
+    source: str  # "focal", "agg" or "local"
+    lo: int
+    hi: int
+
+
+def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> Iterator[tuple[int, int, list[_Stream]]]:
+    """(first query, end query, streams) per tile; hidden logits are -inf, empty streams are left out."""
     batch, heads, group, seq_len, _ = query.shape
     m, n = config.group_size, config.local_blocks
     num_blocks = math.ceil(seq_len / m)
     device = query.device
-    out = query.new_zeros(batch, heads, group, seq_len, value.shape[-1])
     focal_block = layout.focal_block  # [B, H, F]
     step = tile_blocks(layout, batch * heads * group, config, num_blocks)
-    lengths = layout.lengths.view(batch, 1, 1, 1, 1)
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
         q_pos = torch.arange(q_lo, q_hi, device=device).view(1, 1, 1, -1, 1)
         q_tile = query[:, :, :, q_lo:q_hi]
-        streams = []  # (logits, values) per key stream, all masked to -inf where hidden
+        streams = []
 
         # focal keys of blocks old for the tile's last query: a prefix, as slots are sorted by position
         old_limit = last - n
@@ -56,28 +67,94 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
             count = int((focal_block <= old_limit).sum(-1).max())
             logits = scale * q_tile @ layout.focal_key[:, :, None, :count].transpose(-1, -2)
             hidden = focal_block[:, :, None, None, :count] > q_pos // m - n
-            streams.append((logits.masked_fill_(hidden, -math.inf), layout.focal_value[:, :, None, :count]))
+            streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "focal", 0, count))
             agg_blocks = torch.arange(old_limit + 1, device=device)
             logits = scale * q_tile @ layout.agg_key[:, :, None, : old_limit + 1].transpose(-1, -2)
             logits += layout.agg_bias[:, :, None, None, : old_limit + 1]
-            streams.append((logits.masked_fill_(agg_blocks > q_pos // m - n, -math.inf), layout.agg_value[:, :, None, : old_limit + 1]))
+            streams.append(_Stream(logits.masked_fill_(agg_blocks > q_pos // m - n, -math.inf), "agg", 0, old_limit + 1))
 
         w_lo = max(0, (first - n + 1) * m)
         w_pos = torch.arange(w_lo, q_hi, device=device)
         logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
-        hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n) | (w_pos >= lengths)
-        streams.append((logits.masked_fill_(hidden, -math.inf), value[:, :, None, w_lo:q_hi]))
+        hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n)
+        streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "local", w_lo, q_hi))
+        yield q_lo, q_hi, [stream for stream in streams if stream.hi > stream.lo]
 
-        streams = [(logits, values) for logits, values in streams if logits.shape[-1]]
-        peak = torch.stack([logits.amax(-1) for logits, _ in streams]).amax(0).unsqueeze(-1)
+
+def _sources(key: torch.Tensor, value: torch.Tensor, layout: DGALayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        "focal": (layout.focal_key, layout.focal_value),
+        "agg": (layout.agg_key, layout.agg_value),
+        "local": (key, value),
+    }
+
+
+def _padded_rows(layout: DGALayout, seq_len: int, device: torch.device) -> torch.Tensor:
+    """[B, 1, 1, L] True at positions past each row's length (compacted rows are right-padded)."""
+    return (torch.arange(seq_len, device=device).view(1, -1) >= layout.lengths.view(-1, 1)).view(-1, 1, 1, seq_len)
+
+
+def attend_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [B, H, G, L, d], key/value [B, H, L, d] (compacted, one compute dtype) ->
+    (out [B, H, G, L, dv], lse [B, H, G, L]): lse is the log-sum-exp of each row's visible logits;
+    padded rows (and rows that see nothing) get out 0 and lse -inf."""
+    batch, heads, group, seq_len, _ = query.shape
+    out = query.new_zeros(batch, heads, group, seq_len, value.shape[-1])
+    lse = query.new_full((batch, heads, group, seq_len), -math.inf)
+    sources = _sources(key, value, layout)
+    for q_lo, q_hi, streams in _tiles(query, key, layout, config, scale):
+        peak = torch.stack([stream.logits.amax(-1) for stream in streams]).amax(0).unsqueeze(-1)
         peak = torch.where(torch.isfinite(peak), peak, 0.0)
         total = torch.zeros_like(peak)
         tile = 0.0
-        for logits, values in streams:
-            weights = logits.sub_(peak).exp_()
+        for stream in streams:
+            values = sources[stream.source][1][:, :, None, stream.lo : stream.hi]
+            weights = stream.logits.sub_(peak).exp_()
             total += weights.sum(-1, keepdim=True)
             tile = tile + weights @ values
-        # rows with nothing to attend (padding) have total 0 and stay zero
         out[:, :, :, q_lo:q_hi] = tile / total.clamp(min=torch.finfo(total.dtype).tiny)
-    real = torch.arange(seq_len, device=device).view(1, 1, 1, -1, 1) < lengths
-    return out * real
+        lse[:, :, :, q_lo:q_hi] = (total.log() + peak).squeeze(-1)
+    padded = _padded_rows(layout, seq_len, query.device)
+    return out.masked_fill_(padded.unsqueeze(-1), 0.0), lse.masked_fill_(padded, -math.inf)
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
+    """The output of `attend_forward` alone."""
+    return attend_forward(query, key, value, layout, config, scale)[0]
+
+
+def attend_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: DGALayout,
+    config: DGAConfig,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of `attend_forward`'s output with respect to query, key, value, layout.focal_key,
+    layout.focal_value, layout.agg_key and layout.agg_value, one tile at a time from the saved ``lse``
+    (dS = P * (dP - rowsum(dO * O)), as in FlashAttention-2). GQA: a kv head's gradient sums its G query
+    heads. Rows with lse = -inf (padding) contribute nothing."""
+    grad_out = grad_out.to(query.dtype)
+    sources = _sources(key, value, layout)
+    grads = {name: (torch.zeros_like(k), torch.zeros_like(v)) for name, (k, v) in sources.items()}
+    grad_query = torch.zeros_like(query)
+    # exp(logit - inf) = 0 for the rows that attend nothing
+    lse = torch.where(torch.isfinite(lse), lse, math.inf).unsqueeze(-1)
+    row_dot = (grad_out * out).sum(-1, keepdim=True)  # D = rowsum(dO * O)
+    for q_lo, q_hi, streams in _tiles(query, key, layout, config, scale):
+        q_tile, d_out = query[:, :, :, q_lo:q_hi], grad_out[:, :, :, q_lo:q_hi]
+        for stream in streams:
+            keys, values = (x[:, :, None, stream.lo : stream.hi] for x in sources[stream.source])
+            grad_keys, grad_values = (g[:, :, stream.lo : stream.hi] for g in grads[stream.source])
+            probs = stream.logits.sub_(lse[:, :, :, q_lo:q_hi]).exp_()
+            grad_values += (probs.transpose(-1, -2) @ d_out).sum(2)
+            grad_logits = probs.mul_(d_out @ values.transpose(-1, -2) - row_dot[:, :, :, q_lo:q_hi]).mul_(scale)
+            grad_query[:, :, :, q_lo:q_hi] += grad_logits @ keys
+            grad_keys += (grad_logits.transpose(-1, -2) @ q_tile).sum(2)
+    return (grad_query, *grads["local"], *grads["focal"], *grads["agg"])

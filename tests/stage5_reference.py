@@ -1,0 +1,54 @@
+"""A differentiable transcription of DGA_SPEC.md step 5 over a given layout, with explicit masks.
+
+It materialises [L, F + nb + L] logits, so it is for small shapes only; its value is that autograd
+through it gives the exact gradients every backend's stage-5 backward must reproduce (the layout's
+focal keys/values and aggregates are inputs of their own, as in the backends)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dga_hf.config import DGAConfig
+from dga_hf.ops.layout import DGALayout
+
+
+def stage5_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    focal_key: torch.Tensor,
+    focal_value: torch.Tensor,
+    agg_key: torch.Tensor,
+    agg_value: torch.Tensor,
+    layout: DGALayout,
+    config: DGAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """query [B, H, G, L, d], key/value [B, H, L, d], focal_* [B, H, F, d], agg_* [B, H, nb, d] ->
+    [B, H, G, L, dv]; rows at positions >= layout.lengths[b] (and rows that see nothing) are 0."""
+    seq_len = query.shape[3]
+    m, n = config.group_size, config.local_blocks
+    pos = torch.arange(seq_len, device=query.device)
+    query_block = (pos // m).view(1, 1, seq_len, 1)
+    focal_visible = (layout.focal_pos // m).unsqueeze(2) <= query_block - n  # [B, H, L, F]
+    blocks = torch.arange(agg_key.shape[2], device=query.device)
+    agg_visible = (blocks.view(1, 1, 1, -1) <= query_block - n) & torch.isfinite(layout.agg_bias).unsqueeze(2)
+    local_visible = (pos.view(1, -1) <= pos.view(-1, 1)) & (pos.view(1, -1) // m > pos.view(-1, 1) // m - n)
+    local_visible = local_visible.expand(*focal_visible.shape[:2], seq_len, seq_len)
+    real_row = (pos.view(1, -1) < layout.lengths.view(-1, 1)).view(-1, 1, seq_len, 1)
+    visible = torch.cat([focal_visible, agg_visible.expand(*focal_visible.shape[:2], -1, -1), local_visible], -1)
+    visible = (visible & real_row).unsqueeze(2)  # [B, H, 1, L, K]
+
+    keys = torch.cat([focal_key, agg_key, key], dim=2).unsqueeze(2)
+    values = torch.cat([focal_value, agg_value, value], dim=2).unsqueeze(2)
+    bias = torch.cat(
+        [torch.zeros_like(layout.focal_pos, dtype=query.dtype), layout.agg_bias.to(query.dtype).nan_to_num(0.0, neginf=0.0),
+         torch.zeros(*key.shape[:3], dtype=query.dtype, device=query.device)],
+        dim=-1,
+    ).view(*keys.shape[:2], 1, 1, -1)
+    logits = scale * query @ keys.transpose(-1, -2) + bias
+    weights = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
+    weights = torch.where(visible.any(-1, keepdim=True), weights, torch.zeros_like(weights))
+    return weights @ values
