@@ -32,6 +32,7 @@ positions and masks are those of a DynamicCache.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import types
 from typing import Any
@@ -384,7 +385,7 @@ class DGADecodeState:
         batch, q_heads, q_len, head_dim = query.shape
         heads = key.shape[1]
         group = q_heads // heads
-        device, m, n, window = query.device, self.m, self.n, self.window
+        device, window = query.device, self.window
         counts = self._new_token_counts(padding_mask, q_len, batch)
         order = None
         if counts is None:
@@ -1018,6 +1019,23 @@ def cache_for(model: Any) -> "DGACache | None":
         return None
     return DGACache(model, **options)
 
+
+def cache_keyword(model: Any) -> str:
+    """The name under which `model(...)` takes a KV cache: `cache` since transformers renamed
+    `past_key_values` (4.x has only the old name)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of keys/values a cache holds: a DGACache's whole state (`DGACache.kv_bytes`), else the
+    tensors of every layer of a DynamicCache."""
+    if isinstance(cache, DGACache):
+        return cache.kv_bytes()
+    if hasattr(cache, "layers"):
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    else:  # transformers < 4.54: key_cache / value_cache lists
+        tensors = [*cache.key_cache, *cache.value_cache]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _assisted(args: tuple, kwargs: dict) -> bool:

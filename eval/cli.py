@@ -116,11 +116,11 @@ def all_lengths(spec: dict) -> list[int]:
 def describe_configs(configs: dict, spec: dict, layers: int | None) -> dict:
     """Settings of each configuration and the share of dense attention's keys it reads at each length."""
     return {
-        name: None if config is None else {
-            "settings": config.to_dict(),
-            "keys_share": {str(n): keys_share(config, n, layers) for n in all_lengths(spec)},
+        name: None if setting.dga is None else {
+            "settings": setting.describe(),
+            "keys_share": {str(n): keys_share(setting.dga, n, layers) for n in all_lengths(spec)},
         }
-        for name, config in configs.items()
+        for name, setting in configs.items()
     }
 
 

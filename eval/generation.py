@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dga_hf.decoding import cache_for, cache_keyword, cache_nbytes
+
 
 @dataclass
 class Generation:
     tokens: list[int]
     prefill_seconds: float
     step_seconds: list[float] = field(default_factory=list)
+    kv_bytes: int | None = None  # what the KV cache holds after the last step
 
     @property
     def inter_token_seconds(self) -> float | None:
@@ -33,13 +36,16 @@ def synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def greedy_generate(model, prompt: list[int], new_tokens: int, *, stop_ids: tuple[int, ...] = ()) -> Generation:
     """Greedy continuation of `prompt` (token ids): up to `new_tokens` tokens, stopping after a token in
-    `stop_ids`. The first token comes from the prefill; each later one from one cached decoding step."""
+    `stop_ids`. The first token comes from the prefill; each later one from one cached decoding step.
+    The cache is a DGACache when `dga_hf.enable_decoding` was called on the patched model (as generate()
+    would use), else the model's own DynamicCache."""
     device = model.device
     ids = torch.tensor([prompt], device=device)
+    cache = cache_for(model)
     synchronize(device)
     began = time.perf_counter()
     # logits_to_keep=1: the prefill needs only the last position's logits, not [L, vocab]
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **({} if cache is None else {cache_keyword(model): cache}))
     token = int(out.logits[0, -1].argmax())
     synchronize(device)
     result = Generation(tokens=[token], prefill_seconds=time.perf_counter() - began)
@@ -50,6 +56,7 @@ def greedy_generate(model, prompt: list[int], new_tokens: int, *, stop_ids: tupl
         synchronize(device)
         result.step_seconds.append(time.perf_counter() - began)
         result.tokens.append(token)
+    result.kv_bytes = cache_nbytes(next(iter(cache_argument(out).values())))
     return result
 
 

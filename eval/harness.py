@@ -24,19 +24,24 @@ import dga_hf
 
 from . import copying, passkey, perplexity, ruler, speed
 from .corpus import corpus_tokens
-from .runconfig import task_lengths
+from .runconfig import Setting, task_lengths
 
 SAMPLE_TASKS = {"passkey": passkey, "copy": copying, "perplexity": perplexity, "speed": speed}
 RULER_METRIC = {"label": "RULER score", "unit": "share", "higher_is_better": True, "compare": "diff"}
 
 
-def apply_config(model, config: dga_hf.DGAConfig | None) -> None:
-    """Dense attention for None, else DGA with `config`."""
-    if config is None:
+def apply_config(model, setting: Setting) -> None:
+    """Dense attention, or DGA with its decoding cache (dense decoding unless the setting asks for a DGACache)."""
+    if setting.dga is None:
         if dga_hf.is_patched(model):
             dga_hf.unpatch(model)
+        dga_hf.disable_decoding(model)
+        return
+    dga_hf.patch(model, setting.dga)
+    if setting.decoding == "dense":
+        dga_hf.disable_decoding(model)
     else:
-        dga_hf.patch(model, config)
+        dga_hf.enable_decoding(model, mode=setting.decoding)
 
 
 def task_rng(seed: int, task: str, length: int) -> random.Random:
@@ -58,7 +63,7 @@ def run_tasks(model, tokenizer, spec: dict, configs: dict[str, Any], workdir: Pa
             results[task] = run_sample_task(model, tokenizer, corpus, configs, task, task_spec, lengths, seed)
         if on_task_done is not None:
             on_task_done(results)
-    apply_config(model, None)
+    apply_config(model, Setting())
     return results
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
 import resource
 import threading
 import time
@@ -44,9 +45,7 @@ class PeakMemory:
     def _choose_method(self) -> str:
         if self.device.type == "cuda":
             return CUDA_METHOD
-        try:
-            import psutil  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("psutil") is None:
             return RUSAGE_METHOD
         return PSUTIL_METHOD
 

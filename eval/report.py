@@ -15,7 +15,7 @@ PLOTS = {  # file -> (task, metrics on it): one figure per quantity the issue as
     "copy_accuracy.png": ("copy", ["accuracy"]),
     "perplexity.png": ("perplexity", ["perplexity"]),
     "latency.png": ("speed", ["ttft_ms", "itl_ms"]),
-    "memory.png": ("speed", ["peak_memory_mb"]),
+    "memory.png": ("speed", ["kv_cache_mb", "peak_memory_mb"]),
     "ruler.png": ("ruler", None),  # None: every RULER task of the run
 }
 

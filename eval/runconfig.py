@@ -4,12 +4,15 @@ A run configuration names the model, the seed, the context lengths, the tasks wi
 DGA settings to compare with dense attention:
 
     {"model": "default", "seed": 0, "lengths": [1024, 2048],
-     "dga_configs": ["default", {"name": "n=8", "preset": "default", "local_blocks": 8}],
+     "dga_configs": ["default", {"name": "n=8", "preset": "default", "local_blocks": 8},
+                     {"name": "default+compact", "preset": "default", "decoding": "compact"}],
      "tasks": {"passkey": {"depths": [0.1, 0.5, 0.9], "samples_per_depth": 1}, ...}}
 
 A DGA entry is a preset name, or a dict: `preset` (optional) is the starting point and every other key
-except `name` is a `DGAConfig` field overriding it; without `preset` the fields start from
-`DGAConfig()`'s own defaults, as `DGAConfig(**fields)` would.
+except `name` and `decoding` is a `DGAConfig` field overriding it; without `preset` the fields start from
+`DGAConfig()`'s own defaults, as `DGAConfig(**fields)` would. `decoding` chooses the KV cache of the
+generation steps: "dense" (the model's DynamicCache, what `dga_hf.patch` alone gives; the default) or a
+`DGACache` mode, "keep_full" or "compact" (`dga_hf.enable_decoding`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Mapping
 from dga_hf import DGAConfig
 
 DENSE = "dense"
+DECODING_MODES = ("dense", "keep_full", "compact")
 QUICK_CONFIG = "eval_quick.json"
 FULL_CONFIG = "eval_full.json"
 TASK_NAMES = ("passkey", "copy", "perplexity", "speed", "ruler")
@@ -50,14 +54,34 @@ def check_run_config(spec: Mapping[str, Any]) -> None:
     dga_configs(spec)
 
 
-def dga_configs(spec: Mapping[str, Any]) -> dict[str, DGAConfig | None]:
-    """Name -> settings of every configuration of the run, dense (None) first."""
-    configs: dict[str, DGAConfig | None] = {DENSE: None}
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration of a run: the attention (None: dense) and the cache its decoding steps use."""
+
+    dga: DGAConfig | None = None
+    decoding: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODING_MODES:
+            raise ValueError(f"decoding={self.decoding!r} is invalid: allowed values are {DECODING_MODES}")
+        if self.dga is None and self.decoding != "dense":
+            raise ValueError(f"decoding={self.decoding!r} needs DGA settings; dense attention decodes densely")
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.dga.to_dict(), "decoding": self.decoding}
+
+
+def dga_configs(spec: Mapping[str, Any]) -> dict[str, Setting]:
+    """Name -> setting of every configuration of the run, dense first."""
+    configs: dict[str, Setting] = {DENSE: Setting()}
     for index, entry in enumerate(spec.get("dga_configs", ["default"])):
+        decoding = entry.get("decoding", "dense") if isinstance(entry, Mapping) else "dense"
+        if isinstance(entry, Mapping):
+            entry = {key: value for key, value in entry.items() if key != "decoding"}
         name, config = named_dga_config(entry, index)
         if name in configs:
             raise ValueError(f"two configurations of the run are named {name!r}; give each dict a distinct `name`")
-        configs[name] = config
+        configs[name] = Setting(config, decoding)
     return configs
 
 

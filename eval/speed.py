@@ -1,4 +1,5 @@
-"""Speed: time to first token (the prefill of a prompt), mean time per later generated token, and peak memory,
+"""Speed: time to first token (the prefill of a prompt), mean time per later generated token, the KV cache's
+size after the last token (a DGACache when the configuration decodes with one), and peak memory,
 for a corpus prompt of each length (`len(prompt) + new_tokens = length`). Each measurement is repeated
 `repeats` times and the median kept; unless `warmup` is false, an untimed generation of the same prompt
 runs first, so one-off costs (Triton compilation, allocator growth) are not charged to a configuration.
@@ -33,13 +34,14 @@ def run(model, tokenizer, prompts: list[list[int]], spec: dict, progress=None) -
             details.append({
                 "ttft_ms": 1000 * generation.prefill_seconds,
                 "itl_ms": 1000 * generation.inter_token_seconds if generation.step_seconds else None,
+                "kv_cache_mb": generation.kv_bytes / 2**20,
                 "peak_memory_mb": peak.megabytes,
                 "memory_method": peak.method,
                 "new_tokens": len(generation.tokens),
             })
             if progress is not None:
                 progress.update(1)
-    metrics = {name: _median(d[name] for d in details) for name in ("ttft_ms", "itl_ms", "peak_memory_mb")}
+    metrics = {name: _median(d[name] for d in details) for name in METRICS}
     return metrics, details
 
 
@@ -51,5 +53,6 @@ def _median(values) -> float | None:
 METRICS = {
     "ttft_ms": {"label": "time to first token (prefill)", "unit": "ms", "higher_is_better": False, "compare": "ratio"},
     "itl_ms": {"label": "inter-token latency", "unit": "ms", "higher_is_better": False, "compare": "ratio"},
+    "kv_cache_mb": {"label": "KV cache after the last token", "unit": "MB", "higher_is_better": False, "compare": "ratio"},
     "peak_memory_mb": {"label": "peak memory above start", "unit": "MB", "higher_is_better": False, "compare": "ratio"},
 }

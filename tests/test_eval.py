@@ -20,7 +20,7 @@ import torch
 from dga_eval import copying, passkey, perplexity
 from dga_eval.corpus import corpus_tokens, pydoc_text
 from dga_eval.report import markdown_report
-from dga_eval.runconfig import DENSE, check_run_config, dga_configs, named_dga_config, parse_dga_fields
+from dga_eval.runconfig import DENSE, Setting, check_run_config, dga_configs, named_dga_config, parse_dga_fields
 
 import dga_hf
 
@@ -178,6 +178,11 @@ def test_dga_settings_from_strings_and_run_configs():
     assert name == "n=8" and config == dga_hf.DGAConfig.preset("default").replace(local_blocks=8)
     assert named_dga_config({"group_size": 4}, 3) == ("dga3", dga_hf.DGAConfig(group_size=4))
     assert list(dga_configs({"dga_configs": ["default", "paper"]})) == [DENSE, "default", "paper"]
+    settings = dga_configs({"dga_configs": ["paper", {"name": "c", "preset": "paper", "decoding": "compact"}]})
+    assert settings[DENSE] == Setting() and settings["paper"] == Setting(dga_hf.DGAConfig.preset("paper"), "dense")
+    assert settings["c"] == Setting(dga_hf.DGAConfig.preset("paper"), "compact")
+    with pytest.raises(ValueError, match=r"decoding='full' is invalid: allowed values are \('dense', 'keep_full', 'compact'\)"):
+        dga_configs({"dga_configs": [{"preset": "paper", "decoding": "full"}]})
     with pytest.raises(ValueError, match="unknown tasks"):
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
@@ -191,7 +196,8 @@ def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
     spec = {
         "seed": 3,
         "lengths": [128, 256],
-        "dga_configs": ["paper", {"name": "tiny", "group_size": 8, "local_blocks": 2, "backend": "torch"}],
+        "dga_configs": ["paper", {"name": "tiny", "group_size": 8, "local_blocks": 2, "backend": "torch"},
+                        {"name": "tiny+compact", "group_size": 8, "local_blocks": 2, "backend": "torch", "decoding": "compact"}],
         "tasks": {
             "passkey": {"depths": [0.5], "samples_per_depth": 1, "max_new_tokens": 6},
             "copy": {"samples": 1, "passage_tokens": 16, "lead_tokens": 4},
@@ -205,11 +211,12 @@ def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
     for name in ("results.json", "report.md", "passkey_accuracy.png", "copy_accuracy.png", "perplexity.png", "latency.png", "memory.png"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert list(results["configs"]) == [DENSE, "paper", "tiny"]
+    assert list(results["configs"]) == [DENSE, "paper", "tiny", "tiny+compact"]
     assert results["configs"]["tiny"]["settings"]["group_size"] == 8
+    assert results["configs"]["tiny+compact"]["settings"]["decoding"] == "compact"
     assert results["settings"]["seed"] == 3 and results["settings"]["versions"]["torch"] == torch.__version__
     for task, metric in [("passkey", "accuracy"), ("copy", "accuracy"), ("perplexity", "perplexity"), ("speed", "ttft_ms")]:
-        for config in (DENSE, "paper", "tiny"):
+        for config in (DENSE, "paper", "tiny", "tiny+compact"):
             for length in ("128", "256"):
                 cell = results["tasks"][task]["results"][config][length]
                 assert "error" not in cell, cell.get("error")
@@ -217,6 +224,9 @@ def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
     # identical samples for every configuration: the same pass keys were asked
     keys = {c: [d["key"] for d in results["tasks"]["passkey"]["results"][c]["128"]["details"]] for c in (DENSE, "tiny")}
     assert keys[DENSE] == keys["tiny"]
+    # decoding through a compact DGACache holds less KV than the dense DynamicCache (both caches reported)
+    kv = {c: results["tasks"]["speed"]["results"][c]["256"]["metrics"]["kv_cache_mb"] for c in (DENSE, "tiny", "tiny+compact")}
+    assert kv["tiny"] == kv[DENSE] and kv["tiny+compact"] < 0.8 * kv[DENSE], kv
     report = (out / "report.md").read_text()
     assert "## passkey" in report and "tiny − dense" in report and "paper ÷ dense" in report
 
@@ -295,10 +305,10 @@ def test_ruler_runs_offline_on_identical_samples_and_records_failures(tmp_path, 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
 
     model, tokenizer = tiny_model
-    configs = {DENSE: None, "paper": dga_hf.DGAConfig.preset("paper")}
+    configs = {DENSE: Setting(), "paper": Setting(dga_hf.DGAConfig.preset("paper"))}
     spec = {"tasks": ["tiny_ruler", "needs_download"], "limit": 2}
     results = ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, [64], 0, tmp_path)
-    harness.apply_config(model, None)
+    harness.apply_config(model, Setting())
     for config in configs:
         cell = results[config]["64"]
         assert 0.0 <= cell["metrics"]["tiny_ruler"] <= 1.0

@@ -25,26 +25,20 @@ import torch
 from transformers import DynamicCache
 
 from ..config import DGAConfig, resolve_config
-from ..decoding import DGACache
-
-
-def cache_bytes(cache) -> int:
-    if isinstance(cache, DGACache):
-        return cache.kv_bytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+from ..decoding import DGACache, cache_keyword, cache_nbytes
 
 
 @torch.no_grad()
 def decode(model, prompt: list[int], new_tokens: int, cache) -> dict:
     ids = torch.tensor([prompt], device=model.device)
     began = time.perf_counter()
-    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}, logits_to_keep=1)
     prefill = time.perf_counter() - began
     token = int(out.logits[0, -1].argmax())
     tokens, wall, cpu = [token], [], []
     for _ in range(new_tokens - 1):
         began, began_cpu = time.perf_counter(), time.process_time()
-        out = model(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
         token = int(out.logits[0, -1].argmax())
         wall.append(time.perf_counter() - began)
         cpu.append(time.process_time() - began_cpu)
@@ -55,7 +49,7 @@ def decode(model, prompt: list[int], new_tokens: int, cache) -> dict:
         "itl_median_ms": 1000 * statistics.median(wall),
         "itl_cpu_ms": 1000 * statistics.mean(cpu),
         "itl_cpu_median_ms": 1000 * statistics.median(cpu),
-        "kv_bytes": cache_bytes(cache),
+        "kv_bytes": cache_nbytes(cache),
         "tokens": tokens,
     }
 
@@ -70,12 +64,12 @@ def copy_by_decoding(model, ids: list[int], passage_tokens: int, cache) -> float
     the passage's next tokens is predicted by one decoding step (fed the true previous token)."""
     prompt = ids[: len(ids) - passage_tokens + 1]
     targets = ids[len(prompt) :]
-    out = model(input_ids=torch.tensor([prompt], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True, **{cache_keyword(model): cache}, logits_to_keep=1)
     hits = 0
     for index, target in enumerate(targets):
         hits += int(out.logits[0, -1].argmax()) == target
         if index + 1 < len(targets):
-            out = model(input_ids=torch.tensor([[target]], device=model.device), cache=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[target]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
     return hits / len(targets)
 
 
