@@ -5,6 +5,11 @@ Only an attention that still reaches the first copy can predict the second (the 
 neither the filler between them nor the passage's own start gives them away). The first token of the
 second copy has no cue and is not scored: position t of the second copy is predicted from the logits
 at t - 1, for t = 1 .. passage_tokens - 1.
+
+`"through": "prefill"` (default) scores all of them in one forward pass (the prefill's attention);
+`"through": "decoding"` prefills up to the second copy's first token and predicts each later token with
+one cached decoding step fed the true previous token, so the decoding cache's attention is what is scored
+(a DGACache when the configuration decodes with one).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dga_hf.decoding import cache_for, cache_keyword
+
 from .corpus import pydoc_text
+from .generation import cache_argument
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,29 @@ def second_copy_accuracy(model, sample: CopySample) -> float:
     return token_accuracy(logits.argmax(-1).cpu(), torch.tensor(sample.passage[1:]))
 
 
+@torch.no_grad()
+def second_copy_accuracy_by_decoding(model, sample: CopySample, cache=None) -> float:
+    """The same score, each token from one decoding step over `cache` (default: `dga_hf.decoding.cache_for`,
+    i.e. a DGACache when DGA decoding is enabled on the model, else the model's DynamicCache)."""
+    p = len(sample.passage)
+    cache = cache_for(model) if cache is None else cache
+    prompt = torch.tensor([sample.ids[: len(sample.ids) - p + 1]], device=model.device)
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **({} if cache is None else {cache_keyword(model): cache}))
+    predicted = [int(out.logits[0, -1].argmax())]
+    for token in sample.passage[1:-1]:
+        out = model(input_ids=torch.tensor([[token]], device=model.device), use_cache=True, **cache_argument(out))
+        predicted.append(int(out.logits[0, -1].argmax()))
+    return token_accuracy(torch.tensor(predicted), torch.tensor(sample.passage[1:]))
+
+
 def run(model, tokenizer, samples: list[CopySample], spec: dict, progress=None) -> tuple[dict, list[dict]]:
+    through = spec.get("through", "prefill")
+    if through not in ("prefill", "decoding"):
+        raise ValueError(f"copy task: through={through!r} is invalid: allowed values are 'prefill', 'decoding'")
+    score = second_copy_accuracy if through == "prefill" else second_copy_accuracy_by_decoding
     details = []
     for sample in samples:
-        details.append({"accuracy": second_copy_accuracy(model, sample)})
+        details.append({"accuracy": score(model, sample)})
         if progress is not None:
             progress.update(1)
     return {"accuracy": sum(d["accuracy"] for d in details) / len(details)}, details

@@ -101,6 +101,29 @@ def test_copy_samples_repeat_the_passage_at_the_end(tokenizer, corpus):
     assert samples[0].passage != samples[1].passage
 
 
+def test_copy_through_decoding_steps_scores_the_decoding_cache(tiny_model, tokenizer, corpus, monkeypatch):
+    """Dense decoding steps give the one-pass prefill's score; with DGA decoding enabled every token after
+    the prompt goes through the model's DGACache."""
+    model, _ = tiny_model
+    sample = copying.make_samples(tokenizer, corpus, 200, {"samples": 1, "passage_tokens": 24, "lead_tokens": 4},
+                                  random.Random(2))[0]
+    assert copying.second_copy_accuracy_by_decoding(model, sample) == copying.second_copy_accuracy(model, sample)
+    caches = []
+    monkeypatch.setattr(copying, "cache_for", lambda m: caches.append(dga_hf.decoding.cache_for(m)) or caches[-1])
+    dga_hf.patch(model, dga_hf.DGAConfig(group_size=8, focal_ratio=0.05, local_blocks=1, min_seq_len=0, backend="torch"))
+    dga_hf.enable_decoding(model, mode="compact")
+    try:
+        accuracy = copying.run(model, tokenizer, [sample], {"through": "decoding"})[0]["accuracy"]
+    finally:
+        dga_hf.disable_decoding(model)
+        dga_hf.unpatch(model)
+    assert 0.0 <= accuracy <= 1.0
+    assert len(caches) == 1 and isinstance(caches[0], dga_hf.DGACache)
+    assert caches[0].get_seq_length() == len(sample.ids) - 1  # the prompt, then one step per scored token
+    with pytest.raises(ValueError, match="through='decode' is invalid"):
+        copying.run(model, tokenizer, [sample], {"through": "decode"})
+
+
 # ---------------------------------------------------------------- metrics
 
 

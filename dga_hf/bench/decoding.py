@@ -58,21 +58,6 @@ def _make_cache(model, name: str):
     return DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name)
 
 
-@torch.no_grad()
-def copy_by_decoding(model, ids: list[int], passage_tokens: int, cache) -> float:
-    """Teacher-forced copy through the cache: the prompt ends with the second copy's first token; each of
-    the passage's next tokens is predicted by one decoding step (fed the true previous token)."""
-    prompt = ids[: len(ids) - passage_tokens + 1]
-    targets = ids[len(prompt) :]
-    out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True, **{cache_keyword(model): cache}, logits_to_keep=1)
-    hits = 0
-    for index, target in enumerate(targets):
-        hits += int(out.logits[0, -1].argmax()) == target
-        if index + 1 < len(targets):
-            out = model(input_ids=torch.tensor([[target]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
-    return hits / len(targets)
-
-
 def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
             copies: int = 3, passage_tokens: int = 64) -> dict:
     """Passkey exact match (the harness's samples and scoring, 8 greedy tokens) and teacher-forced copy
@@ -96,7 +81,7 @@ def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, dep
         print("passkey", sample.depth, {n: result[n]["passkey"][-1]["answer"] for n in caches}, flush=True)
     for sample in texts:
         for name in caches:
-            result[name]["copy"].append(copy_by_decoding(model, sample.ids, passage_tokens, _make_cache(model, name)))
+            result[name]["copy"].append(copying.second_copy_accuracy_by_decoding(model, sample, _make_cache(model, name)))
         print("copy", {n: round(result[n]["copy"][-1], 3) for n in caches}, flush=True)
     summary = {
         name: {"passkey_accuracy": sum(d["match"] for d in r["passkey"]) / len(r["passkey"]),
