@@ -2,7 +2,9 @@
 # GPU check, run from the repository root on the GPU machine (no network; torch/triton/transformers there):
 #   1. editable install of dga_hf (no deps, no build isolation);
 #   2. the GPU test subset with compiled Triton kernels (TRITON_INTERPRET unset, CUDA used);
-#   3. the attention benchmark, results in $OUT/bench.
+#   3. the attention benchmark, results in $OUT/bench;
+#   4. its training table (forward + backward at 16K and 32K), added to the same report, in a process of
+#      its own (a fault in the backward kernels cannot take the prefill numbers with it).
 # Logs are tee'd to $OUT (default runs/gpu_check). Every step runs even if an earlier one failed; the exit
 # status is non-zero when any step failed. Budget: about 9 minutes (each step has its own timeout).
 set -uo pipefail
@@ -31,15 +33,19 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/env.log"
 
-step pip_install 60 python -m pip install --no-deps --no-build-isolation -e .
+# limits add up to 535 s (+ a few seconds of probes): the whole script fits one 10-minute call
+step pip_install 40 python -m pip install --no-deps --no-build-isolation -e .
 
 tests=(tests/test_triton_backend.py)
+[ -f tests/test_triton_backward.py ] && tests+=(tests/test_triton_backward.py)
 [ -f tests/test_ops.py ] && tests+=(tests/test_ops.py)
-step pytest 220 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
+step pytest 200 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
 
-step model_smoke 60 python scripts/gpu_model_smoke.py
+step model_smoke 45 python scripts/gpu_model_smoke.py
 
-step bench 200 python -m dga_hf.bench.attention --out "$OUT/bench"
+step bench 160 python -m dga_hf.bench.attention --out "$OUT/bench"
+
+step bench_train 90 python -m dga_hf.bench.attention --train-only --repeats 3 --out "$OUT/bench"
 
 echo "=== total $(( $(date +%s) - t0 ))s, status=$status" | tee -a "$OUT/summary.log"
 exit "$status"

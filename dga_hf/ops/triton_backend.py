@@ -24,16 +24,20 @@ Design (one program per tile of queries and one kv head, grid ``(tiles, B * H * 
   run without masks; only the tail chunks and the local window build masks, always from positions.
 * Tiles are launched last-first (the heaviest, causal) so the tail of the grid is short.
 * Padded query rows (position ``>= length``) and rows that see nothing store 0, never NaN.
+* `attend_forward` also stores each row's natural-log logsumexp (``-inf`` for those rows), which the
+  backward kernels (`triton_backward.attend_backward`, re-exported here) recompute the softmax from.
 
-float64 is not supported by the kernel (no fp64 tensor-core path worth having); `attend` falls back,
-explicitly and documented here, to `torch_backend.attend` for float64 inputs, which computes the same
-function. On CPU tensors the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1`` in the
-environment before triton is first imported); that is how the test-suite checks it without a GPU.
+float64 is not supported by the kernels (no fp64 tensor-core path worth having); `attend`,
+`attend_forward` and `attend_backward` fall back, explicitly and documented here, to the same functions
+of `torch_backend` for float64 inputs, which compute the same function. On CPU tensors the kernels run
+only under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before triton is first
+imported); that is how the test-suite checks them without a GPU.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -133,7 +137,7 @@ def _load_rows(ptrs, row_mask, col_mask, EVEN_COLS: tl.constexpr, MASK_ROWS: tl.
 # addresses they scale are aligned by the constexpr head dims anyway)
 @triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES"])
 def _dga_attend_kernel(
-    Q, K, V, O,
+    Q, K, V, O, LSE,
     FK, FV, FP, AK, AV, AB, LENS, FCNT,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -257,13 +261,18 @@ def _dga_attend_kernel(
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
-    # ---- normalise; padded rows and rows that saw nothing store 0
+    # ---- normalise; padded rows and rows that saw nothing store 0 (and lse -inf)
     ok = row_real & (l_i > 0.0)
-    out = acc / tl.where(ok, l_i, 1.0)[:, None]
+    l_safe = tl.where(ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
     out = tl.where(ok[:, None], out, 0.0)
     o_ptrs = (O + b64 * stride_ob + h64 * stride_oh
               + (g.to(tl.int64) * stride_og + qpos.to(tl.int64) * stride_ol)[:, None] + offs_dv[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(qpos < L)[:, None] & mask_dv[None, :])
+    # natural-log logsumexp of the row's visible logits, [B, H, G, L] contiguous (for the backward)
+    lse = tl.where(ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse_ptrs = LSE + (bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g.to(tl.int64)) * L + qpos
+    tl.store(lse_ptrs, lse, mask=qpos < L)
 
 
 # Whether this module's kernel runs in Triton's interpreter (decided when triton / this module was imported).
@@ -317,6 +326,147 @@ def focal_tile_counts(
     return counts.view(batch, heads, tiles, 2).to(torch.int32)
 
 
+@dataclass
+class KernelInputs:
+    """What the forward and the dq kernels read besides q/k/v: the layout cast to the kernels' dtypes."""
+
+    cfg: dict
+    tiles: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    focal_pos: torch.Tensor  # [B, H, F'] int32 (F' = max(F, 1): one unused slot when there is no focal slot)
+    focal_key: torch.Tensor  # [B, H, F', d] query dtype, contiguous
+    focal_value: torch.Tensor
+    agg_key: torch.Tensor  # [B, H, nb, d] query dtype, contiguous
+    agg_value: torch.Tensor
+    agg_bias: torch.Tensor  # [B, H, nb] fp32, log2 units
+    lengths: torch.Tensor  # [B] int32
+    counts: torch.Tensor  # focal_tile_counts for cfg["BLOCK_M"]
+
+    @property
+    def constants(self) -> dict:
+        """Compile-time arguments shared by the forward and the dq kernel."""
+        cfg = self.cfg
+        dtype = self.query.dtype
+        return dict(
+            HEAD_DIM=self.query.shape[-1], VALUE_DIM=self.value.shape[-1],
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_DV=cfg["BLOCK_DV"],
+            HEADS_PER_PROG=cfg["HEADS_PER_PROG"], HEAD_CHUNKS=cfg["HEAD_CHUNKS"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    return KERNEL_INTERPRETED and dtype != torch.float32
+
+
+def is_float64(*tensors: torch.Tensor) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def check_supported(query: torch.Tensor, name: str) -> None:
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"triton_backend.{name} supports float32/bfloat16/float16, got {query.dtype}")
+    if query.device.type != "cuda" and not KERNEL_INTERPRETED:
+        raise RuntimeError(
+            f"triton_backend.{name} needs CUDA tensors (got {query.device}); CPU tensors run only under "
+            "Triton's interpreter (TRITON_INTERPRET=1 in the environment before triton is first imported)"
+        )
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def prepare(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig,
+            cfg: dict) -> KernelInputs:
+    """Cast key/value and the layout to the query dtype (bias to log2 units), count focal slots per tile."""
+    batch, heads, _, seq_len, head_dim = query.shape
+    value_dim = value.shape[-1]
+    dtype = query.dtype
+    focal_pos = layout.focal_pos
+    focal_key, focal_value = layout.focal_key, layout.focal_value
+    if focal_pos.shape[-1] == 0:  # no focal slot at all (every row empty): one unused slot keeps pointers valid
+        focal_pos = torch.full((batch, heads, 1), seq_len, dtype=focal_pos.dtype, device=focal_pos.device)
+        focal_key = focal_key.new_zeros(batch, heads, 1, head_dim)
+        focal_value = focal_value.new_zeros(batch, heads, 1, value_dim)
+    return KernelInputs(
+        cfg=cfg,
+        tiles=triton.cdiv(seq_len, cfg["BLOCK_M"]),
+        query=last_dim_contiguous(query),
+        key=last_dim_contiguous(key.to(dtype)),
+        value=last_dim_contiguous(value.to(dtype)),
+        focal_pos=focal_pos.to(torch.int32).contiguous(),
+        focal_key=focal_key.to(dtype).contiguous(),
+        focal_value=focal_value.to(dtype).contiguous(),
+        agg_key=layout.agg_key.to(dtype).contiguous(),
+        agg_value=layout.agg_value.to(dtype).contiguous(),
+        agg_bias=(layout.agg_bias.float() * LOG2E).contiguous(),
+        lengths=layout.lengths.to(device=query.device, dtype=torch.int32),
+        counts=focal_tile_counts(focal_pos, layout.lengths, config, seq_len, cfg["BLOCK_M"]),
+    )
+
+
+def attend_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: DGALayout,
+    config: DGAConfig,
+    scale: float,
+    *,
+    block_rows: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [B, H, G, L, d], key/value [B, H, L, d] (compacted, right-padded rows of ``layout.lengths``)
+    -> (out [B, H, G, L, dv] in the dtype of ``query``, lse [B, H, G, L] float32).
+
+    ``lse`` is the natural-log logsumexp of each row's visible logits (``scale * q.k``, plus ``agg_bias``
+    for aggregates); -inf for padded rows and rows that see nothing (their ``out`` is 0). It is what
+    `attend_backward` needs besides ``out``.
+
+    q/k/v may be fp32, bf16 or fp16 (the layout's tensors are cast to the query dtype; softmax and
+    accumulation are fp32). float64 falls back to `torch_backend.attend_forward` (same function).
+    ``block_rows`` / ``block_n`` override the tile sizes (powers of two >= 16), for tests and tuning.
+    """
+    if is_float64(query, key, value):
+        # Documented fallback: the Triton kernel has no fp64 path; the PyTorch backend computes the same
+        # function in float64.
+        return torch_backend.attend_forward(query, key, value, layout, config, scale)
+    check_supported(query, "attend_forward")
+    batch, heads, group, seq_len, head_dim = query.shape
+    value_dim = value.shape[-1]
+    dtype = query.dtype
+    out = torch.empty(batch, heads, group, seq_len, value_dim, dtype=dtype, device=query.device)
+    lse = torch.empty(batch, heads, group, seq_len, dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+
+    cfg = plan(group, dtype, head_dim, value_dim, block_rows=block_rows, block_n=block_n)
+    x = prepare(query, key, value, layout, config, cfg)
+    query, key, value = x.query, x.key, x.value
+    grid = (x.tiles, batch * heads * cfg["HEAD_CHUNKS"])
+    _dga_attend_kernel[grid](
+        query, key, value, out, lse,
+        x.focal_key, x.focal_value, x.focal_pos, x.agg_key, x.agg_value, x.agg_bias, x.lengths, x.counts,
+        query.stride(0), query.stride(1), query.stride(2), query.stride(3),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, float(scale) * LOG2E,
+        GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
+        **x.constants,
+    )
+    return out, lse
+
+
 def attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -328,75 +478,13 @@ def attend(
     block_rows: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """query [B, H, G, L, d], key/value [B, H, L, d] (compacted, right-padded rows of ``layout.lengths``)
-    -> [B, H, G, L, dv] in the dtype of ``query``.
-
-    q/k/v may be fp32, bf16 or fp16 (the layout's tensors are cast to the query dtype; softmax and
-    accumulation are fp32). float64 falls back to `torch_backend.attend` (same function). ``block_rows``
-    / ``block_n`` override the tile sizes (powers of two >= 16), for tests and tuning.
-    """
-    if query.dtype == torch.float64 or key.dtype == torch.float64 or value.dtype == torch.float64:
-        # Documented fallback: the Triton kernel has no fp64 path; the PyTorch backend computes the same
-        # function in float64.
+    """The output of `attend_forward` alone: [B, H, G, L, dv] in the dtype of ``query``."""
+    if is_float64(query, key, value):  # documented fallback, see attend_forward
         return torch_backend.attend(query, key, value, layout, config, scale)
-    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"triton_backend.attend supports float32/bfloat16/float16, got {query.dtype}")
-    if query.device.type != "cuda" and not KERNEL_INTERPRETED:
-        raise RuntimeError(
-            f"triton_backend.attend needs CUDA tensors (got {query.device}); CPU tensors run only under "
-            "Triton's interpreter (TRITON_INTERPRET=1 in the environment before triton is first imported)"
-        )
-    batch, heads, group, seq_len, head_dim = query.shape
-    value_dim = value.shape[-1]
-    dtype = query.dtype
-    out = torch.empty(batch, heads, group, seq_len, value_dim, dtype=dtype, device=query.device)
-    if out.numel() == 0:
-        return out
-    key, value = key.to(dtype), value.to(dtype)
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
-
-    cfg = plan(group, dtype, head_dim, value_dim, block_rows=block_rows, block_n=block_n)
-    block_m = cfg["BLOCK_M"]
-    tiles = triton.cdiv(seq_len, block_m)
-    focal_pos = layout.focal_pos
-    focal_key, focal_value = layout.focal_key, layout.focal_value
-    if focal_pos.shape[-1] == 0:  # no focal slot at all (every row empty): one unused slot keeps pointers valid
-        focal_pos = torch.full((batch, heads, 1), seq_len, dtype=focal_pos.dtype, device=focal_pos.device)
-        focal_key = focal_key.new_zeros(batch, heads, 1, head_dim)
-        focal_value = focal_value.new_zeros(batch, heads, 1, value_dim)
-    counts = focal_tile_counts(focal_pos, layout.lengths, config, seq_len, block_m)
-    focal_key = focal_key.to(dtype).contiguous()
-    focal_value = focal_value.to(dtype).contiguous()
-    agg_key = layout.agg_key.to(dtype).contiguous()
-    agg_value = layout.agg_value.to(dtype).contiguous()
-    agg_bias = (layout.agg_bias.float() * LOG2E).contiguous()
-    lengths = layout.lengths.to(device=query.device, dtype=torch.int32)
-    num_focal, num_blocks = focal_key.shape[2], agg_key.shape[2]
-
-    grid = (tiles, batch * heads * cfg["HEAD_CHUNKS"])
-    _dga_attend_kernel[grid](
-        query, key, value, out,
-        focal_key, focal_value, focal_pos.to(torch.int32).contiguous(), agg_key, agg_value, agg_bias, lengths, counts,
-        query.stride(0), query.stride(1), query.stride(2), query.stride(3),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        heads, seq_len, num_focal, num_blocks, tiles, float(scale) * LOG2E,
-        HEAD_DIM=head_dim, VALUE_DIM=value_dim,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_DV=cfg["BLOCK_DV"],
-        GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
-        HEADS_PER_PROG=cfg["HEADS_PER_PROG"], HEAD_CHUNKS=cfg["HEAD_CHUNKS"],
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32",
-        UPCAST=KERNEL_INTERPRETED and dtype != torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+    return attend_forward(query, key, value, layout, config, scale, block_rows=block_rows, block_n=block_n)[0]
 
 
-__all__ = ["attend", "plan", "focal_tile_counts", "FP32_DOT_PRECISION"]
+# The backward kernels live in their own module; it reuses this module's helpers (defined above).
+from .triton_backward import attend_backward  # noqa: E402
+
+__all__ = ["attend", "attend_forward", "attend_backward", "plan", "focal_tile_counts", "FP32_DOT_PRECISION"]
