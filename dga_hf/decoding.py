@@ -58,6 +58,24 @@ GROWTH = 1.25  # buffers grow geometrically (x1.25 + a fixed step), never by one
 GROWTH_STEP = 64
 QUERY_TILE = 256  # queries per tile in a chunked-prefill step
 PREFILL_SPARE = 256  # decoded tokens the buffers sized at prefill can take before growing
+# keep_full decoding steps read the raw tokens of this many old blocks (those whose keys could score highest)
+# instead of their aggregates; measured on SmolLM2-135M (docs/decoding.md): 16 blocks lost 22 points of
+# long-range copy at 4K, 32 blocks 7, 64 blocks none.
+DEFAULT_EXPAND_BLOCKS = 64
+
+
+def expand_blocks_for(mode: str, expand_blocks: int | str) -> int:
+    """The number of old blocks a decoding step expands: "auto" = DEFAULT_EXPAND_BLOCKS in keep_full, 0 in
+    compact (which no longer holds the raw tokens of old blocks)."""
+    if expand_blocks == "auto":
+        return DEFAULT_EXPAND_BLOCKS if mode == "keep_full" else 0
+    if isinstance(expand_blocks, bool) or not isinstance(expand_blocks, int) or expand_blocks < 0:
+        raise ValueError(f"expand_blocks={expand_blocks!r} is invalid: 'auto' or an integer >= 0")
+    if expand_blocks and mode != "keep_full":
+        raise ValueError(
+            f"expand_blocks={expand_blocks} needs mode='keep_full': mode={mode!r} drops the raw tokens of old blocks"
+        )
+    return expand_blocks
 
 
 def refresh_interval(group_size: int) -> int:
@@ -131,21 +149,28 @@ class DGADecodeState:
         [B, H, n, d] (the window's blocks, slot = block % n) plus focal_logit [B, H, Fcap] = s * q_bar of the
         token's block . its key (NaN until the block is complete): all a fold into an old block needs
       arch_k/v [B, H, Tcap, d] (keep_full only)
+      blk_min/blk_max [B, H, NBcap, d] (keep_full with expand_blocks): elementwise min / max of each complete
+        block's keys, for the upper bound of a block's best logit
     Host bookkeeping: lengths (real tokens per row), dense_rows, seen (absolute cache length).
     """
 
     _BATCHED = (
         "focal_k", "focal_v", "focal_pos", "focal_cnt", "ring_k", "ring_v", "ring_pos", "ring_focal",
         "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt", "qbar", "focal_logit", "arch_k", "arch_v",
+        "blk_min", "blk_max",
     )
 
-    def __init__(self, mode: str = "keep_full", refresh_every: int | str | None = "auto", shared: dict | None = None):
+    def __init__(
+        self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
+        shared: dict | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"DGACache mode={mode!r} is invalid: allowed values are {MODES}")
         if not (refresh_every in ("auto", None) or (isinstance(refresh_every, int) and refresh_every >= 0)):
             raise ValueError(f"refresh_every={refresh_every!r} is invalid: 'auto', None/0 (never) or an integer >= 1")
         self.mode = mode
         self.refresh_every = refresh_every
+        self.expand_blocks = expand_blocks_for(mode, expand_blocks)
         self.shared = {} if shared is None else shared
         self.seen = 0
         self.pending = 0
@@ -226,6 +251,7 @@ class DGADecodeState:
         every = refresh_interval(self.m) if self.refresh_every == "auto" else (self.refresh_every or 0)
         self.every = 0 if dense else every
         self.keep_archive = self.mode == "keep_full" and not dense
+        self.expand = self.expand_blocks if self.keep_archive else 0
         # compact: q_bar only for the window's blocks, and each focal token's logit for folds
         self.track_logits = not self.keep_archive and bool(self.every)
         self.since_refresh = 0
@@ -330,6 +356,9 @@ class DGADecodeState:
         self.agg_lse = _grow(lse, 2, capacity, -math.inf, exact=True)
         self.agg_cnt = _grow(cnt, 2, capacity, exact=True)
         self.agg_bias = self._bias(self.agg_lse, self.agg_cnt)
+        if self.expand:
+            self.blk_min = _grow(blocked(k).amin(3), 2, capacity, exact=True)
+            self.blk_max = _grow(blocked(k).amax(3), 2, capacity, exact=True)
 
         if self.keep_archive:  # room for PREFILL_SPARE decoded tokens before the first growth
             self.arch_k = _grow(k, 2, seq_len + PREFILL_SPARE, exact=True)
@@ -366,7 +395,9 @@ class DGADecodeState:
         m = self.m
         blocks = -(-top // m) + 1
         names = (("agg_k", 0), ("agg_v", 0), ("agg_cnt", 0), ("agg_lse", -math.inf), ("agg_bias", -math.inf))
-        for name, fill in names + ((("qbar", 0),) if self.keep_archive else ()):
+        names += (("qbar", 0),) if self.keep_archive else ()
+        names += (("blk_min", 0), ("blk_max", 0)) if self.expand else ()
+        for name, fill in names:
             setattr(self, name, _grow(getattr(self, name), 2, blocks, fill))
         if self.keep_archive:
             need = max(top, max(self.lengths) + q_len)
@@ -505,6 +536,9 @@ class DGADecodeState:
         agg_k, agg_v, lse, cnt = _aggregate(qbar[:, :, None], keys[:, :, None], values[:, :, None], members[:, :, None], scale)
         if self.keep_archive:
             self.qbar[rows, :, blocks] = qbar
+            if self.expand:
+                self.blk_min[rows, :, blocks] = keys.amin(2).to(self.blk_min.dtype)
+                self.blk_max[rows, :, blocks] = keys.amax(2).to(self.blk_max.dtype)
         else:  # ring of the window's blocks: of several blocks sharing a slot only the latest is kept
             last = {b: (old[b] + counts[b]) // m - 1 for b, _ in pairs}
             keep = [i for i, (b, c) in enumerate(pairs) if c > last[b] - self.n]
@@ -569,8 +603,13 @@ class DGADecodeState:
                 values.append(focal_v)
             if old_blocks:
                 hidden = agg_blocks >= first_block[:, None, None, lo:hi, None]
-                logits.append((scores(agg_k) + agg_bias).masked_fill_(hidden, -math.inf))
+                agg_logits = (scores(agg_k) + agg_bias).masked_fill_(hidden, -math.inf)
+                logits.append(agg_logits)
                 values.append(agg_v)
+                if self.expand and q_len == 1:
+                    raw_logits, raw_values = self._expanded_blocks(q_tile, agg_logits, old_blocks, focal_slots)
+                    logits.append(raw_logits.view(batch, heads, group, 1, -1))
+                    values.append(raw_values)
             rp = raw_pos[:, None, None, None, :]
             hidden = rp < start
             if q_len > 1:  # a one-token step's ring holds nothing past its query
@@ -588,6 +627,37 @@ class DGADecodeState:
             outputs.append(out.view(batch, heads, group, hi - lo, -1))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return out.to(self.cd)
+
+    def _expanded_blocks(self, q_tile, agg_logits, old_blocks: int, focal_slots: int):
+        """One-token keep_full step: the old blocks whose best key could score highest for this query are read
+        raw. Per kv head, the bound max_g sum_d max(q_d * min_d, q_d * max_d) of each visible non-empty old
+        block (``agg_logits`` -inf marks the others) ranks them (stable: ties to the earlier block); the top
+        ``expand`` lose their aggregate logit (set to -inf in place) and their members (non-focal tokens)
+        come back as raw keys. q_tile [B, H, G, d] (scaled). Returns logits [B, H, G*1, E*m], values."""
+        m = self.m
+        batch, heads = q_tile.shape[:2]
+        lo_keys, hi_keys = self.blk_min[:, :, :old_blocks].to(self.cd), self.blk_max[:, :, :old_blocks].to(self.cd)
+        q = q_tile.to(self.cd)[:, :, :, None, :]  # [B, H, G, 1, d]
+        bound = torch.maximum(q * lo_keys[:, :, None], q * hi_keys[:, :, None]).sum(-1).amax(2)  # [B, H, nb]
+        visible = torch.isfinite(agg_logits[:, :, 0, 0])  # [B, H, nb]: old for this row and non-empty
+        bound = bound.masked_fill(~visible, -math.inf)
+        count = min(self.expand, old_blocks)
+        chosen = torch.sort(bound, dim=-1, descending=True, stable=True).indices[..., :count]  # [B, H, E]
+        usable = visible.gather(2, chosen)
+        agg_logits.masked_fill_(
+            torch.zeros_like(visible).scatter_(2, chosen, usable)[:, :, None, None, :], -math.inf
+        )
+        pos = (chosen[..., None] * m + torch.arange(m, device=chosen.device)).flatten(2)  # [B, H, E*m]
+        if focal_slots:
+            focal_pos = self.focal_pos[:, :, :focal_slots].contiguous()
+            at = torch.searchsorted(focal_pos, pos).clamp(max=focal_slots - 1)
+            member = focal_pos.gather(2, at) != pos
+        else:
+            member = torch.ones_like(pos, dtype=torch.bool)
+        member &= usable.repeat_interleave(m, dim=2)
+        keys, values = _gather_rows(self.arch_k, pos), _gather_rows(self.arch_v, pos)
+        logits = (q_tile @ keys.transpose(-1, -2)).to(self.cd)  # [B, H, G, E*m]
+        return logits.masked_fill_(~member[:, :, None, :], -math.inf), values
 
     # ------------------------------------------------------------------------------------------ refresh
 
@@ -815,13 +885,16 @@ class DGALayer(_LayerBase):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, mode: str = "keep_full", refresh_every: int | str | None = "auto", shared: dict | None = None):
+    def __init__(
+        self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
+        shared: dict | None = None,
+    ):
         if _LayerBase is not object:
             super().__init__()
         self.keys = self.values = None
         self.is_initialized = False
-        self._options = (mode, refresh_every, shared)
-        self.state = DGADecodeState(mode, refresh_every, shared)
+        self._options = (mode, refresh_every, expand_blocks, shared)
+        self.state = DGADecodeState(*self._options)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -891,19 +964,26 @@ class DGACache(DynamicCache):
             dropped once aggregated; refreshes re-rank the held tokens only).
         refresh_every: re-select the focal set every this many tokens; "auto" = ceil(1.1 * group_size),
             None or 0 = never (the prefill's selection is kept; aggregates still follow new blocks).
+        expand_blocks: keep_full only: each decoding step reads the raw tokens of this many old blocks (those
+            whose keys could score highest for the step's query) instead of their aggregates; "auto" = 64 in
+            keep_full, 0 in compact; 0 = never.
     """
 
-    def __init__(self, model_or_config: Any = None, *, mode: str = "keep_full", refresh_every: int | str | None = "auto"):
-        DGADecodeState(mode, refresh_every)  # validates the options
+    def __init__(
+        self, model_or_config: Any = None, *, mode: str = "keep_full", refresh_every: int | str | None = "auto",
+        expand_blocks: int | str = "auto",
+    ):
+        DGADecodeState(mode, refresh_every, expand_blocks)  # validates the options
         self.mode = mode
         self.refresh_every = refresh_every
+        self.expand_blocks = expand_blocks
         self._shared: dict = {}
         config = getattr(model_or_config, "config", model_or_config)
         layers = None
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             layers = getattr(text, "num_hidden_layers", None)
-        self._factory = functools.partial(DGALayer, mode, refresh_every, self._shared)
+        self._factory = functools.partial(DGALayer, mode, refresh_every, expand_blocks, self._shared)
         if _LayerBase is object:  # pragma: no cover - transformers 4.53
             DynamicCache.__init__(self)
             self.layers = [self._factory() for _ in range(layers or 0)]
@@ -971,7 +1051,10 @@ class DGACache(DynamicCache):
             yield layer.keys, layer.values, None
 
     def __repr__(self) -> str:
-        return f"DGACache(mode={self.mode!r}, refresh_every={self.refresh_every!r}, layers={len(self.layers)})"
+        return (
+            f"DGACache(mode={self.mode!r}, refresh_every={self.refresh_every!r}, "
+            f"expand_blocks={self.expand_blocks!r}, layers={len(self.layers)})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- generate()
@@ -980,17 +1063,18 @@ _HOOK = "_prepare_cache_for_generation"
 _OPTIONS = "_dga_decoding"
 
 
-def enable_decoding(model: Any, mode: str = "keep_full", refresh_every: int | str | None = "auto") -> Any:
-    """Make `model.generate()` decode with a `DGACache(model, mode=..., refresh_every=...)` whenever the model
-    is patched and generate would otherwise create a plain DynamicCache. `dga_hf.patch` calls this with the
-    defaults (unless decoding options are already set). A cache passed by the caller is always kept as is;
-    assisted generation (which needs a croppable cache) and static/quantized/offloaded caches are left alone.
+def enable_decoding(
+    model: Any, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto"
+) -> Any:
+    """Make `model.generate()` decode with a `DGACache(model, mode, refresh_every, expand_blocks)` whenever
+    the model is patched and generate would otherwise create a plain DynamicCache (opt-in: `dga_hf.patch`
+    alone keeps decoding dense). A cache passed by the caller is always kept as is; assisted generation (which needs a croppable cache) and static/quantized/offloaded caches are left alone.
 
     Transformers has no public hook for the cache class generate() creates (`cache_implementation` only
     accepts its own names), so this wraps the model instance's `_prepare_cache_for_generation`: the wrapper
     calls the original and then swaps the DynamicCache it created. Nothing changes at class level."""
-    DGADecodeState(mode, refresh_every)  # validates the options
-    model.__dict__[_OPTIONS] = {"mode": mode, "refresh_every": refresh_every}
+    DGADecodeState(mode, refresh_every, expand_blocks)  # validates the options
+    model.__dict__[_OPTIONS] = {"mode": mode, "refresh_every": refresh_every, "expand_blocks": expand_blocks}
     hook = model.__dict__.get(_HOOK)
     if not (isinstance(hook, types.MethodType) and hook.__func__ is _prepare_cache_hook):
         model.__dict__[_HOOK] = types.MethodType(_prepare_cache_hook, model)

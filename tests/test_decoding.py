@@ -56,13 +56,25 @@ def _importance(q, k, probes, candidates, s) -> dict:
     return imp
 
 
-def _attend(q, k, v, i, focal, members, cfg, s):
+def _block_bound(q, k, i, c, m, s) -> float:
+    """Upper bound of max_g max_{j in block c} s * Q[g, i] . K[j] from the block's elementwise key min/max."""
+    block = k[c * m : (c + 1) * m]
+    low, high = block.min(0).values, block.max(0).values
+    return float(torch.maximum(s * q[:, i] * low, s * q[:, i] * high).sum(-1).max())
+
+
+def _attend(q, k, v, i, focal, members, cfg, s, expand=0):
+    """Output of query i; `expand` > 0: the `expand` old non-empty blocks of highest bound (ties: earlier
+    block) enter as their raw members instead of their aggregate."""
     m, n = cfg.group_size, cfg.local_blocks
     beta = i // m
     raw = [j for j in range(i + 1) if (j in focal and j // m <= beta - n) or j // m > beta - n]
+    old = [c for c in sorted(members) if c <= beta - n and members[c]]
+    expanded = set(sorted(old, key=lambda c: (-_block_bound(q, k, i, c, m, s), c))[:expand])
+    raw += [j for c in sorted(expanded) for j in sorted(members[c])]
     logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]
-    for c in sorted(members):
-        if c <= beta - n and members[c]:
+    for c in old:
+        if c not in expanded:
             idx = sorted(members[c])
             w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
             logit = s * q[:, i] @ (w @ k[idx])
@@ -73,9 +85,10 @@ def _attend(q, k, v, i, focal, members, cfg, s):
     return torch.cat(logits, -1).softmax(-1) @ torch.cat(values, 0)
 
 
-def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=None, dense_layer=False):
+def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=None, dense_layer=False, expand=0):
     """The decode rule of docs/decoding.md for one row and one kv head, float64, written for clarity.
-    q [G, T, d], k/v [T, d]; `steps`: the token counts of the calls after the prefill (default: 1 each)."""
+    q [G, T, d], k/v [T, d]; `steps`: the token counts of the calls after the prefill (default: 1 each);
+    `expand`: keep_full's expanded blocks per one-token step."""
     q, k, v = q.double(), k.double(), v.double()
     m, n = cfg.group_size, cfg.local_blocks
     t = prompt_len
@@ -97,8 +110,9 @@ def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=Non
         for i in new:
             if (i + 1) % m == 0:
                 members[i // m] = set(range(i + 1 - m, i + 1)) - focal
+        step_expand = expand if size == 1 and mode == "keep_full" and not dense_layer else 0
         for i in new:
-            out[:, i] = _attend(q, k, v, i, focal, members, cfg, s)
+            out[:, i] = _attend(q, k, v, i, focal, members, cfg, s, step_expand)
         t += size
         since += size
         if not every or since < every or dense_layer:
@@ -143,9 +157,10 @@ def qkv(batch: int, length: int, seed: int):
     return q, k, v
 
 
-def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None):
-    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d]."""
-    cache = cache or DGACache(mode=mode, refresh_every=every)
+def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None, expand=0):
+    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d].
+    `expand`: keep_full's expand_blocks (0, the base rule, unless a test is about expansion)."""
+    cache = cache or DGACache(mode=mode, refresh_every=every, expand_blocks=expand)
     t, outs = 0, []
     for size in [prompt_len, *steps]:
         key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
@@ -155,14 +170,14 @@ def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=Fal
     return torch.cat(outs, dim=2), cache
 
 
-def reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False):
+def reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False, expand=0):
     fed = prompt_len + sum(steps)
     q, k, v = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed]
     out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
     for b in range(q.shape[0]):
         for h in range(H):
             out[b, h * G : (h + 1) * G] = naive_decode(
-                q[b, h * G : (h + 1) * G], k[b, h], v[b, h], cfg, SCALE, prompt_len, every, mode, steps, dense
+                q[b, h * G : (h + 1) * G], k[b, h], v[b, h], cfg, SCALE, prompt_len, every, mode, steps, dense, expand
             )
     return out
 
@@ -174,15 +189,30 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 3), ("compact", 0)])
 @pytest.mark.parametrize("every", [None, 9, 1])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_steps_match_the_transcription(mode, every, variant):
+def test_decode_steps_match_the_transcription(mode, expand, every, variant):
     cfg = VARIANTS[variant]
     q, k, v = qkv(1, 110, seed=1)
     steps = [1] * 40
-    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
-    torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, every), rtol=0, atol=1e-12)
+    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    expected = reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token():
+    """Guards the test above (expansion really happens), and its limit: expanding every old block reads
+    every non-focal old token raw (the focal ones are raw anyway), so a decode step is dense attention."""
+    q, k, v = qkv(1, 110, seed=1)
+    base, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9)
+    expanded, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9, expand=3)
+    assert (expanded[:, :, 70:] - base[:, :, 70:]).abs().max() > 1e-3
+    torch.testing.assert_close(expanded[:, :, :70], base[:, :, :70], rtol=0, atol=0)  # the prefill is not touched
+    from dga_hf.ops.dense import dense_attention
+
+    everything, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9, expand=100)
+    torch.testing.assert_close(everything[:, :, 70:], dense_attention(q, k, v, scale=SCALE)[:, :, 70:], rtol=0, atol=1e-12)
 
 
 def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
@@ -209,14 +239,16 @@ def test_refresh_schedule_and_default_interval():
     assert cache.layers[0].state.every == 9 and cache.layers[0].state.since_refresh == 20 - 18
 
 
-@pytest.mark.parametrize("mode", ["keep_full", "compact"])
+@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
 @pytest.mark.parametrize("every", [None, 9])
-def test_chunked_steps_match_the_transcription(mode, every):
+def test_chunked_steps_match_the_transcription(mode, expand, every):
+    """Chunks never expand blocks; the one-token steps between them do."""
     q, k, v = qkv(1, 140, seed=4)
     steps = [5, 30, 1, 1, 12, 1, 1]
-    out, _ = run_cache(q, k, v, CFG, 70, steps, mode, every)
+    out, _ = run_cache(q, k, v, CFG, 70, steps, mode, every, expand=expand)
     assert out.shape[2] == 70 + sum(steps)
-    torch.testing.assert_close(out, reference(q, k, v, CFG, 70, steps, mode, every), rtol=0, atol=1e-12)
+    expected = reference(q, k, v, CFG, 70, steps, mode, every, expand=expand)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 def test_long_chunk_is_tiled_like_a_short_one(monkeypatch):
@@ -396,7 +428,8 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
     model = dga_hf.patch(make_model(arch).double(), SPARSE)
     recorder = Recorder(monkeypatch)
     ids = random_ids(1, 100, seed=13)
-    cache = DGACache(model, mode=mode, refresh_every=5)
+    expand = 2 if mode == "keep_full" else 0
+    cache = DGACache(model, mode=mode, refresh_every=5, expand_blocks=expand)
     steps = [12] + [1] * 18
     with torch.no_grad():
         model(input_ids=ids[:, :70], use_cache=True, **{CACHE: cache})
@@ -410,7 +443,7 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
         group = q.shape[1] // k.shape[1]
         for h in range(k.shape[1]):
             heads = slice(h * group, (h + 1) * group)
-            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE, calls[0][4], 70, 5, mode, steps)
+            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE, calls[0][4], 70, 5, mode, steps, expand=expand)
             torch.testing.assert_close(out[0, heads], expected, rtol=0, atol=1e-10)
 
 
@@ -470,7 +503,7 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     dga_hf.disable_decoding(model)
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
     dga_hf.enable_decoding(model, mode="compact")
-    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto"}
+    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto", "expand_blocks": "auto"}
     dga_hf.patch(model, SPARSE.replace(local_blocks=1))  # patching again keeps the decoding options
     assert cache_of(model.generate(**kwargs)).mode == "compact"
     assert dga_hf.decoding.cache_for(model).mode == "compact"
@@ -481,6 +514,12 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
         dga_hf.enable_decoding(model, mode="full")
     with pytest.raises(ValueError, match="refresh_every"):
         DGACache(refresh_every=-1)
+    with pytest.raises(ValueError, match=r"expand_blocks=4 needs mode='keep_full'"):
+        dga_hf.enable_decoding(model, mode="compact", expand_blocks=4)
+    with pytest.raises(ValueError, match=r"expand_blocks=-1 is invalid: 'auto' or an integer >= 0"):
+        DGACache(expand_blocks=-1)
+    assert DGACache().layers == [] and DGACache(mode="compact").expand_blocks == "auto"
+    assert dga_hf.decoding.expand_blocks_for("keep_full", "auto") == 64 and dga_hf.decoding.expand_blocks_for("compact", "auto") == 0
 
 
 def test_static_cache_and_beam_search():
