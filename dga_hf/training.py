@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import DGAConfig, preset_names
+from .environment import package_versions
 
 DENSE_NAMES = ("none", "dense")
 BF16_CHOICES = ("auto", True, False)
@@ -549,7 +548,7 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
         "train_seconds": round(float(train_output.metrics.get("train_runtime", 0.0)), 2),
         "wall_seconds": round(time.perf_counter() - began, 2),
         "command": command,
-        "versions": _versions(),
+        "versions": package_versions(VERSIONED),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if final_eval is not None and not any(e["step"] == trainer.state.global_step for e in log["evaluations"]):
@@ -575,16 +574,6 @@ def _check_trainer_available() -> None:
 
     if importlib.util.find_spec("accelerate") is None:  # Transformers' Trainer needs it
         raise ImportError("dga-finetune needs accelerate (Transformers' Trainer): pip install 'dga-hf[train]'")
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in VERSIONED:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import platform
 import shlex
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from dga_hf.environment import package_versions
 
 from .harness import run_tasks
 from .models import DEFAULT_MODEL, load_model, resolve_model_path
@@ -97,7 +98,7 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
         "lengths": all_lengths(spec),
         "command": shlex.join(["dga-eval", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": package_versions(VERSIONED),
         "run_config": spec,
     }
 
@@ -134,16 +135,6 @@ def keys_share(config, length: int, layers: int | None) -> float:
         return share
     dense = len([i for i in config.dense_layers if i < layers])
     return (share * (layers - dense) + dense) / layers
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in VERSIONED:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 if __name__ == "__main__":
