@@ -4,7 +4,9 @@
 #   2. the GPU test subset with compiled Triton kernels (TRITON_INTERPRET unset, CUDA used);
 #   3. the attention benchmark, results in $OUT/bench;
 #   4. its training table (forward + backward at 16K and 32K), added to the same report, in a process of
-#      its own (a fault in the backward kernels cannot take the prefill numbers with it).
+#      its own (a fault in the backward kernels cannot take the prefill numbers with it);
+#   5. the attention of one decoding step, dense vs DGACache keep_full / compact, 16K to 128K
+#      ($OUT/bench/decode_step.md).
 # Logs are tee'd to $OUT (default runs/gpu_check). Every step runs even if an earlier one failed; the exit
 # status is non-zero when any step failed. Budget: about 9 minutes (each step has its own timeout).
 set -uo pipefail
@@ -33,19 +35,21 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/env.log"
 
-# limits add up to 535 s (+ a few seconds of probes): the whole script fits one 10-minute call
+# limits add up to 550 s (+ a few seconds of probes): the whole script fits one 10-minute call
 step pip_install 40 python -m pip install --no-deps --no-build-isolation -e .
 
 tests=(tests/test_triton_backend.py)
 [ -f tests/test_triton_backward.py ] && tests+=(tests/test_triton_backward.py)
 [ -f tests/test_ops.py ] && tests+=(tests/test_ops.py)
-step pytest 200 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
+step pytest 170 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
 
 step model_smoke 45 python scripts/gpu_model_smoke.py
 
 step bench 160 python -m dga_hf.bench.attention --out "$OUT/bench"
 
 step bench_train 90 python -m dga_hf.bench.attention --train-only --repeats 3 --out "$OUT/bench"
+
+step bench_decode 45 python -m dga_hf.bench.decoding --attention-step --lengths 16384,32768,65536,131072 --out "$OUT/bench"
 
 echo "=== total $(( $(date +%s) - t0 ))s, status=$status" | tee -a "$OUT/summary.log"
 exit "$status"

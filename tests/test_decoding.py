@@ -555,3 +555,13 @@ def test_dense_layers_and_short_prompts_in_a_model():
     assert torch.equal(patched.sequences, dense.sequences)
     for a, b in zip(patched.scores, dense.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_step_benchmark_runs_on_cpu():
+    """The GPU benchmark's decoding table (`python -m dga_hf.bench.decoding --attention-step`), tiny."""
+    from dga_hf.bench.decoding import attention_step, attention_step_markdown
+
+    rows = attention_step([300], SPARSE, device="cpu", steps=3, q_heads=4, kv_heads=2, head_dim=16)
+    assert [r["cache"] for r in rows] == ["dense", "keep_full", "compact"]
+    assert all(r["median_ms"] > 0 for r in rows) and rows[0]["speedup_vs_dense"] == 1.0
+    assert "| 300 | compact |" in attention_step_markdown(rows, {"device": "cpu"})

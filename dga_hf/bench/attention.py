@@ -8,9 +8,7 @@ Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head dim 128), bf16, ba
 * ``sdpa_flash``: dense causal SDPA restricted to the flash backend (``enable_gqa``, else repeat_kv);
 * ``flash_attn``: ``flash_attn.flash_attn_func`` when the package is importable;
 * ``dga_<preset>``: the whole DGA path, ``dga_attention(..., backend="triton")``, exactly as shipped
-  (today the dispatch computes in fp32, so stage 5 runs the fp32 kernel);
-* ``dga_<preset>_bf16attend``: the same stages with stage 5 fed bf16 q/k/v (layout still built in fp32),
-  i.e. what the whole path costs once the dispatch passes the model dtype to the Triton kernel;
+  (layout built in fp32 from the bf16 inputs, stage 5 on the bf16 q/k/v);
 * ``layout_<preset>``: stages 1-4 alone (`build_layout` on fp32 copies, as the dispatch does);
 * ``kernel_<preset>_bf16`` / ``kernel_<preset>_fp32``: stage 5 alone (`triton_backend.attend`) on a prebuilt
   layout;
@@ -78,22 +76,6 @@ def _prepared(q, k, v, config):
     k32, v32 = k.float(), v.float()
     lengths = torch.full((batch,), seq_len, dtype=torch.long, device=q.device)
     return q32, k32, v32, lengths, scale, (lambda: build_layout(q32, k32, v32, lengths, config, scale))
-
-
-def _bf16attend_path(q, k, v, config):
-    """Whole DGA path with stage 5 on the model dtype: fp32 layout (as the dispatch), kernel on q/k/v."""
-    from dga_hf.ops import triton_backend
-    from dga_hf.ops.layout import build_layout
-
-    batch, q_heads, seq_len, head_dim = q.shape
-    kv_heads = k.shape[1]
-    scale = head_dim**-0.5
-    q32 = q.float().view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
-    lengths = torch.full((batch,), seq_len, dtype=torch.long, device=q.device)
-    layout = build_layout(q32, k.float(), v.float(), lengths, config, scale)
-    del q32
-    grouped = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
-    return triton_backend.attend(grouped, k, v, layout, config, scale).view(batch, q_heads, seq_len, -1)
 
 
 def visible_pairs(layout, config, seq_len: int, group: int) -> float:
@@ -361,8 +343,6 @@ def run(lengths, out_dir: Path, repeats: int, device: str = "cuda", check_len: i
             common = {"preset": name, "ideal_speedup": ideal, "useful_pairs": useful}
 
             _measure(results, f"dga_{name}", seq_len, lambda cfg=cfg, q=q, k=k, v=v: dga_attention(q, k, v, cfg, backend="triton"),
-                     repeats, device, executed_pairs=executed[torch.float32], **common)
-            _measure(results, f"dga_{name}_bf16attend", seq_len, lambda cfg=cfg, q=q, k=k, v=v: _bf16attend_path(q, k, v, cfg),
                      repeats, device, executed_pairs=executed[torch.bfloat16], **common)
             if layout is not None:
                 _measure(results, f"layout_{name}", seq_len, build, repeats, device, preset=name)

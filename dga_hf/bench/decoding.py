@@ -12,6 +12,13 @@ step, and whether the greedy tokens equal those of dense decoding.
 
 `--memory-only` builds one layer's cache on random tensors with the model's head shapes (no model run) and
 reports the bytes per layer for dense, keep_full and compact: the ratio is the same for every layer.
+
+`--attention-step` times the attention part of one decoding step alone, without a model, at the Llama-3-8B
+attention shape (32 query heads, 8 kv heads, head dim 128; bf16 on a GPU, float32 on the CPU): dense
+(SDPA of one query over the whole cache) against one DGACache layer in keep_full and compact mode after a
+DGA prefill of the same random keys (refresh steps included, so the median and the mean are both given):
+
+    python -m dga_hf.bench.decoding --attention-step --lengths 16384,32768,65536,131072 --out runs/bench
 """
 
 from __future__ import annotations
@@ -117,6 +124,69 @@ def synthetic_memory(model_config, length: int, settings: DGAConfig, steps: int 
     return result
 
 
+def _elapsed_ms(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - began), result
+
+
+@torch.no_grad()
+def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cuda", steps: int = 40,
+                   q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, dtype: torch.dtype | None = None) -> list[dict]:
+    """Per length and cache: ms of the attention of one decoding step (median and mean of `steps` steps
+    after a warm-up step), and the speed-up over dense."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for length in lengths:
+        gen = torch.Generator(device=device).manual_seed(length)
+        total = length + steps + 1
+
+        def make(heads):
+            return torch.randn(1, heads, total, head_dim, generator=gen, device=device, dtype=dtype)
+
+        q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
+        times = {"dense": []}
+        for t in range(length, total):
+            ms, _ = _elapsed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], enable_gqa=True), device)
+            times["dense"].append(ms)
+        for mode in ("keep_full", "compact"):
+            cache = DGACache(mode=mode)
+            key, value = cache.update(k[:, :, :length], v[:, :, :length], 0)
+            key._dga_state.attend(q[:, :, :length], key, value, None, settings, None)
+            times[mode] = []
+            for t in range(length, total):
+                key, value = cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+                ms, _ = _elapsed_ms(lambda: key._dga_state.attend(q[:, :, t : t + 1], key, value, None, settings, None), device)
+                times[mode].append(ms)
+            del cache
+        for name, values in times.items():
+            timed = values[1:]  # the first step warms up (allocations, kernel selection)
+            median = statistics.median(timed)
+            rows.append({"length": length, "cache": name, "median_ms": median, "mean_ms": statistics.mean(timed)})
+        dense = rows[-3]["median_ms"]
+        for row in rows[-3:]:
+            row["speedup_vs_dense"] = dense / row["median_ms"]
+    return rows
+
+
+def attention_step_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Attention of one decoding step: dense vs DGACache", "",
+        ", ".join(f"{k} {v}" for k, v in meta.items()), "",
+        "| length | cache | median ms | mean ms | speed-up over dense (median) |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['length']} | {row['cache']} | {row['median_ms']:.3f} | {row['mean_ms']:.3f} | "
+                     f"{row['speedup_vs_dense']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="path or Hub name (default: the embedded SmolLM2-135M)")
@@ -131,9 +201,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
     parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
     parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
+    parser.add_argument("--attention-step", action="store_true",
+                        help="time the attention of one decoding step alone (Llama-3-8B shape, no model)")
+    parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(--attention-step)")
+    parser.add_argument("--out", default=None, help="folder for decode_step.json / decode_step.md (--attention-step)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attention_step:
+        from pathlib import Path
+
+        from ..environment import package_versions
+
+        settings = resolve_config(args.preset)
+        lengths = [int(n) for n in args.lengths.split(",")]
+        meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                **package_versions(("torch", "triton", "dga-hf")), "preset": args.preset or "default"}
+        rows = attention_step(lengths, settings, device=args.device)
+        markdown = attention_step_markdown(rows, meta)
+        print(markdown)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "decode_step.json").write_text(json.dumps({"meta": meta, "settings": settings.to_dict(), "rows": rows}, indent=1))
+            (out / "decode_step.md").write_text(markdown)
+        return
     import dga_hf
     from dga_eval.corpus import corpus_tokens
     from dga_eval.models import load_model
