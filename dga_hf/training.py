@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import DGAConfig, preset_names
-from .environment import package_versions
+from .environment import dtype_argument, package_versions
 
 DENSE_NAMES = ("none", "dense")
 BF16_CHOICES = ("auto", True, False)
@@ -370,25 +370,17 @@ def load_model_and_tokenizer(path: str, gguf_file: str | None = None):
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    model = AutoModelForCausalLM.from_pretrained(path, **extra, **_dtype_argument(torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(path, **extra, **dtype_argument(torch.float32))
     if gguf_file:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, **_dtype_argument(torch.float32))
+        plain = AutoModelForCausalLM.from_config(config, **dtype_argument(torch.float32))
         plain.load_state_dict(model.state_dict())
         model = plain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def _dtype_argument(dtype: torch.dtype) -> dict:
-    """`from_pretrained`/`from_config` take `dtype` since transformers 4.56 and `torch_dtype` before."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def prepare_model(model, settings: DGAConfig | None):

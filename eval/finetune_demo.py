@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 import dga_hf
 from dga_hf import training
+from dga_hf.environment import dtype_argument, package_versions
 
-from .cli import versions
-from .models import DEFAULT_MODEL, dtype_argument, resolve_model_path
+from .cli import VERSIONED
+from .models import DEFAULT_MODEL, resolve_model_path
 
 DEFAULTS: dict[str, Any] = {
     "model": "default",
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "dga": dga.to_dict(),
             "keys_share": dga.keys_per_query_share(int(spec["context_length"])),
             "torch_threads": torch.get_num_threads(),
-            "versions": versions(),
+            "versions": package_versions(VERSIONED),
             "spec": spec,
         },
         "data": {},

