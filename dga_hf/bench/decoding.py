@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
     parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
     parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
+    parser.add_argument("--expand-blocks", type=int, default=None,
+                        help="keep_full's expand_blocks (default: the DGACache default)")
     parser.add_argument("--attention-step", action="store_true",
                         help="time the attention of one decoding step alone (Llama-3-8B shape, no model)")
     parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         report = quality(model, tokenizer, args.length, args.caches.split(","), depths=depths, copies=args.copies)
         print(json.dumps({"length": args.length, "settings": settings.to_dict(), **report}, indent=1))
         return
+    expand = {} if args.expand_blocks is None else {"expand_blocks": args.expand_blocks}
     corpus = corpus_tokens(tokenizer)
     prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
     results = {}
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             dga_hf.patch(model, settings)
             print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
             continue
-        cache = DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name)
+        cache = DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name, **expand)
         results[name] = decode(model, prompt, args.new_tokens, cache)
         del cache
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
