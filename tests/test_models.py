@@ -488,7 +488,10 @@ def test_custom_4d_mask_is_refused():
 def test_packed_sequences_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     if not hasattr(masking_utils, "find_packed_sequence_indices"):
-        pytest.skip("this transformers version does not detect packed sequences")
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} cannot detect packed sequences, so nothing refuses "
+                    "them (README says so)")
     model = patch(make_model("llama"), SPARSE)
     torch.manual_seed(17)
     ids = random_ids(1, 100)

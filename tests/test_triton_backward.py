@@ -166,8 +166,6 @@ def test_gradients_match_reference_fp32(case, device):
     ids=["bf16", "bf16-default-tiles", "fp16"],
 )
 def test_gradients_match_reference_16bit(dtype, case, device):
-    if device == "cuda" and case == "L70-G1-default-tiles":
-        pytest.skip("default tiles on CUDA: test_cuda_long_rows_default_tiles")
     _check(case, device, dtype, seed=1)
 
 
@@ -217,7 +215,11 @@ def test_bench_training_check_runs(device):
     assert report["stage5_grad_max_rel_err"] < 1e-4 and report["whole_grad_max_rel_err"] < 1e-4, report
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the benchmark's CPU dry run needs Triton's interpreter")
+@pytest.mark.skipif(
+    not INTERPRET,
+    reason="runs the Triton kernels on CPU tensors, which needs TRITON_INTERPRET=1 (as `make test` and CI set it); "
+    "on a GPU machine scripts/gpu_check.sh runs the real training table",
+)
 def test_bench_training_table_cpu_dry_run(tmp_path):
     """run_training end to end at a tiny shape on CPU: the table is added to an existing prefill report."""
     import json

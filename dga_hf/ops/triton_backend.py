@@ -133,6 +133,28 @@ def _load_rows(ptrs, row_mask, col_mask, EVEN_COLS: tl.constexpr, MASK_ROWS: tl.
     return x
 
 
+@triton.jit
+def _tile_key_ranges(FCNT, bh64, tile, q0, length, NUM_TILES,
+                     BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr):
+    """The key ranges a query tile [q0, q0 + BLOCK_M) can see, shared by the forward and the dq kernel:
+    focal slots [0, focal_lo) and aggregates [0, old_lo) are visible to every real row (no mask needed),
+    [.., focal_hi) / [.., old_hi) to some row; raw keys [win_lo, win_hi). All empty for a tile made only
+    of padding."""
+    live = q0 < length
+    q_last = tl.maximum(tl.minimum(q0 + BLOCK_M, length) - 1, q0)
+    blk_lo = q0 // GROUP_SIZE
+    blk_hi = q_last // GROUP_SIZE
+    old_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0)  # aggregates old for every row of the tile
+    old_hi = tl.where(live, tl.maximum(blk_hi - (LOCAL_BLOCKS - 1), 0), 0)  # ... for some row
+    old_lo = tl.minimum(old_lo, old_hi)
+    fcnt_ptr = FCNT + (bh64 * NUM_TILES + tile) * 2
+    focal_hi = tl.where(live, tl.load(fcnt_ptr + 1), 0)
+    focal_lo = tl.minimum(tl.load(fcnt_ptr), focal_hi)
+    win_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0) * GROUP_SIZE
+    win_hi = tl.where(live, q_last + 1, win_lo)
+    return focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi
+
+
 # sizes that change with the sequence length are not specialised on (no recompilation per length; the
 # addresses they scale are aligned by the constexpr head dims anyway)
 @triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES"])
@@ -185,18 +207,8 @@ def _dga_attend_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
 
-    # ---- the key ranges this tile can see (all empty for a tile made only of padding)
-    live = q0 < length
-    q_last = tl.maximum(tl.minimum(q0 + BLOCK_M, length) - 1, q0)
-    blk_lo = q0 // GROUP_SIZE
-    blk_hi = q_last // GROUP_SIZE
-    old_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0)  # aggregates old for every row of the tile
-    old_hi = tl.where(live, tl.maximum(blk_hi - (LOCAL_BLOCKS - 1), 0), 0)  # ... for some row
-    old_lo = tl.minimum(old_lo, old_hi)
-    fcnt_ptr = FCNT + (bh64 * NUM_TILES + tile) * 2
-    focal_lo = tl.load(fcnt_ptr)
-    focal_hi = tl.where(live, tl.load(fcnt_ptr + 1), 0)
-    focal_lo = tl.minimum(focal_lo, focal_hi)
+    focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi = _tile_key_ranges(
+        FCNT, bh64, tile, q0, length, NUM_TILES, BLOCK_M, GROUP_SIZE, LOCAL_BLOCKS)
     # first key each row may see raw: its block - n + 1 (may be negative = from 0)
     row_local_start = (qblk - (LOCAL_BLOCKS - 1)) * GROUP_SIZE
     offs_n = tl.arange(0, BLOCK_N)
@@ -248,8 +260,6 @@ def _dga_attend_kernel(
     # ---- (c) raw local keys: the window [(blk_lo - n + 1) * m, q_last], causal + window masks
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    win_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0) * GROUP_SIZE
-    win_hi = tl.where(live, q_last + 1, win_lo)
     for start in range(win_lo, win_hi, BLOCK_N):
         keys = start + offs_n
         in_range = keys < win_hi
@@ -479,8 +489,6 @@ def attend(
     block_n: int | None = None,
 ) -> torch.Tensor:
     """The output of `attend_forward` alone: [B, H, G, L, dv] in the dtype of ``query``."""
-    if is_float64(query, key, value):  # documented fallback, see attend_forward
-        return torch_backend.attend(query, key, value, layout, config, scale)
     return attend_forward(query, key, value, layout, config, scale, block_rows=block_rows, block_n=block_n)[0]
 
 

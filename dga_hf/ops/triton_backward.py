@@ -55,6 +55,7 @@ from .triton_backend import (
     _dot,
     _load_rows,
     _logits,
+    _tile_key_ranges,
     check_supported,
     dot_precision,
     is_float64,
@@ -178,17 +179,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
     # ---- the key ranges this tile can see: exactly the forward's
-    live = q0 < length
-    q_last = tl.maximum(tl.minimum(q0 + BLOCK_M, length) - 1, q0)
-    blk_lo = q0 // GROUP_SIZE
-    blk_hi = q_last // GROUP_SIZE
-    old_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0)
-    old_hi = tl.where(live, tl.maximum(blk_hi - (LOCAL_BLOCKS - 1), 0), 0)
-    old_lo = tl.minimum(old_lo, old_hi)
-    fcnt_ptr = FCNT + (bh64 * NUM_TILES + tile) * 2
-    focal_lo = tl.load(fcnt_ptr)
-    focal_hi = tl.where(live, tl.load(fcnt_ptr + 1), 0)
-    focal_lo = tl.minimum(focal_lo, focal_hi)
+    focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi = _tile_key_ranges(
+        FCNT, bh64, tile, q0, length, NUM_TILES, BLOCK_M, GROUP_SIZE, LOCAL_BLOCKS)
     row_local_start = (qblk - (LOCAL_BLOCKS - 1)) * GROUP_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -238,8 +230,6 @@ def _bwd_dq_kernel(
     # ---- (c) raw local keys
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    win_lo = tl.maximum(blk_lo - (LOCAL_BLOCKS - 1), 0) * GROUP_SIZE
-    win_hi = tl.where(live, q_last + 1, win_lo)
     for start in range(win_lo, win_hi, BLOCK_N):
         keys = start + offs_n
         in_range = keys < win_hi
