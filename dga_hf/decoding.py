@@ -83,12 +83,16 @@ def refresh_interval(group_size: int) -> int:
     return max(1, math.ceil(1.1 * group_size - 1e-9))
 
 
-def _grow(x: torch.Tensor, dim: int, needed: int, fill: float | int | bool = 0, exact: bool = False) -> torch.Tensor:
-    """x with room for `needed` entries along `dim` (grown geometrically unless `exact`)."""
+def _grow(
+    x: torch.Tensor, dim: int, needed: int, fill: float | int | bool = 0, exact: bool = False, multiple: int = 1
+) -> torch.Tensor:
+    """x with room for `needed` entries along `dim` (grown geometrically unless `exact`; the new capacity
+    rounded up to `multiple`)."""
     capacity = x.shape[dim]
     if needed <= capacity:
         return x
     size = needed if exact else max(needed, int(capacity * GROWTH) + GROWTH_STEP)
+    size = -(-size // multiple) * multiple
     shape = list(x.shape)
     shape[dim] = size
     y = x.new_full(shape, fill)
@@ -96,10 +100,20 @@ def _grow(x: torch.Tensor, dim: int, needed: int, fill: float | int | bool = 0, 
     return y
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, d], index [B, H, K] (or [B, 1, K]) -> x[b, h, index[b, h, k]] as [B, H, K, d]."""
-    index = index.expand(x.shape[0], x.shape[1], index.shape[-1])
-    return x.gather(2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, rows_per_item: int = 1) -> torch.Tensor:
+    """x [B, H, N, d], index [B, H, K] (or [B, 1, K]) -> x[b, h, index[b, h, k]] as [B, H, K, d].
+    With rows_per_item = m (N a multiple of m), index holds block numbers and each item is the block's m
+    rows: [B, H, K*m, d]. One index_select of whole rows: a gather along dim 2 with an index expanded over
+    d is several times slower on the CPU."""
+    batch, heads, length, dim = x.shape
+    base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * (length // rows_per_item)
+    flat = (index.expand(batch, heads, index.shape[-1]) + base).flatten()
+    return _take_items(x, flat, rows_per_item).view(batch, heads, -1, dim)
+
+
+def _take_items(x: torch.Tensor, flat: torch.Tensor, rows_per_item: int) -> torch.Tensor:
+    """x [B, H, N, d] seen as B*H*N/rows_per_item items of rows_per_item rows -> items `flat`, [K, rows, d]."""
+    return x.reshape(-1, rows_per_item * x.shape[-1]).index_select(0, flat).view(-1, rows_per_item, x.shape[-1])
 
 
 def _aggregate(
@@ -124,17 +138,29 @@ def _select(
 ) -> torch.Tensor:
     """Spec step 2 over candidate lists [B, H, N]: sinks first, then the highest scores, ties to the earlier
     position; at most `budget` ([B, H, 1] or broadcastable) eligible candidates. `pos` None means the
-    candidates are already in position order."""
+    candidates are already in position order.
+
+    Without a sort of N: the budget-th highest score is the threshold; every candidate above it is in, and
+    of those equal to it the earliest fill the rest (a top-k of the budget is several times cheaper than a
+    stable sort of all N on the CPU, and a refresh in keep_full ranks every cached token)."""
     score = score.masked_fill(~eligible, -math.inf).masked_fill(sink & eligible, math.inf)
+    budget = budget.expand(*score.shape[:-1], 1)
+    most = min(score.shape[-1], int(budget.max()))
+    if most == 0:
+        return torch.zeros_like(eligible)
+    top = torch.topk(score, most, dim=-1).values  # descending
+    threshold = top.gather(-1, (budget - 1).clamp(min=0, max=most - 1))
+    above = score > threshold
+    need = budget - above.sum(-1, keepdim=True)
+    tie = score == threshold
     if pos is None:
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    else:
-        by_position = torch.sort(pos, dim=-1, stable=True).indices
-        ranked = torch.sort(score.gather(-1, by_position), dim=-1, descending=True, stable=True).indices
-        order = by_position.gather(-1, ranked)
-    count = score.shape[-1]
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(count, device=score.device).expand_as(order))
-    return (rank < budget) & eligible
+        tied = tie & (tie.cumsum(-1) <= need)
+    else:  # the earliest `need` tied positions: a bottom-k of the tied candidates' positions
+        tie_pos = pos.masked_fill(~tie, torch.iinfo(pos.dtype).max)
+        fill = min(score.shape[-1], max(1, int(need.max())))
+        last = torch.topk(tie_pos, fill, dim=-1, largest=False).values.gather(-1, (need - 1).clamp(min=0, max=fill - 1))
+        tied = tie & (pos <= last) & (need > 0)
+    return (above | tied) & eligible & (budget > 0)
 
 
 class DGADecodeState:
@@ -149,15 +175,15 @@ class DGADecodeState:
         [B, H, n, d] (the window's blocks, slot = block % n) plus focal_logit [B, H, Fcap] = s * q_bar of the
         token's block . its key (NaN until the block is complete): all a fold into an old block needs
       arch_k/v [B, H, Tcap, d] (keep_full only)
-      blk_min/blk_max [B, H, NBcap, d] (keep_full with expand_blocks): elementwise min / max of each complete
-        block's keys, for the upper bound of a block's best logit
+      blk_bound [B, H, NBcap, 2d] (keep_full with expand_blocks): the elementwise maximum, then minimum, of
+        each complete block's keys, for the upper bound of a block's best logit
     Host bookkeeping: lengths (real tokens per row), dense_rows, seen (absolute cache length).
     """
 
     _BATCHED = (
         "focal_k", "focal_v", "focal_pos", "focal_cnt", "ring_k", "ring_v", "ring_pos", "ring_focal",
         "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt", "qbar", "focal_logit", "arch_k", "arch_v",
-        "blk_min", "blk_max",
+        "blk_bound",
     )
 
     def __init__(
@@ -357,12 +383,11 @@ class DGADecodeState:
         self.agg_cnt = _grow(cnt, 2, capacity, exact=True)
         self.agg_bias = self._bias(self.agg_lse, self.agg_cnt)
         if self.expand:
-            self.blk_min = _grow(blocked(k).amin(3), 2, capacity, exact=True)
-            self.blk_max = _grow(blocked(k).amax(3), 2, capacity, exact=True)
+            self.blk_bound = _grow(torch.cat([blocked(k).amax(3), blocked(k).amin(3)], dim=-1), 2, capacity, exact=True)
 
         if self.keep_archive:  # room for PREFILL_SPARE decoded tokens before the first growth
-            self.arch_k = _grow(k, 2, seq_len + PREFILL_SPARE, exact=True)
-            self.arch_v = _grow(v, 2, seq_len + PREFILL_SPARE, exact=True)
+            self.arch_k = _grow(k, 2, seq_len + PREFILL_SPARE, exact=True, multiple=m)
+            self.arch_v = _grow(v, 2, seq_len + PREFILL_SPARE, exact=True, multiple=m)
         self.ready = True
 
     # ------------------------------------------------------------------------------------------ decode / chunk
@@ -396,14 +421,13 @@ class DGADecodeState:
         blocks = -(-top // m) + 1
         names = (("agg_k", 0), ("agg_v", 0), ("agg_cnt", 0), ("agg_lse", -math.inf), ("agg_bias", -math.inf))
         names += (("qbar", 0),) if self.keep_archive else ()
-        names += (("blk_min", 0), ("blk_max", 0)) if self.expand else ()
+        names += (("blk_bound", 0),) if self.expand else ()
         for name, fill in names:
             setattr(self, name, _grow(getattr(self, name), 2, blocks, fill))
         if self.keep_archive:
             need = max(top, max(self.lengths) + q_len)
-            need = -(-need // m) * m
-            self.arch_k = _grow(self.arch_k, 2, need)
-            self.arch_v = _grow(self.arch_v, 2, need)
+            self.arch_k = _grow(self.arch_k, 2, need, multiple=m)  # whole blocks: block expansion gathers blocks
+            self.arch_v = _grow(self.arch_v, 2, need, multiple=m)
         if any(self.dense_rows):
             need = self.focal_hi + q_len
             self.focal_k = _grow(self.focal_k, 2, need)
@@ -537,8 +561,7 @@ class DGADecodeState:
         if self.keep_archive:
             self.qbar[rows, :, blocks] = qbar
             if self.expand:
-                self.blk_min[rows, :, blocks] = keys.amin(2).to(self.blk_min.dtype)
-                self.blk_max[rows, :, blocks] = keys.amax(2).to(self.blk_max.dtype)
+                self.blk_bound[rows, :, blocks] = torch.cat([keys.amax(2), keys.amin(2)], dim=-1).to(self.blk_bound.dtype)
         else:  # ring of the window's blocks: of several blocks sharing a slot only the latest is kept
             last = {b: (old[b] + counts[b]) // m - 1 for b, _ in pairs}
             keep = [i for i, (b, c) in enumerate(pairs) if c > last[b] - self.n]
@@ -635,10 +658,10 @@ class DGADecodeState:
         ``expand`` lose their aggregate logit (set to -inf in place) and their members (non-focal tokens)
         come back as raw keys. q_tile [B, H, G, d] (scaled). Returns logits [B, H, G*1, E*m], values."""
         m = self.m
-        batch, heads = q_tile.shape[:2]
-        lo_keys, hi_keys = self.blk_min[:, :, :old_blocks].to(self.cd), self.blk_max[:, :, :old_blocks].to(self.cd)
-        q = q_tile.to(self.cd)[:, :, :, None, :]  # [B, H, G, 1, d]
-        bound = torch.maximum(q * lo_keys[:, :, None], q * hi_keys[:, :, None]).sum(-1).amax(2)  # [B, H, nb]
+        q = q_tile.to(self.cd)
+        # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: one matmul against [max, min]
+        signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, H, G, 2d]
+        bound = (signed @ self.blk_bound[:, :, :old_blocks].to(self.cd).transpose(-1, -2)).amax(2)  # [B, H, nb]
         visible = torch.isfinite(agg_logits[:, :, 0, 0])  # [B, H, nb]: old for this row and non-empty
         bound = bound.masked_fill(~visible, -math.inf)
         count = min(self.expand, old_blocks)
@@ -655,7 +678,7 @@ class DGADecodeState:
         else:
             member = torch.ones_like(pos, dtype=torch.bool)
         member &= usable.repeat_interleave(m, dim=2)
-        keys, values = _gather_rows(self.arch_k, pos), _gather_rows(self.arch_v, pos)
+        keys, values = _gather_rows(self.arch_k, chosen, m), _gather_rows(self.arch_v, chosen, m)
         logits = (q_tile @ keys.transpose(-1, -2)).to(self.cd)  # [B, H, G, E*m]
         return logits.masked_fill_(~member[:, :, None, :], -math.inf), values
 
@@ -741,10 +764,9 @@ class DGADecodeState:
             flipped &= ((torch.arange(num_blocks, device=device) + 1) * m <= lengths[:, None])[:, None, :]
             b_idx, h_idx, c_idx = flipped.nonzero(as_tuple=True)
             if b_idx.numel():
-                members_pos = c_idx[:, None] * m + torch.arange(m, device=device)  # [N, m]
-                keys = self.arch_k[b_idx[:, None], h_idx[:, None], members_pos]  # [N, m, d]
-                values = self.arch_v[b_idx[:, None], h_idx[:, None], members_pos]
-                members = ~focal[b_idx[:, None], h_idx[:, None], members_pos]
+                item = (b_idx * heads + h_idx) * (self.arch_k.shape[2] // m) + c_idx
+                keys, values = _take_items(self.arch_k, item, m), _take_items(self.arch_v, item, m)  # [N, m, d]
+                members = ~focal[..., :span].view(batch, heads, num_blocks, m)[b_idx, h_idx, c_idx]
                 qbar = self.qbar[b_idx, h_idx, c_idx]
                 agg_k, agg_v, lse, cnt = _aggregate(qbar[:, None], keys[:, None], values[:, None], members[:, None], scale)
                 self.agg_k[b_idx, h_idx, c_idx] = agg_k[:, 0].to(self.agg_k.dtype)

@@ -201,6 +201,31 @@ def test_decode_steps_match_the_transcription(mode, expand, every, variant):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_position_order", [True, False])
+def test_selection_threshold_matches_a_stable_ranking_with_ties(in_position_order):
+    """The cache's top-k selection (no sort of all candidates) against the rule itself: sinks first, then
+    the highest scores, ties to the earlier position, at most the row's budget of eligible candidates.
+    Scores are small integers so that ties are the rule, not the exception."""
+    from dga_hf.decoding import _select as select
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        batch, heads, count = 2, 3, int(torch.randint(1, 40, (1,), generator=gen))
+        score = torch.randint(0, 4, (batch, heads, count), generator=gen).double()
+        eligible = torch.rand(batch, heads, count, generator=gen) < 0.8
+        pos = torch.randperm(count, generator=gen).expand(batch, heads, count) if not in_position_order else torch.arange(count).expand(batch, heads, count)
+        sink = pos < int(torch.randint(0, 4, (1,), generator=gen))
+        budget = torch.randint(0, count + 3, (batch, heads, 1), generator=gen)
+        chosen = select(score, eligible, sink, budget, None if in_position_order else pos)
+        for b in range(batch):
+            for h in range(heads):
+                cand = [j for j in range(count) if eligible[b, h, j]]
+                # sinks rank first, among themselves by position (a budget below the sinks only happens here)
+                key = lambda j: (0, 0.0, int(pos[b, h, j])) if sink[b, h, j] else (1, -float(score[b, h, j]), int(pos[b, h, j]))  # noqa: E731
+                expected = set(sorted(cand, key=key)[: int(budget[b, h, 0])])
+                assert set(chosen[b, h].nonzero().flatten().tolist()) == expected, (trial, b, h)
+
+
 def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token():
     """Guards the test above (expansion really happens), and its limit: expanding every old block reads
     every non-focal old token raw (the focal ones are raw anyway), so a decode step is dense attention."""
@@ -565,3 +590,19 @@ def test_attention_step_benchmark_runs_on_cpu():
     assert [r["cache"] for r in rows] == ["dense", "keep_full", "compact"]
     assert all(r["median_ms"] > 0 for r in rows) and rows[0]["speedup_vs_dense"] == 1.0
     assert "| 300 | compact |" in attention_step_markdown(rows, {"device": "cpu"})
+
+
+def test_interleaved_speed_benchmark_decodes_each_cache_greedily():
+    """`python -m dga_hf.bench.decoding` times the caches' steps interleaved; each cache still decodes its own
+    greedy continuation: the tokens equal generate()'s with that cache."""
+    from dga_hf.bench.decoding import decode
+
+    model = dga_hf.patch(make_model("llama"), SPARSE)
+    prompt = random_ids(90, seed=4).tolist()
+    caches = {"dense": DynamicCache(config=model.config), "compact": DGACache(model, mode="compact")}
+    result = decode(model, prompt, 12, caches)
+    for name, factory in (("dense", lambda: DynamicCache(config=model.config)), ("compact", lambda: DGACache(model, mode="compact"))):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, **{CACHE: factory()})
+        assert result[name]["tokens"] == expected[0, 90:].tolist()
+        assert result[name]["itl_ms"] > 0 and result[name]["kv_bytes"] == dga_hf.decoding.cache_nbytes(caches[name])
+    assert result["dense"]["tokens"] != result["compact"]["tokens"]  # the two runs are not one run counted twice

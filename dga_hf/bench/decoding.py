@@ -5,7 +5,9 @@
     python -m dga_hf.bench.decoding --quality --length 4096      # passkey + copy through decoding steps
 
 For each cache the model (patched with the given preset; the prefill is DGA except for "sdpa") prefills a
-corpus prompt of `length` tokens and then generates `new_tokens` greedy tokens one step at a time. Reported:
+corpus prompt of `length` tokens and then generates `new_tokens` greedy tokens one step at a time, the caches'
+steps interleaved (step i of every cache, then step i + 1: a change in the machine's speed during the run
+hits every cache alike; "sdpa" unpatches the model and runs on its own first). Reported:
 inter-token latency (mean and median of the decoding steps, prefill excluded; wall clock and this process's
 CPU time, the latter being robust to other jobs sharing the CPU), the bytes each cache holds after the last
 step, and whether the greedy tokens equal those of dense decoding.
@@ -36,28 +38,37 @@ from ..decoding import DGACache, cache_keyword, cache_nbytes
 
 
 @torch.no_grad()
-def decode(model, prompt: list[int], new_tokens: int, cache) -> dict:
+def decode(model, prompt: list[int], new_tokens: int, caches: dict) -> dict:
+    """Greedy decoding of `prompt` through each cache of `caches` (name -> cache). The prefills run one
+    after another; the decoding steps are interleaved (step i of every cache, then step i + 1), so that
+    drift in the machine's speed (other jobs, thermal or memory-bandwidth changes) falls on every cache
+    alike and the ratios between them hold even when the absolute times move."""
+    kw = cache_keyword(model)
     ids = torch.tensor([prompt], device=model.device)
-    began = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}, logits_to_keep=1)
-    prefill = time.perf_counter() - began
-    token = int(out.logits[0, -1].argmax())
-    tokens, wall, cpu = [token], [], []
+    runs = {}
+    for name, cache in caches.items():
+        began = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **{kw: cache}, logits_to_keep=1)
+        runs[name] = {"prefill": time.perf_counter() - began, "tokens": [int(out.logits[0, -1].argmax())], "wall": [], "cpu": []}
     for _ in range(new_tokens - 1):
-        began, began_cpu = time.perf_counter(), time.process_time()
-        out = model(input_ids=torch.tensor([[token]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
-        token = int(out.logits[0, -1].argmax())
-        wall.append(time.perf_counter() - began)
-        cpu.append(time.process_time() - began_cpu)
-        tokens.append(token)
+        for name, cache in caches.items():
+            run = runs[name]
+            began, began_cpu = time.perf_counter(), time.process_time()
+            out = model(input_ids=torch.tensor([[run["tokens"][-1]]], device=model.device), use_cache=True, **{kw: cache})
+            run["tokens"].append(int(out.logits[0, -1].argmax()))
+            run["wall"].append(time.perf_counter() - began)
+            run["cpu"].append(time.process_time() - began_cpu)
     return {
-        "prefill_s": prefill,
-        "itl_ms": 1000 * statistics.mean(wall),
-        "itl_median_ms": 1000 * statistics.median(wall),
-        "itl_cpu_ms": 1000 * statistics.mean(cpu),
-        "itl_cpu_median_ms": 1000 * statistics.median(cpu),
-        "kv_bytes": cache_nbytes(cache),
-        "tokens": tokens,
+        name: {
+            "prefill_s": run["prefill"],
+            "itl_ms": 1000 * statistics.mean(run["wall"]),
+            "itl_median_ms": 1000 * statistics.median(run["wall"]),
+            "itl_cpu_ms": 1000 * statistics.mean(run["cpu"]),
+            "itl_cpu_median_ms": 1000 * statistics.median(run["cpu"]),
+            "kv_bytes": cache_nbytes(caches[name]),
+            "tokens": run["tokens"],
+        }
+        for name, run in runs.items()
     }
 
 
@@ -81,7 +92,7 @@ def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, dep
     result = {name: {"passkey": [], "copy": []} for name in caches}
     for sample in keys:
         for name in caches:
-            tokens = decode(model, sample.prompt, 8, _make_cache(model, name))["tokens"]
+            tokens = decode(model, sample.prompt, 8, {name: _make_cache(model, name)})[name]["tokens"]
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             result[name]["passkey"].append({"depth": sample.depth, "key": sample.key, "answer": answer,
                                             "match": passkey.exact_match(answer, sample.key)})
@@ -252,17 +263,17 @@ def main(argv: list[str] | None = None) -> None:
     expand = {} if args.expand_blocks is None else {"expand_blocks": args.expand_blocks}
     corpus = corpus_tokens(tokenizer)
     prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
+    names = args.caches.split(",")
     results = {}
-    for name in args.caches.split(","):
-        if name == "sdpa":  # the unpatched model: dense prefill and dense decoding with its own attention
-            dga_hf.unpatch(model)
-            results[name] = decode(model, prompt, args.new_tokens, DynamicCache(config=model.config))
-            dga_hf.patch(model, settings)
-            print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
-            continue
-        cache = DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name, **expand)
-        results[name] = decode(model, prompt, args.new_tokens, cache)
-        del cache
+    if "sdpa" in names:  # the unpatched model (dense prefill, its own attention): a run of its own
+        dga_hf.unpatch(model)
+        results["sdpa"] = decode(model, prompt, args.new_tokens, {"sdpa": DynamicCache(config=model.config)})["sdpa"]
+        dga_hf.patch(model, settings)
+    caches = {name: DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name, **expand)
+              for name in names if name != "sdpa"}
+    results.update(decode(model, prompt, args.new_tokens, caches))
+    del caches
+    for name in names:
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
     if "dense" in results:
         for name, result in results.items():
