@@ -262,6 +262,9 @@ def test_refresh_schedule_and_default_interval():
     q, k, v = qkv(1, 130, seed=3)
     _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto")
     assert cache.layers[0].state.every == 9 and cache.layers[0].state.since_refresh == 20 - 18
+    assert refresh_interval(16, 2048) == 256 and refresh_interval(16, 64) == 18  # with block expansion
+    _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
+    assert cache.layers[0].state.every == max(9, CFG.group_size * CFG.local_blocks // 8)
 
 
 @pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])

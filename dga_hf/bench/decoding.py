@@ -7,7 +7,7 @@
 For each cache the model (patched with the given preset; the prefill is DGA except for "sdpa") prefills a
 corpus prompt of `length` tokens and then generates `new_tokens` greedy tokens one step at a time, the caches'
 steps interleaved (step i of every cache, then step i + 1: a change in the machine's speed during the run
-hits every cache alike; "sdpa" unpatches the model and runs on its own first). Reported:
+hits every cache alike; "sdpa" and "static" unpatch the model and run on their own first). Reported:
 inter-token latency (mean and median of the decoding steps, prefill excluded; wall clock and this process's
 CPU time, the latter being robust to other jobs sharing the CPU), the bytes each cache holds after the last
 step, and whether the greedy tokens equal those of dense decoding.
@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from ..config import DGAConfig, resolve_config
 from ..decoding import DGACache, cache_keyword, cache_nbytes
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--caches", default="dense,keep_full,compact",
-                        help="dense: patched model, DGA prefill, DynamicCache (dense decoding); sdpa: the unpatched model")
+                        help="dense: patched model, DGA prefill, DynamicCache (dense decoding); sdpa: the unpatched model; "
+                             "static: the unpatched model with a preallocated StaticCache")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--quality", action="store_true", help="passkey and copy-by-decoding instead of speed")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
@@ -265,12 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
     names = args.caches.split(",")
     results = {}
-    if "sdpa" in names:  # the unpatched model (dense prefill, its own attention): a run of its own
+    unpatched = {  # the unpatched model (dense prefill, its own attention): runs of their own
+        "sdpa": lambda: DynamicCache(config=model.config),
+        # preallocated: dense decoding without the DynamicCache's per-step concatenation of the whole cache
+        "static": lambda: StaticCache(config=model.config, max_cache_len=args.length + args.new_tokens),
+    }
+    if any(name in unpatched for name in names):
         dga_hf.unpatch(model)
-        results["sdpa"] = decode(model, prompt, args.new_tokens, {"sdpa": DynamicCache(config=model.config)})["sdpa"]
+        for name in names:
+            if name in unpatched:
+                results[name] = decode(model, prompt, args.new_tokens, {name: unpatched[name]()})[name]
         dga_hf.patch(model, settings)
     caches = {name: DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name, **expand)
-              for name in names if name != "sdpa"}
+              for name in names if name not in unpatched}
     results.update(decode(model, prompt, args.new_tokens, caches))
     del caches
     for name in names:
