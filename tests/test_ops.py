@@ -89,6 +89,21 @@ def test_half_precision_inputs(dtype, tol):
     torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, None), (torch.bfloat16, 1.6e-2)])
+def test_aggregates_computed_in_chunks_match_the_reference(monkeypatch, dtype, tol):
+    """The layout aggregates AGGREGATE_CHUNK_TOKENS tokens of blocks at a time (bounded float32 copies);
+    with a tiny chunk, several chunks and a zero-padded last block give the reference's output."""
+    from dga_hf.ops import layout
+
+    monkeypatch.setattr(layout, "AGGREGATE_CHUNK_TOKENS", 12)  # 3 blocks of 4 per chunk
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=2, probe_queries=8, group_bias="log_size")
+    q, k, v = qkv(2, 6, 2, 79, 16, seed=5, dtype=dtype)
+    mask = left_padding(2, 79, seed=5)
+    expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
+    actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    torch.testing.assert_close(actual.double(), expected, atol=tol or FP32_TOL, rtol=tol or FP32_TOL)
+
+
 def test_sparse_setting_differs_from_dense():
     """Guards the equality tests below from passing because DGA silently became dense."""
     q, k, v = qkv(1, 2, 1, 64, 8, seed=3)
@@ -236,3 +251,31 @@ def test_memory_stays_bounded_at_32k():
     extra, qkv_bytes, finite = result.stdout.split()
     assert finite == "True"
     assert int(extra) < 6 * int(qkv_bytes), f"peak extra {int(extra) / 2**20:.0f} MiB for {int(qkv_bytes) / 2**20:.0f} MiB of q, k, v"
+
+
+def test_layout_of_bf16_inputs_holds_no_float32_copy_of_k_and_v():
+    """Stages 1-4 on bf16 K/V (the Triton path's inputs) at L = 65536 with the Llama-3-8B kv shape: the peak
+    extra memory stays below three quarters of one float32 copy of K and V, because the float32 copies are
+    made per kv head (scores) and per chunk of blocks (aggregates). The layout used to convert K and V whole
+    and pad them again into blocks (about 2x that copy)."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from dga_hf import DGAConfig
+        from dga_hf.ops.layout import build_layout
+        torch.manual_seed(0)
+        L, heads, group, dim = 65536, 8, 4, 128
+        q = torch.randn(1, heads, group, L, dim, dtype=torch.bfloat16)
+        k, v = torch.randn(1, heads, L, dim, dtype=torch.bfloat16), torch.randn(1, heads, L, dim, dtype=torch.bfloat16)
+        lengths = torch.tensor([L])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        layout = build_layout(q, k, v, lengths, DGAConfig(), dim ** -0.5)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(peak - base, 2 * k.numel() * 4, layout.agg_key.dtype, bool(torch.isfinite(layout.agg_key).all()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    extra, fp32_kv, dtype, finite = result.stdout.split()
+    assert dtype == "torch.float32" and finite == "True"
+    assert int(extra) < 0.75 * int(fp32_kv), f"peak extra {int(extra) / 2**20:.0f} MiB; float32 K+V {int(fp32_kv) / 2**20:.0f} MiB"

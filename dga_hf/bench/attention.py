@@ -9,7 +9,7 @@ Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head dim 128), bf16, ba
 * ``flash_attn``: ``flash_attn.flash_attn_func`` when the package is importable;
 * ``dga_<preset>``: the whole DGA path, ``dga_attention(..., backend="triton")``, exactly as shipped
   (layout built in fp32 from the bf16 inputs, stage 5 on the bf16 q/k/v);
-* ``layout_<preset>``: stages 1-4 alone (`build_layout` on fp32 copies, as the dispatch does);
+* ``layout_<preset>``: stages 1-4 alone (`build_layout` on the bf16 inputs, as the dispatch does);
 * ``kernel_<preset>_bf16`` / ``kernel_<preset>_fp32``: stage 5 alone (`triton_backend.attend`) on a prebuilt
   layout;
 * ``torch_<preset>``: the PyTorch backend's whole path, only up to 16K (it is slow).
@@ -66,16 +66,17 @@ def _inputs(seq_len: int, device, dtype, q_heads: int, kv_heads: int, head_dim: 
 
 
 def _prepared(q, k, v, config):
-    """What the dispatch builds before stage 5 (no padding): grouped fp32 q, fp32 k/v, the layout."""
+    """Grouped fp32 copies of q, k, v (for the checks and the fp32 kernel row) and a builder of the layout
+    from the model-dtype inputs, as the dispatch builds it before stage 5 (no padding)."""
     from dga_hf.ops.layout import build_layout
 
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     scale = head_dim**-0.5
-    q32 = q.float().view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
-    k32, v32 = k.float(), v.float()
+    grouped = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
+    q32, k32, v32 = grouped.float(), k.float(), v.float()
     lengths = torch.full((batch,), seq_len, dtype=torch.long, device=q.device)
-    return q32, k32, v32, lengths, scale, (lambda: build_layout(q32, k32, v32, lengths, config, scale))
+    return q32, k32, v32, lengths, scale, (lambda: build_layout(grouped, k, v, lengths, config, scale))
 
 
 def visible_pairs(layout, config, seq_len: int, group: int) -> float:

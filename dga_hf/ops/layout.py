@@ -2,7 +2,9 @@
 aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
 over focal keys, aggregates and local keys).
 
-Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L.
+Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L. Keys and values stay in
+their own dtype: float32 copies are made one kv head (scores) or AGGREGATE_CHUNK_TOKENS tokens (aggregates)
+at a time, so with bf16 inputs at 128K the layout never holds a float32 copy of the whole K or V.
 Padding is handled by compaction: the real tokens of each row are moved to the front (stable), so every
 row is a right-padded sequence of length ``lengths[b]`` whose blocks start at position 0.
 """
@@ -16,6 +18,8 @@ import torch
 
 from ..config import DGAConfig
 from .naive import focal_count
+
+AGGREGATE_CHUNK_TOKENS = 8192  # tokens whose blocks are aggregated at once (bounds the float32 copies)
 
 
 @dataclass
@@ -77,11 +81,10 @@ def build_layout(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, config: DGAConfig, scale: float
 ) -> DGALayout:
     """query [B, H, G, L, d], key/value [B, H, L, d], compacted, in any float dtype. Selection and
-    aggregates are computed in float32 (float64 for float64 input); of the queries only the probes and
-    the block ends are read, so no full-precision copy of them is made."""
+    aggregates are computed in float32 (float64 for float64 input) on copies of one kv head or one chunk
+    of blocks at a time; of the queries only the probes and the block ends are read. The focal keys and
+    values and the aggregates are returned in that compute dtype."""
     batch, heads, group, seq_len, _ = query.shape
-    dtype = compute_dtype(query.dtype)
-    key, value = key.to(dtype), value.to(dtype)
     device = query.device
     positions = torch.arange(seq_len, device=device)
     real = positions[None, :] < lengths[:, None]  # [B, L]
@@ -111,13 +114,14 @@ def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, p
     probes = min(probes, seq_len)
     probe_pos = lengths[:, None] - probes + torch.arange(probes, device=query.device)  # [B, r]; < 0 = unused
     index = probe_pos.clamp(min=0).view(batch, 1, 1, probes, 1).expand(batch, heads, group, probes, dim)
-    probe_q = query.gather(3, index).to(key.dtype)
+    dtype = compute_dtype(query.dtype)
+    probe_q = query.gather(3, index).to(dtype)
     keys = torch.arange(seq_len, device=query.device)
     hidden = (keys.view(1, 1, seq_len) > probe_pos.unsqueeze(-1)) | (probe_pos.unsqueeze(-1) < 0)  # [B, r, L]
     hidden = hidden.view(batch, 1, probes, seq_len)
     importance = []
     for head in range(heads):  # one kv head at a time bounds the [G, r, L] scores
-        logits = scale * probe_q[:, head] @ key[:, head, None].transpose(-1, -2)  # [B, G, r, L]
+        logits = scale * probe_q[:, head] @ key[:, head, None].to(dtype).transpose(-1, -2)  # [B, G, r, L]
         weights = torch.softmax(logits.masked_fill_(hidden, -math.inf), dim=-1).nan_to_num_(0.0)
         importance.append(weights.sum(dim=(1, 2)))  # unused probe rows (all -inf) count 0
     return torch.stack(importance, dim=1)
@@ -152,8 +156,9 @@ def _gather_focal(
     positions = torch.arange(seq_len, device=focal.device).expand_as(focal)
     focal_pos = torch.where(focal, positions, seq_len).sort(dim=-1).values[..., :slots]
     index = focal_pos.clamp(max=seq_len - 1).unsqueeze(-1)
-    focal_key = key.gather(2, index.expand(*index.shape[:-1], key.shape[-1]))
-    focal_value = value.gather(2, index.expand(*index.shape[:-1], value.shape[-1]))
+    dtype = compute_dtype(key.dtype)
+    focal_key = key.gather(2, index.expand(*index.shape[:-1], key.shape[-1])).to(dtype)
+    focal_value = value.gather(2, index.expand(*index.shape[:-1], value.shape[-1])).to(dtype)
     return focal_pos, focal_key, focal_value
 
 
@@ -169,23 +174,35 @@ def _aggregate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, group, seq_len, dim = query.shape
     m = config.group_size
+    dtype = compute_dtype(query.dtype)
     num_blocks = math.ceil(seq_len / m)
     pad = num_blocks * m - seq_len
-
-    def blocked(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, num_blocks, m, x.shape[-1])
-
     members = torch.nn.functional.pad(~focal & real[:, None, :], (0, pad)).view(batch, heads, num_blocks, m)
     block_ends = torch.minimum(
         (torch.arange(num_blocks, device=query.device) + 1) * m, lengths[:, None]
     ).clamp(min=1) - 1  # [B, nb]
     index = block_ends.view(batch, 1, 1, num_blocks, 1).expand(batch, heads, group, num_blocks, dim)
-    query_bar = query.gather(3, index).to(key.dtype).mean(2)  # [B, H, nb, d]
-    block_keys = blocked(key)
-    logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar)
-    weights = torch.softmax(logits.masked_fill(~members, -math.inf), dim=-1).nan_to_num(0.0)
-    agg_key = torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys)
-    agg_value = torch.einsum("bhcm,bhcmd->bhcd", weights, blocked(value))
-    counts = members.sum(-1).to(key.dtype)
+    query_bar = query.gather(3, index).to(dtype).mean(2)  # [B, H, nb, d]
+
+    def blocked(x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks first..last-1 of x as [B, H, c, m, d] in the compute dtype (the last block zero-padded)."""
+        part = x[:, :, first * m : last * m].to(dtype)
+        missing = (last - first) * m - part.shape[2]
+        if missing:
+            part = torch.nn.functional.pad(part, (0, 0, 0, missing))
+        return part.view(batch, heads, last - first, m, x.shape[-1])
+
+    agg_keys, agg_values = [], []
+    chunk = max(1, AGGREGATE_CHUNK_TOKENS // m)
+    for first in range(0, num_blocks, chunk):
+        last = min(num_blocks, first + chunk)
+        block_keys, block_values = blocked(key, first, last), blocked(value, first, last)
+        logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar[:, :, first:last])
+        weights = torch.softmax(logits.masked_fill(~members[:, :, first:last], -math.inf), dim=-1).nan_to_num(0.0)
+        agg_keys.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys))
+        agg_values.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_values))
+    agg_key = agg_keys[0] if len(agg_keys) == 1 else torch.cat(agg_keys, dim=2)
+    agg_value = agg_values[0] if len(agg_values) == 1 else torch.cat(agg_values, dim=2)
+    counts = members.sum(-1).to(dtype)
     bias = counts.clamp(min=1).log() if config.group_bias == "log_size" else torch.zeros_like(counts)
     return agg_key, agg_value, bias.masked_fill(counts == 0, -math.inf)
