@@ -1143,6 +1143,13 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def dense_cache(model: Any) -> DynamicCache:
+    """An empty DynamicCache for `model` (transformers 5 builds it from the model's config; 4.x takes none)."""
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model.config)
+    return DynamicCache()
+
+
 def cache_nbytes(cache: Any) -> int:
     """Bytes of keys/values a cache holds: a DGACache's whole state (`DGACache.kv_bytes`), else the
     tensors of every layer of a DynamicCache."""

@@ -25,7 +25,7 @@ import dga_hf
 from tiny_archs import ARCHS
 
 from dga_hf import DGACache, DGAConfig
-from dga_hf.decoding import DGADecodeState, refresh_interval
+from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval
 from dga_hf.ops.naive import focal_count, naive_dga_attention
 
 # ------------------------------------------------------------------------------------------------ transcription
@@ -524,7 +524,7 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache  # decoding with DGA is opt-in
     dga_hf.enable_decoding(model)
     assert isinstance(cache_of(model.generate(**kwargs)), DGACache)
-    user = DynamicCache(config=model.config) if CACHE == "cache" else DynamicCache()
+    user = dense_cache(model)
     assert cache_of(model.generate(**kwargs, **{CACHE: user})) is user  # a cache passed in is kept
     mine = DGACache(model, mode="compact", refresh_every=None)
     assert cache_of(model.generate(**kwargs, **{CACHE: mine})) is mine
@@ -602,10 +602,24 @@ def test_interleaved_speed_benchmark_decodes_each_cache_greedily():
 
     model = dga_hf.patch(make_model("llama"), SPARSE)
     prompt = random_ids(90, seed=4).tolist()
-    caches = {"dense": DynamicCache(config=model.config), "compact": DGACache(model, mode="compact")}
+    caches = {"dense": dense_cache(model), "compact": DGACache(model, mode="compact")}
     result = decode(model, prompt, 12, caches)
-    for name, factory in (("dense", lambda: DynamicCache(config=model.config)), ("compact", lambda: DGACache(model, mode="compact"))):
+    for name, factory in (("dense", lambda: dense_cache(model)), ("compact", lambda: DGACache(model, mode="compact"))):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, **{CACHE: factory()})
         assert result[name]["tokens"] == expected[0, 90:].tolist()
         assert result[name]["itl_ms"] > 0 and result[name]["kv_bytes"] == dga_hf.decoding.cache_nbytes(caches[name])
     assert result["dense"]["tokens"] != result["compact"]["tokens"]  # the two runs are not one run counted twice
+
+
+def test_static_cache_baseline_of_the_speed_benchmark_decodes_like_a_dynamic_cache():
+    """The benchmark's "static" baseline (unpatched model, preallocated StaticCache; transformers 4.x needs
+    max_batch_size) decodes the same greedy tokens as a DynamicCache."""
+    from transformers import StaticCache
+
+    from dga_hf.bench.decoding import _needs_batch_size, decode
+
+    model = make_model("llama")
+    prompt = random_ids(40, seed=6).tolist()
+    static = StaticCache(config=model.config, max_cache_len=60, **({"max_batch_size": 1} if _needs_batch_size() else {}))
+    result = decode(model, prompt, 10, {"static": static, "dense": dense_cache(model)})
+    assert result["static"]["tokens"] == result["dense"]["tokens"]

@@ -31,10 +31,10 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from ..config import DGAConfig, resolve_config
-from ..decoding import DGACache, cache_keyword, cache_nbytes
+from ..decoding import DGACache, cache_keyword, cache_nbytes, dense_cache
 
 
 @torch.no_grad()
@@ -72,8 +72,15 @@ def decode(model, prompt: list[int], new_tokens: int, caches: dict) -> dict:
     }
 
 
+def _needs_batch_size() -> bool:
+    """transformers 4.x's StaticCache takes max_batch_size; 5.x sizes itself at the first update."""
+    import inspect
+
+    return "max_batch_size" in inspect.signature(StaticCache.__init__).parameters
+
+
 def _make_cache(model, name: str):
-    return DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name)
+    return dense_cache(model) if name == "dense" else DGACache(model, mode=name)
 
 
 def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
@@ -267,9 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     names = args.caches.split(",")
     results = {}
     unpatched = {  # the unpatched model (dense prefill, its own attention): runs of their own
-        "sdpa": lambda: DynamicCache(config=model.config),
+        "sdpa": lambda: dense_cache(model),
         # preallocated: dense decoding without the DynamicCache's per-step concatenation of the whole cache
-        "static": lambda: StaticCache(config=model.config, max_cache_len=args.length + args.new_tokens),
+        "static": lambda: StaticCache(config=model.config, max_cache_len=args.length + args.new_tokens,
+                                      **({"max_batch_size": 1} if _needs_batch_size() else {})),
     }
     if any(name in unpatched for name in names):
         dga_hf.unpatch(model)
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             if name in unpatched:
                 results[name] = decode(model, prompt, args.new_tokens, {name: unpatched[name]()})[name]
         dga_hf.patch(model, settings)
-    caches = {name: DynamicCache(config=model.config) if name == "dense" else DGACache(model, mode=name, **expand)
+    caches = {name: dense_cache(model) if name == "dense" else DGACache(model, mode=name, **expand)
               for name in names if name not in unpatched}
     results.update(decode(model, prompt, args.new_tokens, caches))
     del caches
