@@ -8,8 +8,11 @@ prefill (or a refresh) has chosen the focal set F:
   tokens of blocks > beta - n up to i: the spec's step 5 with the current F;
 - the aggregate of block c is computed when its last position e_c is processed, from its non-focal
   members, with q_bar_c = mean over the G query heads of the query at e_c (recorded for later refreshes);
-- every `refresh_every` tokens (default ceil(1.1 * m), the paper's schedule) F is re-selected with the
-  latest query (after that step's output) and the aggregates whose membership changed are recomputed.
+- keep_full one-token steps read the raw tokens of the `expand_blocks` old blocks whose key bound scores
+  highest for the step's query instead of their aggregates;
+- every `refresh_every` tokens (default ceil(1.1 * m), the paper's schedule; with block expansion every
+  max(that, window / 8)) F is re-selected with the latest query (after that step's output) and the
+  aggregates whose membership changed are recomputed.
 
 How the attention function reaches the state: Transformers does not hand the cache to the attention
 function, but it hands over exactly the key/value tensors that `cache.update` returned. `DGALayer.update`
@@ -986,7 +989,7 @@ class DGACache(DynamicCache):
     """A DynamicCache for models patched with DGA: decoding steps attend to the focal tokens, the block
     aggregates and the local window instead of the whole cache (docs/decoding.md).
 
-        cache = dga_hf.DGACache(model)                       # keep_full, refresh every ceil(1.1 m) tokens
+        cache = dga_hf.DGACache(model)                       # keep_full, 64 expanded blocks per step
         cache = dga_hf.DGACache(model, mode="compact")       # also drops what DGA does not read
         model.generate(ids, past_key_values=cache, ...)      # `cache=` on transformers >= 5.x
 
@@ -995,8 +998,10 @@ class DGACache(DynamicCache):
             creates layers as they are first used.
         mode: "keep_full" (every token kept, refreshes may pick any) or "compact" (non-focal tokens are
             dropped once aggregated; refreshes re-rank the held tokens only).
-        refresh_every: re-select the focal set every this many tokens; "auto" = ceil(1.1 * group_size),
-            None or 0 = never (the prefill's selection is kept; aggregates still follow new blocks).
+        refresh_every: re-select the focal set every this many tokens; "auto" = ceil(1.1 * group_size) (the
+            paper's schedule), or max(that, local window / 8) when keep_full expands blocks
+            (`refresh_interval`); None or 0 = never (the prefill's selection is kept; aggregates still
+            follow new blocks).
         expand_blocks: keep_full only: each decoding step reads the raw tokens of this many old blocks (those
             whose keys could score highest for the step's query) instead of their aggregates; "auto" = 64 in
             keep_full, 0 in compact; 0 = never.
