@@ -65,6 +65,11 @@ PREFILL_SPARE = 256  # decoded tokens the buffers sized at prefill can take befo
 # instead of their aggregates; measured on SmolLM2-135M (docs/decoding.md): 16 blocks lost 22 points of
 # long-range copy at 4K, 32 blocks 7, 64 blocks none.
 DEFAULT_EXPAND_BLOCKS = 64
+# a keep_full one-token step that would read at least this share of the cached keys runs dense attention
+# over the archive instead: such a step cannot save a quarter of the traffic, less than the cost of its ~25
+# small ops per layer against one fused SDPA (measured on the CPU, docs/decoding.md: at 4K keep_full read
+# 88% of the keys and was 1.18x slower than dense decoding, at 8K 53% and 1.3-1.5x faster)
+DEFAULT_DENSE_SHARE = 0.75
 
 
 def expand_blocks_for(mode: str, expand_blocks: int | str) -> int:
@@ -79,6 +84,20 @@ def expand_blocks_for(mode: str, expand_blocks: int | str) -> int:
             f"expand_blocks={expand_blocks} needs mode='keep_full': mode={mode!r} drops the raw tokens of old blocks"
         )
     return expand_blocks
+
+
+def dense_share_for(mode: str, dense_share: float | str | None) -> float | None:
+    """The share of the cached keys from which a keep_full one-token step is dense attention over the
+    archive: "auto" = DEFAULT_DENSE_SHARE in keep_full, None (never) in compact (no archive to read)."""
+    if dense_share == "auto":
+        return DEFAULT_DENSE_SHARE if mode == "keep_full" else None
+    if dense_share is None:
+        return None
+    if isinstance(dense_share, bool) or not isinstance(dense_share, (int, float)) or not 0 < dense_share <= 1:
+        raise ValueError(f"dense_share={dense_share!r} is invalid: 'auto', None (never) or a number in (0, 1]")
+    if mode != "keep_full":
+        raise ValueError(f"dense_share={dense_share} needs mode='keep_full': mode={mode!r} drops the raw tokens of old blocks")
+    return float(dense_share)
 
 
 def refresh_interval(group_size: int, expanding_window: int = 0) -> int:
@@ -197,7 +216,7 @@ class DGADecodeState:
 
     def __init__(
         self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
-        shared: dict | None = None,
+        dense_share: float | str | None = "auto", shared: dict | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"DGACache mode={mode!r} is invalid: allowed values are {MODES}")
@@ -206,6 +225,7 @@ class DGADecodeState:
         self.mode = mode
         self.refresh_every = refresh_every
         self.expand_blocks = expand_blocks_for(mode, expand_blocks)
+        self.dense_share = dense_share_for(mode, dense_share)
         self.shared = {} if shared is None else shared
         self.seen = 0
         self.pending = 0
@@ -529,7 +549,10 @@ class DGADecodeState:
             ws_focal = torch.cat([self.ring_focal, new_focal], dim=2)
 
         self._close_blocks(q5, ws_k, ws_v, ws_pos, ws_focal, old, counts, scale)
-        out = self._attend_streams(q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid)
+        if q_len == 1 and self.dense_share is not None and self.keep_archive and self._reads_most_keys(new):
+            out = self._attend_archive(q5, new, scale, all_valid)
+        else:
+            out = self._attend_streams(q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid)
         out = out.reshape(batch, q_heads, q_len, -1)
         if not all_valid:
             out = out * valid_new[:, None, :, None]
@@ -602,7 +625,7 @@ class DGADecodeState:
         the window iff first <= its position <= the query's (empty ring slots hold -1). One comparison per
         stream: a decoding step is a few dozen small ops per layer."""
         m, n, window = self.m, self.n, self.window
-        old_blocks = max(0, max((t - 1) // m for t in new) - n + 1)
+        old_blocks = self._old_blocks(new)
         focal_slots = self.focal_hi
         dtype = self.ring_k.dtype
         focal_k, focal_v = self.focal_k[:, :, :focal_slots], self.focal_v[:, :, :focal_slots]
@@ -669,6 +692,34 @@ class DGADecodeState:
             outputs.append(out.view(batch, heads, group, hi - lo, -1))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return out.to(self.cd)
+
+    def _old_blocks(self, new: list[int]) -> int:
+        """Blocks old for the longest row's last new token: its window starts at block beta - n + 1."""
+        return max(0, max((t - 1) // self.m for t in new) - self.n + 1)
+
+    def _reads_most_keys(self, new: list[int]) -> bool:
+        """The dense-step rule (keep_full, one-token steps): the keys a DGA step may read (every focal slot,
+        every old block, the expanded blocks' tokens, the window) are at least `dense_share` of the
+        shortest row's tokens."""
+        old_blocks = self._old_blocks(new)
+        reads = self.focal_hi + old_blocks + min(self.expand, old_blocks) * self.m + self.window
+        return reads >= self.dense_share * min(new)
+
+    def _attend_archive(self, q5, new: list[int], scale: float, all_valid: bool) -> torch.Tensor:
+        """Dense attention of each row's new token over the row's cached tokens (archive positions < new_b;
+        the new token is already written). q5 [B, H, G, 1, d] -> [B, H, G, 1, dv] in the compute dtype."""
+        batch, heads, group, _, dim = q5.shape
+        top = max(new)
+        keys, values = self.arch_k[:, :, :top], self.arch_v[:, :, :top]
+        mask = None
+        if min(new) != top:
+            real = torch.arange(top, device=q5.device) < torch.tensor(new, device=q5.device)[:, None]
+            mask = real[:, None, None, :]
+        query = q5.reshape(batch, heads * group, 1, dim).to(keys.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        if not all_valid:  # a row without a real new token (and possibly no token at all) outputs zeros
+            out = out.nan_to_num(0.0)
+        return out.view(batch, heads, group, 1, -1).to(self.cd)
 
     def _expanded_blocks(self, q_tile, agg_logits, old_blocks: int):
         """One-token keep_full step: the old blocks whose best key could score highest for this query are read
@@ -923,13 +974,13 @@ class DGALayer(_LayerBase):
 
     def __init__(
         self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
-        shared: dict | None = None,
+        dense_share: float | str | None = "auto", shared: dict | None = None,
     ):
         if _LayerBase is not object:
             super().__init__()
         self.keys = self.values = None
         self.is_initialized = False
-        self._options = (mode, refresh_every, expand_blocks, shared)
+        self._options = (mode, refresh_every, expand_blocks, dense_share, shared)
         self.state = DGADecodeState(*self._options)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -1005,23 +1056,28 @@ class DGACache(DynamicCache):
         expand_blocks: keep_full only: each decoding step reads the raw tokens of this many old blocks (those
             whose keys could score highest for the step's query) instead of their aggregates; "auto" = 64 in
             keep_full, 0 in compact; 0 = never.
+        dense_share: keep_full only: a one-token step that would read at least this share of the cached keys
+            is dense attention over all of them instead (exact, and cheaper there); "auto" = 0.75 in
+            keep_full, None in compact; None = never.
     """
 
     def __init__(
         self, model_or_config: Any = None, *, mode: str = "keep_full", refresh_every: int | str | None = "auto",
         expand_blocks: int | str = "auto",
+        dense_share: float | str | None = "auto",
     ):
-        DGADecodeState(mode, refresh_every, expand_blocks)  # validates the options
+        DGADecodeState(mode, refresh_every, expand_blocks, dense_share)  # validates the options
         self.mode = mode
         self.refresh_every = refresh_every
         self.expand_blocks = expand_blocks
+        self.dense_share = dense_share
         self._shared: dict = {}
         config = getattr(model_or_config, "config", model_or_config)
         layers = None
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             layers = getattr(text, "num_hidden_layers", None)
-        self._factory = functools.partial(DGALayer, mode, refresh_every, expand_blocks, self._shared)
+        self._factory = functools.partial(DGALayer, mode, refresh_every, expand_blocks, dense_share, self._shared)
         if _LayerBase is object:  # pragma: no cover - transformers 4.53
             DynamicCache.__init__(self)
             self.layers = [self._factory() for _ in range(layers or 0)]
@@ -1091,7 +1147,7 @@ class DGACache(DynamicCache):
     def __repr__(self) -> str:
         return (
             f"DGACache(mode={self.mode!r}, refresh_every={self.refresh_every!r}, "
-            f"expand_blocks={self.expand_blocks!r}, layers={len(self.layers)})"
+            f"expand_blocks={self.expand_blocks!r}, dense_share={self.dense_share!r}, layers={len(self.layers)})"
         )
 
 
@@ -1102,17 +1158,20 @@ _OPTIONS = "_dga_decoding"
 
 
 def enable_decoding(
-    model: Any, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto"
+    model: Any, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
+    dense_share: float | str | None = "auto",
 ) -> Any:
-    """Make `model.generate()` decode with a `DGACache(model, mode, refresh_every, expand_blocks)` whenever
+    """Make `model.generate()` decode with a `DGACache(model, mode, refresh_every, expand_blocks, dense_share)` whenever
     the model is patched and generate would otherwise create a plain DynamicCache (opt-in: `dga_hf.patch`
     alone keeps decoding dense). A cache passed by the caller is always kept as is; assisted generation (which needs a croppable cache) and static/quantized/offloaded caches are left alone.
 
     Transformers has no public hook for the cache class generate() creates (`cache_implementation` only
     accepts its own names), so this wraps the model instance's `_prepare_cache_for_generation`: the wrapper
     calls the original and then swaps the DynamicCache it created. Nothing changes at class level."""
-    DGADecodeState(mode, refresh_every, expand_blocks)  # validates the options
-    model.__dict__[_OPTIONS] = {"mode": mode, "refresh_every": refresh_every, "expand_blocks": expand_blocks}
+    DGADecodeState(mode, refresh_every, expand_blocks, dense_share)  # validates the options
+    model.__dict__[_OPTIONS] = {
+        "mode": mode, "refresh_every": refresh_every, "expand_blocks": expand_blocks, "dense_share": dense_share,
+    }
     hook = model.__dict__.get(_HOOK)
     if not (isinstance(hook, types.MethodType) and hook.__func__ is _prepare_cache_hook):
         model.__dict__[_HOOK] = types.MethodType(_prepare_cache_hook, model)

@@ -160,7 +160,7 @@ def qkv(batch: int, length: int, seed: int):
 def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None, expand=0):
     """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d].
     `expand`: keep_full's expand_blocks (0, the base rule, unless a test is about expansion)."""
-    cache = cache or DGACache(mode=mode, refresh_every=every, expand_blocks=expand)
+    cache = cache if cache is not None else DGACache(mode=mode, refresh_every=every, expand_blocks=expand, dense_share=None)
     t, outs = 0, []
     for size in [prompt_len, *steps]:
         key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
@@ -238,6 +238,65 @@ def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token(
 
     everything, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9, expand=100)
     torch.testing.assert_close(everything[:, :, 70:], dense_attention(q, k, v, scale=SCALE)[:, :, 70:], rtol=0, atol=1e-12)
+
+
+class ArchiveSteps:
+    """Counts the dense steps over the archive (DGADecodeState._attend_archive) per call of `attend`."""
+
+    def __init__(self, monkeypatch):
+        self.dense: list[bool] = []
+        self.decisions: list[tuple] = []  # (row lengths after the step, focal slots, decision)
+        real_attend, real_archive = DGADecodeState.attend, DGADecodeState._attend_archive
+        real_rule = DGADecodeState._reads_most_keys
+
+        def rule(state, new):
+            decision = real_rule(state, new)
+            self.decisions.append((list(new), state.focal_hi, decision))
+            return decision
+
+        def archive(state, *args, **kwargs):
+            self.dense[-1] = True
+            return real_archive(state, *args, **kwargs)
+
+        def attend(state, *args, **kwargs):
+            self.dense.append(False)
+            return real_attend(state, *args, **kwargs)
+
+        monkeypatch.setattr(DGADecodeState, "_attend_archive", archive)
+        monkeypatch.setattr(DGADecodeState, "_reads_most_keys", rule)
+        monkeypatch.setattr(DGADecodeState, "attend", attend)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatch, padded):
+    """keep_full one-token steps that would read at least `dense_share` of the keys are dense attention over
+    every cached token (exact); the others equal the rule without the fallback. With a long enough
+    continuation the estimate falls below the share, so both kinds occur; chunks never take the dense path."""
+    from dga_hf.ops.dense import dense_attention
+
+    q, k, v = qkv(2, 260, seed=8)
+    mask = torch.ones(2, 260, dtype=torch.bool)
+    if padded:
+        mask[1, :9] = False
+    steps = [1] * 30 + [7] + [1] * 120
+    counted = ArchiveSteps(monkeypatch)
+    cache = DGACache(mode="keep_full", refresh_every=9, expand_blocks=2, dense_share=0.6)
+    out, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9, mask=mask, cache=cache, expand=2)
+    base, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9, mask=mask, expand=2)
+    fed = 70 + sum(steps)
+    dense = dense_attention(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], scale=SCALE, padding_mask=mask[:, :fed])
+    kinds = counted.dense[1:]  # the prefill is never an archive step
+    assert any(kinds) and not all(kinds) and not counted.dense[0] and not kinds[30]  # kinds[30]: the chunk
+    m, n, expand = CFG.group_size, CFG.local_blocks, 2
+    for new, focal_slots, decision in counted.decisions:  # the rule as docs/decoding.md writes it
+        old = max(0, (max(new) - 1) // m - n + 1)
+        assert decision == (focal_slots + old + min(expand, old) * m + n * m >= 0.6 * min(new))
+    t = 70
+    for is_dense, size in zip(kinds, steps):
+        expected = dense if is_dense else base
+        torch.testing.assert_close(out[:, :, t : t + size], expected[:, :, t : t + size], rtol=0, atol=1e-12)
+        t += size
+    torch.testing.assert_close(out[:, :, :70], base[:, :, :70], rtol=0, atol=0)
 
 
 def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
@@ -457,7 +516,7 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
     recorder = Recorder(monkeypatch)
     ids = random_ids(1, 100, seed=13)
     expand = 2 if mode == "keep_full" else 0
-    cache = DGACache(model, mode=mode, refresh_every=5, expand_blocks=expand)
+    cache = DGACache(model, mode=mode, refresh_every=5, expand_blocks=expand, dense_share=None)
     steps = [12] + [1] * 18
     with torch.no_grad():
         model(input_ids=ids[:, :70], use_cache=True, **{CACHE: cache})
@@ -531,7 +590,7 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     dga_hf.disable_decoding(model)
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
     dga_hf.enable_decoding(model, mode="compact")
-    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto", "expand_blocks": "auto"}
+    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto", "expand_blocks": "auto", "dense_share": "auto"}
     dga_hf.patch(model, SPARSE.replace(local_blocks=1))  # patching again keeps the decoding options
     assert cache_of(model.generate(**kwargs)).mode == "compact"
     assert dga_hf.decoding.cache_for(model).mode == "compact"
@@ -548,6 +607,12 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
         DGACache(expand_blocks=-1)
     assert DGACache().layers == [] and DGACache(mode="compact").expand_blocks == "auto"
     assert dga_hf.decoding.expand_blocks_for("keep_full", "auto") == 64 and dga_hf.decoding.expand_blocks_for("compact", "auto") == 0
+    for bad in (0, 1.5, -0.2, "half", True):
+        with pytest.raises(ValueError, match=r"dense_share=.* is invalid: 'auto', None \(never\) or a number in \(0, 1\]"):
+            DGACache(dense_share=bad)
+    with pytest.raises(ValueError, match=r"dense_share=0.5 needs mode='keep_full'"):
+        dga_hf.enable_decoding(model, mode="compact", dense_share=0.5)
+    assert dga_hf.decoding.dense_share_for("keep_full", "auto") == 0.75 and dga_hf.decoding.dense_share_for("compact", "auto") is None
 
 
 def test_static_cache_and_beam_search():
