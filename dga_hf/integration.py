@@ -27,11 +27,16 @@ from .ops import dense_attention, dga_attention
 
 try:  # AttentionMaskInterface appeared in transformers 4.53
     from transformers import AttentionMaskInterface
+    from transformers import masking_utils
     from transformers.masking_utils import causal_mask_function
 except ImportError as error:  # pragma: no cover - guarded by install_requires
     raise ImportError("dga_hf needs transformers>=4.53 (AttentionMaskInterface)") from error
 
 ATTN_NAME = "dga"
+# Transformers detects packed sequences (position ids restarting inside a row) in its masks from 4.56 on, and
+# then hands `dga_mask` a mask function that the check below refuses; before that the attention function
+# refuses them itself from the position ids the decoder layer passes it.
+_MASKS_DETECT_PACKING = hasattr(masking_utils, "find_packed_sequence_indices")
 _ORIGINAL_ATTN = "_dga_original_attn_implementation"
 
 
@@ -79,6 +84,8 @@ def dga_attention_forward(
             f"DGA expects the [batch, kv_len] padding mask made by its mask function, got a "
             f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (custom 4-D masks are not supported)"
         )
+    if not _MASKS_DETECT_PACKING and attention_mask is None:
+        _refuse_packed_positions(kwargs.get("position_ids"))
     state = getattr(key, "_dga_state", None)  # set by a DGACache (dga_hf.decoding) on the keys it returns
     if state is None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         raise ValueError(
@@ -94,6 +101,16 @@ def dga_attention_forward(
     else:
         out = dense_attention(query, key, value, scale=scaling, padding_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_packed_positions(position_ids: torch.Tensor | None) -> None:
+    """Transformers < 4.56: refuse position ids that restart inside a row (as later versions' masks do, only
+    without a padding mask: with one, generate's position ids jump over the padding)."""
+    if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise ValueError(
+            "DGA implements plain causal attention with a padding mask; the position ids restart inside a row "
+            "(packed sequences), which DGA does not support"
+        )
 
 
 def _use_dga(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, config: DGAConfig) -> bool:
