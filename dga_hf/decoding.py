@@ -393,7 +393,8 @@ class DGADecodeState:
         def blocked(x):
             return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, num_blocks, m, x.shape[-1])
 
-        agg_k, agg_v, lse, cnt = _aggregate(qbar, blocked(k), blocked(v), members, scale)
+        block_keys = blocked(k)  # a padded copy: made once for the aggregates and the key bounds
+        agg_k, agg_v, lse, cnt = _aggregate(qbar, block_keys, blocked(v), members, scale)
         capacity = num_blocks + 1 + PREFILL_SPARE // m
         if self.keep_archive:
             self.qbar = _grow(qbar, 2, capacity, exact=True)
@@ -415,7 +416,7 @@ class DGADecodeState:
         self.agg_cnt = _grow(cnt, 2, capacity, exact=True)
         self.agg_bias = self._bias(self.agg_lse, self.agg_cnt)
         if self.expand:
-            self.blk_bound = _grow(torch.cat([blocked(k).amax(3), blocked(k).amin(3)], dim=-1), 2, capacity, exact=True)
+            self.blk_bound = _grow(torch.cat([block_keys.amax(3), block_keys.amin(3)], dim=-1), 2, capacity, exact=True)
 
         if self.keep_archive:  # room for PREFILL_SPARE decoded tokens before the first growth
             self.arch_k = _grow(k, 2, seq_len + PREFILL_SPARE, exact=True, multiple=m)

@@ -679,12 +679,9 @@ def test_interleaved_speed_benchmark_decodes_each_cache_greedily():
 def test_static_cache_baseline_of_the_speed_benchmark_decodes_like_a_dynamic_cache():
     """The benchmark's "static" baseline (unpatched model, preallocated StaticCache; transformers 4.x needs
     max_batch_size) decodes the same greedy tokens as a DynamicCache."""
-    from transformers import StaticCache
-
-    from dga_hf.bench.decoding import _needs_batch_size, decode
+    from dga_hf.bench.decoding import decode, static_cache
 
     model = make_model("llama")
     prompt = random_ids(40, seed=6).tolist()
-    static = StaticCache(config=model.config, max_cache_len=60, **({"max_batch_size": 1} if _needs_batch_size() else {}))
-    result = decode(model, prompt, 10, {"static": static, "dense": dense_cache(model)})
+    result = decode(model, prompt, 10, {"static": static_cache(model, 60), "dense": dense_cache(model)})
     assert result["static"]["tokens"] == result["dense"]["tokens"]

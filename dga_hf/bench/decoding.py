@@ -72,15 +72,18 @@ def decode(model, prompt: list[int], new_tokens: int, caches: dict) -> dict:
     }
 
 
-def _needs_batch_size() -> bool:
-    """transformers 4.x's StaticCache takes max_batch_size; 5.x sizes itself at the first update."""
+def static_cache(model, max_length: int) -> StaticCache:
+    """A preallocated dense cache of `max_length` positions for one row (transformers 4.x's StaticCache takes
+    max_batch_size; 5.x sizes itself at the first update)."""
     import inspect
 
-    return "max_batch_size" in inspect.signature(StaticCache.__init__).parameters
+    batch = {"max_batch_size": 1} if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters else {}
+    return StaticCache(config=model.config, max_cache_len=max_length, **batch)
 
 
-def _make_cache(model, name: str):
-    return dense_cache(model) if name == "dense" else DGACache(model, mode=name)
+def _make_cache(model, name: str, **options):
+    """A DynamicCache for "dense", else a DGACache in that mode (with `options`)."""
+    return dense_cache(model) if name == "dense" else DGACache(model, mode=name, **options)
 
 
 def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
@@ -276,8 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     unpatched = {  # the unpatched model (dense prefill, its own attention): runs of their own
         "sdpa": lambda: dense_cache(model),
         # preallocated: dense decoding without the DynamicCache's per-step concatenation of the whole cache
-        "static": lambda: StaticCache(config=model.config, max_cache_len=args.length + args.new_tokens,
-                                      **({"max_batch_size": 1} if _needs_batch_size() else {})),
+        "static": lambda: static_cache(model, args.length + args.new_tokens),
     }
     if any(name in unpatched for name in names):
         dga_hf.unpatch(model)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             if name in unpatched:
                 results[name] = decode(model, prompt, args.new_tokens, {name: unpatched[name]()})[name]
         dga_hf.patch(model, settings)
-    caches = {name: dense_cache(model) if name == "dense" else DGACache(model, mode=name, **expand)
+    caches = {name: _make_cache(model, name, **expand)
               for name in names if name not in unpatched}
     results.update(decode(model, prompt, args.new_tokens, caches))
     del caches
