@@ -316,13 +316,15 @@ class DGADecodeState:
         self.cd = compute_dtype(query.dtype)
         q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
         q5 = q.view(batch, heads, q_heads // heads, seq_len, head_dim)
+        chosen = resolve_backend(config.backend, query.device)
+        # one-token steps on the Triton backend run its decode kernels (float64 has no kernel: PyTorch path)
+        self.fused = chosen == "triton" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
         if dense or seq_len < config.min_seq_len:
             out = dense_attention(query, key, value, scale=scale, padding_mask=padding_mask)
             real = torch.arange(seq_len, device=query.device)[None, :] < lengths[:, None]
             focal = real[:, None, :].expand(batch, heads, seq_len)
         else:
             layout = build_layout(q5, k, v, lengths, config, scale)
-            chosen = resolve_backend(config.backend, query.device)
             if chosen == "naive":
                 out = naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
             else:
@@ -552,6 +554,8 @@ class DGADecodeState:
         self._close_blocks(q5, ws_k, ws_v, ws_pos, ws_focal, old, counts, scale)
         if q_len == 1 and self.dense_share is not None and self.keep_archive and self._reads_most_keys(new):
             out = self._attend_archive(q5, new, scale, all_valid)
+        elif q_len == 1 and self.fused:
+            out = self._attend_fused(q5, pos_new, new, scale)
         else:
             out = self._attend_streams(q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid)
         out = out.reshape(batch, q_heads, q_len, -1)
@@ -722,31 +726,60 @@ class DGADecodeState:
             out = out.nan_to_num(0.0)
         return out.view(batch, heads, group, 1, -1).to(self.cd)
 
-    def _expanded_blocks(self, q_tile, agg_logits, old_blocks: int):
-        """One-token keep_full step: the old blocks whose best key could score highest for this query are read
-        raw. Per kv head, the bound max_g sum_d max(q_d * min_d, q_d * max_d) of each visible non-empty old
-        block (``agg_logits`` -inf marks the others) ranks them; the top
-        ``expand`` lose their aggregate logit (set to -inf in place) and all their m tokens come back as raw
-        keys (the caller hides their focal tokens from the focal stream: each token is read once).
-        q_tile [B, H, G, d] (scaled). Returns the expanded blocks [B, H, nb] bool, logits [B, H, G, E*m],
-        values [B, H, E*m, dv]."""
-        m = self.m
+    def _expansion(self, q_tile, visible, old_blocks: int):
+        """The old blocks a one-token keep_full step reads raw: per kv head, the bound
+        max_g sum_d max(q_d * min_d, q_d * max_d) of each `visible` ([B, H, nb]: old for the row, non-empty)
+        block ranks them and the top ``expand`` are taken. q_tile [B, H, G, d] (scaled). Returns the chosen
+        blocks [B, H, E], which of them are usable (visible) [B, H, E] and the expanded blocks [B, H, nb]."""
         q = q_tile.to(self.cd)
         # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: one matmul against [max, min]
         signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, H, G, 2d]
         bound = (signed @ self.blk_bound[:, :, :old_blocks].to(self.cd).transpose(-1, -2)).amax(2)  # [B, H, nb]
-        visible = torch.isfinite(agg_logits[:, :, 0, 0])  # [B, H, nb]: old for this row and non-empty
         bound = bound.masked_fill(~visible, -math.inf)
         count = min(self.expand, old_blocks)
         # a top-k, not a stable sort (3x cheaper): an exact tie of two float bounds at the cut is broken by
         # torch.topk, not by position (the only departure from the rule; such ties need identical key boxes)
         chosen = torch.topk(bound, count, dim=-1, sorted=False).indices  # [B, H, E]
         usable = visible.gather(2, chosen)
-        expanded = torch.zeros_like(visible).scatter_(2, chosen, usable)
+        return chosen, usable, torch.zeros_like(visible).scatter_(2, chosen, usable)
+
+    def _expanded_blocks(self, q_tile, agg_logits, old_blocks: int):
+        """The expanded blocks of a one-token step (`_expansion`) for the PyTorch path: they lose their
+        aggregate logit (set to -inf in ``agg_logits`` in place) and all their m tokens come back as raw keys
+        (the caller hides their focal tokens from the focal stream: each token is read once).
+        Returns the expanded blocks [B, H, nb] bool, logits [B, H, G, E*m], values [B, H, E*m, dv]."""
+        m = self.m
+        visible = torch.isfinite(agg_logits[:, :, 0, 0])  # [B, H, nb]: old for this row and non-empty
+        chosen, usable, expanded = self._expansion(q_tile, visible, old_blocks)
         agg_logits.masked_fill_(expanded[:, :, None, None, :], -math.inf)
         keys, values = _gather_rows(self.arch_k, chosen, m), _gather_rows(self.arch_v, chosen, m)
         logits = (q_tile @ keys.transpose(-1, -2)).to(self.cd)  # [B, H, G, E*m]
         return expanded, logits.masked_fill_(~usable.repeat_interleave(m, dim=2)[:, :, None, :], -math.inf), values
+
+    def _attend_fused(self, q5, pos_new, new: list[int], scale: float) -> torch.Tensor:
+        """A one-token step in Triton kernels (ops/triton_decode.py): the same streams and rule as
+        `_attend_streams`, in two launches instead of a few dozen small ops. q5 [B, H, G, 1, d] ->
+        [B, H, G, 1, dv] in the compute dtype."""
+        from .ops import triton_decode
+
+        m, hi = self.m, self.focal_hi
+        old_blocks = self._old_blocks(new)
+        first_block = torch.div(pos_new[:, 0], m, rounding_mode="floor") - (self.n - 1)  # [B]
+        query = q5[:, :, :, 0]
+        agg_bias = self.agg_bias[:, :, :old_blocks]
+        expanded = None
+        if self.expand and old_blocks:
+            blocks = torch.arange(old_blocks, device=q5.device)
+            visible = (blocks < first_block[:, None, None]) & torch.isfinite(agg_bias)
+            chosen, usable, mask = self._expansion(query.to(self.ring_k.dtype) * scale, visible, old_blocks)
+            expanded = (mask, chosen, usable, self.arch_k, self.arch_v)
+        out = triton_decode.attend_step(
+            query, (first_block * m).clamp(min=0),
+            (self.focal_k[:, :, :hi], self.focal_v[:, :, :hi], self.focal_pos[:, :, :hi]),
+            (self.agg_k[:, :, :old_blocks], self.agg_v[:, :, :old_blocks], agg_bias),
+            expanded, (self.ring_k, self.ring_v, self.ring_pos), m, scale,
+        )
+        return out[:, :, :, None].to(self.cd)
 
     # ------------------------------------------------------------------------------------------ refresh
 

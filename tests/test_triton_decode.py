@@ -1,0 +1,153 @@
+"""The Triton kernels of a DGA decoding step (dga_hf/ops/triton_decode.py).
+
+A DGACache whose config has ``backend="triton"`` runs its one-token steps in these kernels. They are checked
+step by step against the float64 transcription of the decode rule (test_decoding.naive_decode: refreshes,
+block expansion, compact and keep_full, rows still dense) and, where the transcription's fixed head
+layout does not fit (GQA 1/3/4/8, head dims 64/80/96/128, left padding, bf16), against the PyTorch path of
+the same cache, which test_decoding checks against the transcription.
+
+Devices as in test_triton_backend.py (imported from there): ``cpu`` runs the kernels in Triton's
+interpreter, ``cuda`` the compiled kernels. The chunks are made small (16 keys, one dot per program) so
+that at these lengths every stream spans one or more chunks and some chunks end part-way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# test_triton_backend sets TRITON_INTERPRET on a CPU-only machine before triton is imported, and skips
+# the module when triton is missing; import it first.
+from test_triton_backend import DEVICES, INTERPRET  # noqa: I001
+
+from dga_hf import DGAConfig
+from dga_hf.ops import triton_decode
+from test_decoding import CFG, qkv, reference, run_cache
+
+
+@pytest.fixture
+def kernel_calls(request, monkeypatch):
+    """Counts the decode kernel's launches; small chunks unless the test is marked `default_chunks`."""
+    calls = []
+    original = triton_decode.attend_step
+    small = {} if request.node.get_closest_marker("default_chunks") else {"block_n": 16, "chunk_iters": 1}
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **small, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "attend_step", counted)
+    return calls
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mode,expand,every,cfg",
+    [
+        ("keep_full", 3, 5, CFG),
+        ("keep_full", 0, None, CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none")),
+        ("compact", 0, 5, CFG),
+        ("keep_full", 2, 4, CFG.replace(group_size=4, local_blocks=3, focal_ratio=0.15, min_seq_len=76)),
+    ],
+    ids=["keep_full-expand-refresh", "keep_full-one-local-block", "compact-refresh", "m4-n3-dense-rows-switch"],
+)
+def test_steps_match_the_transcription(mode, expand, every, cfg, device, kernel_calls):
+    q, k, v = qkv(1, 86, seed=21)
+    steps = [1] * 16
+    expected = reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    q, k, v = _on(device, q.float(), k.float(), v.float())
+    out, cache = run_cache(q, k, v, cfg.replace(backend="triton"), 70, steps, mode, every, expand=expand)
+    assert cache.layers[0].state.fused and len(kernel_calls) == len(steps)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)
+
+
+def _random(batch, kv_heads, group, length, dim, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, dim, generator=gen) * 1.5
+    k = torch.randn(batch, kv_heads, length, dim, generator=gen) * 1.5
+    v = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _both_paths(device, q, k, v, cfg, prompt, steps, mode, every, expand, mask=None):
+    torch_out, _ = run_cache(q, k, v, cfg.replace(backend="torch"), prompt, steps, mode, every, mask=mask, expand=expand)
+    q, k, v = _on(device, q, k, v)
+    mask = None if mask is None else mask.to(device)
+    fused, cache = run_cache(q, k, v, cfg.replace(backend="triton"), prompt, steps, mode, every, mask=mask, expand=expand)
+    return torch_out, fused.cpu(), cache
+
+
+CFG_GQA = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=3, sink_tokens=2, group_bias="log_size")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "group,dim,mode",
+    [(1, 64, "keep_full"), (3, 80, "compact"), (4, 96, "keep_full"), (8, 128, "keep_full")],
+    ids=["G1-d64", "G3-d80-compact", "G4-d96", "G8-d128"],
+)
+def test_gqa_head_dims_and_left_padding_match_the_pytorch_path(group, dim, mode, device, kernel_calls):
+    q, k, v = _random(2, 2, group, 84, dim, seed=group * dim)
+    mask = torch.ones(2, 84, dtype=torch.bool)
+    mask[1, :19] = False  # row 1: 51 real prompt tokens
+    mask[1, 77] = False  # ... and one padded new token (its row outputs zeros, its state is left as it was)
+    steps = [1] * 14
+    expand = 3 if mode == "keep_full" else 0
+    expected, got, cache = _both_paths(device, q, k, v, CFG_GQA, 70, steps, mode, 6, expand, mask)
+    assert cache.layers[0].state.fused and len(kernel_calls) == len(steps)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    assert got[1, :, 77].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.default_chunks
+def test_bfloat16_with_default_chunks_stays_close_to_float32(device, kernel_calls):
+    """bf16 state, fp32 logits and accumulation in the kernel: measured against the float32 PyTorch path on
+    the same rounded inputs (the bf16 PyTorch path, whose logits are bf16, is 3-4x further off)."""
+    q, k, v = _random(1, 2, 4, 90, 64, seed=5, dtype=torch.bfloat16)
+    steps = [1] * 10
+    _, got, _ = _both_paths(device, q, k, v, CFG_GQA, 72, steps, "keep_full", 5, 4)
+    assert got.dtype == torch.bfloat16 and len(kernel_calls) == len(steps)
+    reference_fp32, _ = run_cache(q.float(), k.float(), v.float(), CFG_GQA, 72, steps, "keep_full", 5, expand=4)
+    error = (got.float() - reference_fp32)[:, :, 72:].abs()
+    assert error.max() < 0.03 and error.mean() < 2e-3, (error.max(), error.mean())
+
+
+def test_float64_and_chunked_steps_take_the_pytorch_path(kernel_calls):
+    """The kernels have no float64 path and take one token per row: float64 caches and multi-token steps
+    (chunked prefill) run the PyTorch streams, with the same results as a torch-backend cache."""
+    q, k, v = qkv(1, 100, seed=3)
+    cfg = CFG.replace(backend="triton")
+    out, cache = run_cache(q, k, v, cfg, 70, [1] * 5, "keep_full", 4, expand=2)
+    assert not cache.layers[0].state.fused and not kernel_calls
+    expected, _ = run_cache(q, k, v, CFG, 70, [1] * 5, "keep_full", 4, expand=2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    q, k, v = (x.float() for x in (q, k, v))
+    chunked, cache = run_cache(q, k, v, cfg, 60, [12, 1], "compact", None)
+    assert cache.layers[0].state.fused and len(kernel_calls) == 1  # only the one-token step
+    expected, _ = run_cache(q, k, v, CFG, 60, [12, 1], "compact", None)
+    torch.testing.assert_close(chunked, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_plan_rejects_bad_tiles():
+    assert triton_decode.plan(torch.bfloat16, 128, 128, 4) == {
+        "BLOCK_N": 64, "CHUNK_ITERS": 4, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "num_warps": 4}
+    assert triton_decode.plan(torch.float32, 80, 80, 32)["BLOCK_G"] == 32
+    with pytest.raises(ValueError, match="power of two"):
+        triton_decode.plan(torch.float32, 64, 64, 4, block_n=24)
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled kernels, long rows)")
+@pytest.mark.default_chunks
+def test_cuda_long_context_shipped_preset(kernel_calls):
+    """The shipped preset at 6K tokens, Llama-3 head layout (GQA 4, d 128), bf16, default chunks."""
+    cfg = DGAConfig.preset("default")
+    q, k, v = _random(1, 2, 4, 6144 + 24, 128, seed=7, dtype=torch.bfloat16)
+    expected, got, _ = _both_paths("cuda", q.cuda(), k.cuda(), v.cuda(), cfg, 6144, [1] * 24, "keep_full", None, 64)
+    assert len(kernel_calls) == 24
+    torch.testing.assert_close(got.float(), expected.float().cpu(), atol=2e-2, rtol=2e-2)
