@@ -5,8 +5,8 @@
 #   3. the attention benchmark, results in $OUT/bench;
 #   4. its training table (forward + backward at 16K and 32K), added to the same report, in a process of
 #      its own (a fault in the backward kernels cannot take the prefill numbers with it);
-#   5. the attention of one decoding step, dense vs DGACache keep_full / compact, 16K to 128K
-#      ($OUT/bench/decode_step.md).
+#   5. the attention of one decoding step, dense vs DGACache keep_full / compact (Triton decode kernels, and
+#      keep_full on the PyTorch path too), 16K to 128K ($OUT/bench/decode_step.md).
 # Logs are tee'd to $OUT (default runs/gpu_check). Every step runs even if an earlier one failed; the exit
 # status is non-zero when any step failed. Budget: about 9 minutes (each step has its own timeout).
 set -uo pipefail
@@ -41,7 +41,8 @@ step pip_install 40 python -m pip install --no-deps --no-build-isolation -e .
 tests=(tests/test_triton_backend.py)
 [ -f tests/test_triton_backward.py ] && tests+=(tests/test_triton_backward.py)
 [ -f tests/test_ops.py ] && tests+=(tests/test_ops.py)
-step pytest 170 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
+[ -f tests/test_triton_decode.py ] && tests+=(tests/test_triton_decode.py)
+step pytest 160 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
 
 step model_smoke 45 python scripts/gpu_model_smoke.py
 
@@ -49,7 +50,7 @@ step bench 160 python -m dga_hf.bench.attention --out "$OUT/bench"
 
 step bench_train 90 python -m dga_hf.bench.attention --train-only --repeats 3 --out "$OUT/bench"
 
-step bench_decode 45 python -m dga_hf.bench.decoding --attention-step --lengths 16384,32768,65536,131072 --out "$OUT/bench"
+step bench_decode 55 python -m dga_hf.bench.decoding --attention-step --lengths 16384,32768,65536,131072 --out "$OUT/bench"
 
 echo "=== total $(( $(date +%s) - t0 ))s, status=$status" | tee -a "$OUT/summary.log"
 exit "$status"

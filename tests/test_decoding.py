@@ -655,9 +655,9 @@ def test_attention_step_benchmark_runs_on_cpu():
     from dga_hf.bench.decoding import attention_step, attention_step_markdown
 
     rows = attention_step([300], SPARSE, device="cpu", steps=3, q_heads=4, kv_heads=2, head_dim=16)
-    assert [r["cache"] for r in rows] == ["dense", "keep_full", "compact"]
+    assert [(r["cache"], r["backend"]) for r in rows] == [("dense", "sdpa"), ("keep_full", "torch"), ("compact", "torch")]
     assert all(r["median_ms"] > 0 for r in rows) and rows[0]["speedup_vs_dense"] == 1.0
-    assert "| 300 | compact |" in attention_step_markdown(rows, {"device": "cpu"})
+    assert "| 300 | compact | torch |" in attention_step_markdown(rows, {"device": "cpu"})
 
 
 def test_interleaved_speed_benchmark_decodes_each_cache_greedily():

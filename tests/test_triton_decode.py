@@ -134,6 +134,17 @@ def test_float64_and_chunked_steps_take_the_pytorch_path(kernel_calls):
     torch.testing.assert_close(chunked, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_attention_step_benchmark_times_both_decode_paths(kernel_calls):
+    """On the Triton backend the decoding table has keep_full twice: Triton kernels and PyTorch path."""
+    from dga_hf.bench.decoding import attention_step
+
+    rows = attention_step([100], CFG_GQA.replace(backend="triton"), device="cpu", steps=2, q_heads=4, kv_heads=2, head_dim=16)
+    assert [(r["cache"], r["backend"]) for r in rows] == [
+        ("dense", "sdpa"), ("keep_full", "triton"), ("compact", "triton"), ("keep_full", "torch")]
+    # compact's three steps (one warm-up); keep_full's steps read most of 100 keys, so they are dense steps
+    assert len(kernel_calls) == 3
+
+
 def test_plan_rejects_bad_tiles():
     assert triton_decode.plan(torch.bfloat16, 128, 128, 4) == {
         "BLOCK_N": 64, "CHUNK_ITERS": 4, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "num_warps": 4}

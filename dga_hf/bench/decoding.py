@@ -35,6 +35,7 @@ from transformers import StaticCache
 
 from ..config import DGAConfig, resolve_config
 from ..decoding import DGACache, cache_keyword, cache_nbytes, dense_cache
+from ..ops.dispatch import resolve_backend
 
 
 @torch.no_grad()
@@ -159,9 +160,14 @@ def _elapsed_ms(fn, device: torch.device) -> tuple[float, object]:
 def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cuda", steps: int = 40,
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, dtype: torch.dtype | None = None) -> list[dict]:
     """Per length and cache: ms of the attention of one decoding step (median and mean of `steps` steps
-    after a warm-up step), and the speed-up over dense."""
+    after a warm-up step), and the speed-up over dense. Where `settings` resolve to the Triton backend
+    (CUDA), keep_full runs twice: with the Triton decode kernels and with the PyTorch path."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    chosen = resolve_backend(settings.backend, device)
+    variants = [("keep_full", chosen), ("compact", chosen)]
+    if chosen == "triton":
+        variants.append(("keep_full", "torch"))
     rows = []
     for length in lengths:
         gen = torch.Generator(device=device).manual_seed(length)
@@ -171,28 +177,28 @@ def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cu
             return torch.randn(1, heads, total, head_dim, generator=gen, device=device, dtype=dtype)
 
         q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
-        times = {"dense": []}
+        times = {("dense", "sdpa"): []}
         for t in range(length, total):
             ms, _ = _elapsed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], enable_gqa=True), device)
-            times["dense"].append(ms)
-        for mode in ("keep_full", "compact"):
+            times[("dense", "sdpa")].append(ms)
+        for mode, backend in variants:
+            config = settings.replace(backend=backend)
             cache = DGACache(mode=mode)
             key, value = cache.update(k[:, :, :length], v[:, :, :length], 0)
-            key._dga_state.attend(q[:, :, :length], key, value, None, settings, None)
-            times[mode] = []
+            key._dga_state.attend(q[:, :, :length], key, value, None, config, None)
+            times[(mode, backend)] = []
             for t in range(length, total):
                 key, value = cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
-                ms, _ = _elapsed_ms(lambda: key._dga_state.attend(q[:, :, t : t + 1], key, value, None, settings, None), device)
-                times[mode].append(ms)
+                ms, _ = _elapsed_ms(lambda: key._dga_state.attend(q[:, :, t : t + 1], key, value, None, config, None), device)
+                times[(mode, backend)].append(ms)
             del cache
-        for name, values in times.items():
+        dense = statistics.median(times[("dense", "sdpa")][1:])
+        for (name, backend), values in times.items():
             timed = values[1:]  # the first step warms up (allocations, kernel selection)
             median = statistics.median(timed)
-            rows.append({"length": length, "cache": name, "median_ms": median, "mean_ms": statistics.mean(timed)})
-        dense = rows[-3]["median_ms"]
-        for row in rows[-3:]:
-            row["speedup_vs_dense"] = dense / row["median_ms"]
+            rows.append({"length": length, "cache": name, "backend": backend, "median_ms": median,
+                         "mean_ms": statistics.mean(timed), "speedup_vs_dense": dense / median})
     return rows
 
 
@@ -200,10 +206,10 @@ def attention_step_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Attention of one decoding step: dense vs DGACache", "",
         ", ".join(f"{k} {v}" for k, v in meta.items()), "",
-        "| length | cache | median ms | mean ms | speed-up over dense (median) |", "|---|---|---|---|---|",
+        "| length | cache | backend | median ms | mean ms | speed-up over dense (median) |", "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['length']} | {row['cache']} | {row['median_ms']:.3f} | {row['mean_ms']:.3f} | "
+        lines.append(f"| {row['length']} | {row['cache']} | {row['backend']} | {row['median_ms']:.3f} | {row['mean_ms']:.3f} | "
                      f"{row['speedup_vs_dense']:.2f}× |")
     return "\n".join(lines) + "\n"
 
