@@ -4,11 +4,12 @@
     dga_hf.patch(model)                                   # shipped default settings
     dga_hf.patch(model, dga_hf.DGAConfig(local_blocks=8))  # explicit settings
     dga_hf.unpatch(model)                                 # back to the exact original
-    dga_hf.enable_decoding(model, mode="compact")         # opt-in: generate() decodes with a DGACache
+    dga_hf.enable_decoding(model)                         # opt-in: generate() decodes with a DGACache
+    dga_hf.enable_decoding(model, dga_hf.DecodingConfig(mode="compact"))
     AutoModelForCausalLM.from_pretrained(path, attn_implementation="dga")
 """
 
-from .config import DGAConfig, preset_names
+from .config import DecodingConfig, DGAConfig, preset_names
 from .decoding import DGACache, disable_decoding, enable_decoding
 from .integration import check_supported, is_patched, patch, register, unpatch
 from .ops import dense_attention, dga_attention, naive_dga_attention
@@ -18,6 +19,7 @@ register()
 __all__ = [
     "DGACache",
     "DGAConfig",
+    "DecodingConfig",
     "check_supported",
     "dense_attention",
     "dga_attention",

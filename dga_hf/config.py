@@ -116,9 +116,106 @@ class DGAConfig:
         return total / total_dense
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
+def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"DGAConfig.{name}={value!r} is invalid: allowed range is an integer >= {minimum}")
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed range is an integer >= {minimum}")
+
+
+DECODING_MODES = ("keep_full", "compact")
+# keep_full decoding steps read the raw tokens of this many old blocks (those whose keys could score highest)
+# instead of their aggregates; measured on SmolLM2-135M (docs/decoding.md): 16 blocks lost 22 points of
+# long-range copy at 4K, 32 blocks 7, 64 blocks none.
+DEFAULT_EXPAND_BLOCKS = 64
+# a keep_full one-token step that would read at least this share of the cached keys runs dense attention
+# over the archive instead: such a step cannot save a quarter of the traffic, less than the cost of its ~25
+# small ops per layer against one fused SDPA (measured on the CPU, docs/decoding.md: at 4K keep_full read
+# 88% of the keys and was 1.18x slower than dense decoding, at 8K 53% and 1.3-1.5x faster)
+DEFAULT_DENSE_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Settings of DGA decoding (`dga_hf.DGACache`, `dga_hf.enable_decoding`; the rule: docs/decoding.md).
+
+    Attributes:
+        mode: ``"keep_full"`` (every token kept, refreshes may pick any; saves time, not memory) or
+            ``"compact"`` (non-focal tokens are dropped once aggregated; refreshes re-rank the held tokens).
+        refresh_every: re-select the focal set every this many tokens. ``"auto"`` = ceil(1.1 * group_size)
+            (the paper's schedule), or max(that, local window / 8) when keep_full expands blocks; ``None``
+            or ``0`` = never (aggregates still follow new blocks); else an integer ``>= 1``.
+        expand_blocks: keep_full only: each one-token step reads the raw tokens of this many old blocks
+            (those whose keys could score highest for its query) instead of their aggregates.
+            ``"auto"`` = 64 in keep_full, 0 in compact; else an integer ``>= 0``.
+        dense_share: keep_full only: a one-token step that would read at least this share of the cached
+            keys is dense attention over all of them (exact, and cheaper there). ``"auto"`` = 0.75 in
+            keep_full, ``None`` (never) in compact; else a number in ``(0, 1]``.
+    """
+
+    mode: str = "keep_full"
+    refresh_every: int | str | None = "auto"
+    expand_blocks: int | str = "auto"
+    dense_share: float | str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"DecodingConfig.mode={self.mode!r} is invalid: allowed values are {DECODING_MODES}")
+        if self.refresh_every not in ("auto", None):
+            _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
+        if self.expand_blocks != "auto":
+            _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
+            if self.expand_blocks and self.mode != "keep_full":
+                raise ValueError(
+                    f"DecodingConfig.expand_blocks={self.expand_blocks} needs mode='keep_full': mode={self.mode!r} "
+                    "drops the raw tokens of old blocks"
+                )
+        share = self.dense_share
+        if share not in ("auto", None):
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(
+                    f"DecodingConfig.dense_share={share!r} is invalid: allowed values are 'auto', None (never) "
+                    "or a number in (0, 1]"
+                )
+            if self.mode != "keep_full":
+                raise ValueError(
+                    f"DecodingConfig.dense_share={share} needs mode='keep_full': mode={self.mode!r} keeps no "
+                    "archive to read"
+                )
+            object.__setattr__(self, "dense_share", float(share))
+
+    @property
+    def expanded_blocks(self) -> int:
+        """The number of old blocks a one-token step expands ("auto" resolved)."""
+        if self.expand_blocks == "auto":
+            return DEFAULT_EXPAND_BLOCKS if self.mode == "keep_full" else 0
+        return self.expand_blocks
+
+    @property
+    def dense_step_share(self) -> float | None:
+        """The share of the cached keys from which a keep_full one-token step is dense ("auto" resolved)."""
+        if self.dense_share == "auto":
+            return DEFAULT_DENSE_SHARE if self.mode == "keep_full" else None
+        return self.dense_share
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_value(cls, value: "DecodingConfig | Mapping[str, Any] | str") -> "DecodingConfig":
+        """A `DecodingConfig` from a config, a dict of its fields or a mode name."""
+        if isinstance(value, DecodingConfig):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"DecodingConfig got unknown fields {unknown}: allowed fields are {sorted(known)}")
+            return cls(**dict(value))
+        raise TypeError(f"expected a DecodingConfig, a dict of its fields or a mode name, got {type(value).__name__}")
+
+    def replace(self, **changes: Any) -> "DecodingConfig":
+        return dataclasses.replace(self, **changes)
 
 
 def preset_names() -> list[str]:

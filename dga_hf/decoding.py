@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .config import DGAConfig
+from .config import DecodingConfig, DGAConfig
 from .ops import torch_backend
 from .ops.dense import dense_attention
 from .ops.dispatch import resolve_backend
@@ -55,51 +55,11 @@ try:  # transformers >= 4.54: caches are lists of layer objects
 except ImportError:  # pragma: no cover - transformers 4.53: DGACache keeps its own layer list
     _LayerBase = object
 
-MODES = ("keep_full", "compact")
 SENTINEL = 2**62  # position of an unused focal slot: its block is never old
 GROWTH = 1.25  # buffers grow geometrically (x1.25 + a fixed step), never by one token
 GROWTH_STEP = 64
 QUERY_TILE = 256  # queries per tile in a chunked-prefill step
 PREFILL_SPARE = 256  # decoded tokens the buffers sized at prefill can take before growing
-# keep_full decoding steps read the raw tokens of this many old blocks (those whose keys could score highest)
-# instead of their aggregates; measured on SmolLM2-135M (docs/decoding.md): 16 blocks lost 22 points of
-# long-range copy at 4K, 32 blocks 7, 64 blocks none.
-DEFAULT_EXPAND_BLOCKS = 64
-# a keep_full one-token step that would read at least this share of the cached keys runs dense attention
-# over the archive instead: such a step cannot save a quarter of the traffic, less than the cost of its ~25
-# small ops per layer against one fused SDPA (measured on the CPU, docs/decoding.md: at 4K keep_full read
-# 88% of the keys and was 1.18x slower than dense decoding, at 8K 53% and 1.3-1.5x faster)
-DEFAULT_DENSE_SHARE = 0.75
-
-
-def expand_blocks_for(mode: str, expand_blocks: int | str) -> int:
-    """The number of old blocks a decoding step expands: "auto" = DEFAULT_EXPAND_BLOCKS in keep_full, 0 in
-    compact (which no longer holds the raw tokens of old blocks)."""
-    if expand_blocks == "auto":
-        return DEFAULT_EXPAND_BLOCKS if mode == "keep_full" else 0
-    if isinstance(expand_blocks, bool) or not isinstance(expand_blocks, int) or expand_blocks < 0:
-        raise ValueError(f"expand_blocks={expand_blocks!r} is invalid: 'auto' or an integer >= 0")
-    if expand_blocks and mode != "keep_full":
-        raise ValueError(
-            f"expand_blocks={expand_blocks} needs mode='keep_full': mode={mode!r} drops the raw tokens of old blocks"
-        )
-    return expand_blocks
-
-
-def dense_share_for(mode: str, dense_share: float | str | None) -> float | None:
-    """The share of the cached keys from which a keep_full one-token step is dense attention over the
-    archive: "auto" = DEFAULT_DENSE_SHARE in keep_full, None (never) in compact (no archive to read)."""
-    if dense_share == "auto":
-        return DEFAULT_DENSE_SHARE if mode == "keep_full" else None
-    if dense_share is None:
-        return None
-    if isinstance(dense_share, bool) or not isinstance(dense_share, (int, float)) or not 0 < dense_share <= 1:
-        raise ValueError(f"dense_share={dense_share!r} is invalid: 'auto', None (never) or a number in (0, 1]")
-    if mode != "keep_full":
-        raise ValueError(f"dense_share={dense_share} needs mode='keep_full': mode={mode!r} drops the raw tokens of old blocks")
-    return float(dense_share)
-
-
 def refresh_interval(group_size: int, expanding_window: int = 0) -> int:
     """The paper's schedule: re-select every ceil(1.1 * m) generated tokens. With block expansion (keep_full),
     `expanding_window` = the local window n * m: every max(ceil(1.1 * m), window // 8) tokens. The step's
@@ -214,18 +174,12 @@ class DGADecodeState:
         "blk_bound",
     )
 
-    def __init__(
-        self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
-        dense_share: float | str | None = "auto", shared: dict | None = None,
-    ):
-        if mode not in MODES:
-            raise ValueError(f"DGACache mode={mode!r} is invalid: allowed values are {MODES}")
-        if not (refresh_every in ("auto", None) or (isinstance(refresh_every, int) and refresh_every >= 0)):
-            raise ValueError(f"refresh_every={refresh_every!r} is invalid: 'auto', None/0 (never) or an integer >= 1")
-        self.mode = mode
-        self.refresh_every = refresh_every
-        self.expand_blocks = expand_blocks_for(mode, expand_blocks)
-        self.dense_share = dense_share_for(mode, dense_share)
+    def __init__(self, options: DecodingConfig | None = None, shared: dict | None = None):
+        options = options or DecodingConfig()
+        self.mode = options.mode
+        self.refresh_every = options.refresh_every
+        self.expand_blocks = options.expanded_blocks
+        self.dense_share = options.dense_step_share
         self.shared = {} if shared is None else shared
         self.seen = 0
         self.pending = 0
@@ -1006,15 +960,12 @@ class DGALayer(_LayerBase):
     is_croppable = False
     is_compileable = False
 
-    def __init__(
-        self, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
-        dense_share: float | str | None = "auto", shared: dict | None = None,
-    ):
+    def __init__(self, options: DecodingConfig | None = None, shared: dict | None = None):
         if _LayerBase is not object:
             super().__init__()
         self.keys = self.values = None
         self.is_initialized = False
-        self._options = (mode, refresh_every, expand_blocks, dense_share, shared)
+        self._options = (options, shared)
         self.state = DGADecodeState(*self._options)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -1081,37 +1032,19 @@ class DGACache(DynamicCache):
     Args:
         model_or_config: the model (or its config), to create one layer per decoder layer up front; None
             creates layers as they are first used.
-        mode: "keep_full" (every token kept, refreshes may pick any) or "compact" (non-focal tokens are
-            dropped once aggregated; refreshes re-rank the held tokens only).
-        refresh_every: re-select the focal set every this many tokens; "auto" = ceil(1.1 * group_size) (the
-            paper's schedule), or max(that, local window / 8) when keep_full expands blocks
-            (`refresh_interval`); None or 0 = never (the prefill's selection is kept; aggregates still
-            follow new blocks).
-        expand_blocks: keep_full only: each decoding step reads the raw tokens of this many old blocks (those
-            whose keys could score highest for the step's query) instead of their aggregates; "auto" = 64 in
-            keep_full, 0 in compact; 0 = never.
-        dense_share: keep_full only: a one-token step that would read at least this share of the cached keys
-            is dense attention over all of them instead (exact, and cheaper there); "auto" = 0.75 in
-            keep_full, None in compact; None = never.
+        options: a `DecodingConfig` (default: its defaults); keyword arguments (its fields: mode,
+            refresh_every, expand_blocks, dense_share) override it.
     """
 
-    def __init__(
-        self, model_or_config: Any = None, *, mode: str = "keep_full", refresh_every: int | str | None = "auto",
-        expand_blocks: int | str = "auto",
-        dense_share: float | str | None = "auto",
-    ):
-        DGADecodeState(mode, refresh_every, expand_blocks, dense_share)  # validates the options
-        self.mode = mode
-        self.refresh_every = refresh_every
-        self.expand_blocks = expand_blocks
-        self.dense_share = dense_share
+    def __init__(self, model_or_config: Any = None, options: DecodingConfig | None = None, **fields: Any):
+        self.options = (options or DecodingConfig()).replace(**fields)
         self._shared: dict = {}
         config = getattr(model_or_config, "config", model_or_config)
         layers = None
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             layers = getattr(text, "num_hidden_layers", None)
-        self._factory = functools.partial(DGALayer, mode, refresh_every, expand_blocks, dense_share, self._shared)
+        self._factory = functools.partial(DGALayer, self.options, self._shared)
         if _LayerBase is object:  # pragma: no cover - transformers 4.53
             DynamicCache.__init__(self)
             self.layers = [self._factory() for _ in range(layers or 0)]
@@ -1179,10 +1112,7 @@ class DGACache(DynamicCache):
             yield layer.keys, layer.values, None
 
     def __repr__(self) -> str:
-        return (
-            f"DGACache(mode={self.mode!r}, refresh_every={self.refresh_every!r}, "
-            f"expand_blocks={self.expand_blocks!r}, dense_share={self.dense_share!r}, layers={len(self.layers)})"
-        )
+        return f"DGACache({self.options!r}, layers={len(self.layers)})"
 
 
 # ---------------------------------------------------------------------------------------------- generate()
@@ -1191,21 +1121,17 @@ _HOOK = "_prepare_cache_for_generation"
 _OPTIONS = "_dga_decoding"
 
 
-def enable_decoding(
-    model: Any, mode: str = "keep_full", refresh_every: int | str | None = "auto", expand_blocks: int | str = "auto",
-    dense_share: float | str | None = "auto",
-) -> Any:
-    """Make `model.generate()` decode with a `DGACache(model, mode, refresh_every, expand_blocks, dense_share)` whenever
-    the model is patched and generate would otherwise create a plain DynamicCache (opt-in: `dga_hf.patch`
-    alone keeps decoding dense). A cache passed by the caller is always kept as is; assisted generation (which needs a croppable cache) and static/quantized/offloaded caches are left alone.
+def enable_decoding(model: Any, options: DecodingConfig | None = None, **fields: Any) -> Any:
+    """Make `model.generate()` decode with a `DGACache(model, options)` whenever the model is patched and
+    generate would otherwise create a plain DynamicCache (opt-in: `dga_hf.patch` alone keeps decoding
+    dense). `options`: a `DecodingConfig` (default: its defaults); keyword arguments (its fields) override
+    it. A cache passed by the caller is always kept as is; assisted generation (which needs a croppable
+    cache) and static/quantized/offloaded caches are left alone.
 
     Transformers has no public hook for the cache class generate() creates (`cache_implementation` only
     accepts its own names), so this wraps the model instance's `_prepare_cache_for_generation`: the wrapper
     calls the original and then swaps the DynamicCache it created. Nothing changes at class level."""
-    DGADecodeState(mode, refresh_every, expand_blocks, dense_share)  # validates the options
-    model.__dict__[_OPTIONS] = {
-        "mode": mode, "refresh_every": refresh_every, "expand_blocks": expand_blocks, "dense_share": dense_share,
-    }
+    model.__dict__[_OPTIONS] = (options or DecodingConfig()).replace(**fields)
     hook = model.__dict__.get(_HOOK)
     if not (isinstance(hook, types.MethodType) and hook.__func__ is _prepare_cache_hook):
         model.__dict__[_HOOK] = types.MethodType(_prepare_cache_hook, model)
@@ -1219,10 +1145,9 @@ def disable_decoding(model: Any) -> Any:
     return model
 
 
-def decoding_options(model: Any) -> dict | None:
-    """The options `enable_decoding` set on `model`, or None."""
-    options = model.__dict__.get(_OPTIONS)
-    return dict(options) if options is not None else None
+def decoding_options(model: Any) -> DecodingConfig | None:
+    """The `DecodingConfig` `enable_decoding` set on `model`, or None."""
+    return model.__dict__.get(_OPTIONS)
 
 
 def cache_for(model: Any) -> "DGACache | None":
@@ -1232,7 +1157,7 @@ def cache_for(model: Any) -> "DGACache | None":
     options = model.__dict__.get(_OPTIONS)
     if options is None or getattr(model.config, "_attn_implementation", None) != "dga":
         return None
-    return DGACache(model, **options)
+    return DGACache(model, options)
 
 
 def cache_keyword(model: Any) -> str:
@@ -1285,5 +1210,5 @@ def _prepare_cache_hook(self, generation_config, model_kwargs, *args, **kwargs):
     for name in names:
         cache = model_kwargs.get(name)
         if type(cache) is DynamicCache and cache is not before[name]:  # created by generate, not passed in
-            model_kwargs[name] = DGACache(self, **options)
+            model_kwargs[name] = DGACache(self, options)
     return result

@@ -38,10 +38,10 @@ def apply_config(model, setting: Setting) -> None:
         dga_hf.disable_decoding(model)
         return
     dga_hf.patch(model, setting.dga)
-    if setting.decoding == "dense":
+    if setting.decoding is None:
         dga_hf.disable_decoding(model)
     else:
-        dga_hf.enable_decoding(model, mode=setting.decoding)
+        dga_hf.enable_decoding(model, setting.decoding)
 
 
 def task_rng(seed: int, task: str, length: int) -> random.Random:

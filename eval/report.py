@@ -89,9 +89,17 @@ def configs_table(results: dict) -> list[str]:
             lines.append(f"| {name} | dense attention | " + " | ".join("100%" for _ in lengths) + " |")
             continue
         shares = entry["keys_share"]
-        settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items())
+        settings = ", ".join(f"{k}={_setting_text(v)}" for k, v in entry["settings"].items())
         lines.append(f"| {name} | {settings} | " + " | ".join(f"{shares[str(n)]:.1%}" for n in lengths) + " |")
     return lines
+
+
+def _setting_text(value: Any) -> str:
+    """A setting for a table cell: a dict of decoding fields as "mode(field=value, ...)", its "auto" fields left out."""
+    if not isinstance(value, dict):
+        return str(value)
+    fields = ", ".join(f"{k}={v}" for k, v in value.items() if k != "mode" and v != "auto")
+    return f"{value.get('mode')}({fields})" if fields else str(value.get("mode"))
 
 
 def task_description(name: str, task: dict) -> str:

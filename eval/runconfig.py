@@ -11,8 +11,9 @@ DGA settings to compare with dense attention:
 A DGA entry is a preset name, or a dict: `preset` (optional) is the starting point and every other key
 except `name` and `decoding` is a `DGAConfig` field overriding it; without `preset` the fields start from
 `DGAConfig()`'s own defaults, as `DGAConfig(**fields)` would. `decoding` chooses the KV cache of the
-generation steps: "dense" (the model's DynamicCache, what `dga_hf.patch` alone gives; the default) or a
-`DGACache` mode, "keep_full" or "compact" (`dga_hf.enable_decoding`).
+generation steps: "dense" (the model's DynamicCache, what `dga_hf.patch` alone gives; the default), a
+`DGACache` mode, "keep_full" or "compact", or a dict of `dga_hf.DecodingConfig` fields such as
+{"mode": "keep_full", "expand_blocks": 32, "refresh_every": 18} (`dga_hf.enable_decoding`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from dga_hf import DGAConfig
+from dga_hf import DecodingConfig, DGAConfig
 
 DENSE = "dense"
-DECODING_MODES = ("dense", "keep_full", "compact")
 QUICK_CONFIG = "eval_quick.json"
 FULL_CONFIG = "eval_full.json"
 TASK_NAMES = ("passkey", "copy", "perplexity", "speed", "ruler")
@@ -56,27 +56,40 @@ def check_run_config(spec: Mapping[str, Any]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One configuration of a run: the attention (None: dense) and the cache its decoding steps use."""
+    """One configuration of a run: the attention (None: dense) and the cache its decoding steps use
+    (None: the model's DynamicCache, i.e. dense decoding)."""
 
     dga: DGAConfig | None = None
-    decoding: str = "dense"
+    decoding: DecodingConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.decoding not in DECODING_MODES:
-            raise ValueError(f"decoding={self.decoding!r} is invalid: allowed values are {DECODING_MODES}")
-        if self.dga is None and self.decoding != "dense":
+        if self.dga is None and self.decoding is not None:
             raise ValueError(f"decoding={self.decoding!r} needs DGA settings; dense attention decodes densely")
 
     def describe(self) -> dict[str, Any]:
-        return {**self.dga.to_dict(), "decoding": self.decoding}
+        return {**self.dga.to_dict(), "decoding": DENSE if self.decoding is None else self.decoding.to_dict()}
+
+
+def decoding_setting(value: Any) -> DecodingConfig | None:
+    """The decoding entry of a DGA configuration: "dense" (None), a DGACache mode or DecodingConfig fields."""
+    if value == DENSE:
+        return None
+    try:
+        return DecodingConfig.from_value(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"decoding={value!r} is invalid: allowed values are 'dense', a DGACache mode ('keep_full', 'compact') "
+            f"or a dict of DecodingConfig fields ({error})"
+        ) from None
 
 
 def dga_configs(spec: Mapping[str, Any]) -> dict[str, Setting]:
     """Name -> setting of every configuration of the run, dense first."""
     configs: dict[str, Setting] = {DENSE: Setting()}
     for index, entry in enumerate(spec.get("dga_configs", ["default"])):
-        decoding = entry.get("decoding", "dense") if isinstance(entry, Mapping) else "dense"
+        decoding = None
         if isinstance(entry, Mapping):
+            decoding = decoding_setting(entry.get("decoding", DENSE))
             entry = {key: value for key, value in entry.items() if key != "decoding"}
         name, config = named_dga_config(entry, index)
         if name in configs:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from dga_hf import DGAConfig, preset_names
+from dga_hf import DecodingConfig, DGAConfig, preset_names
 from dga_hf.config import BACKENDS, GROUP_BIASES, resolve_config
 
 
@@ -199,3 +199,54 @@ def test_keys_per_query_share_monotone_in_settings():
     assert base.replace(local_blocks=8).keys_per_query_share(length) > base.keys_per_query_share(length)
     assert base.replace(focal_ratio=0.3).keys_per_query_share(length) > base.keys_per_query_share(length)
     assert base.replace(group_size=64).keys_per_query_share(length) < base.replace(group_size=16, local_blocks=4).keys_per_query_share(length)
+
+
+# ------------------------------------------------------------------------------------------------ DecodingConfig
+
+
+def test_decoding_config_resolves_auto_per_mode():
+    full, compact = DecodingConfig(), DecodingConfig(mode="compact")
+    assert (full.expanded_blocks, full.dense_step_share) == (64, 0.75)
+    assert (compact.expanded_blocks, compact.dense_step_share) == (0, None)
+    explicit = DecodingConfig(refresh_every=0, expand_blocks=8, dense_share=1)
+    assert (explicit.expanded_blocks, explicit.dense_step_share) == (8, 1.0)
+    assert isinstance(explicit.dense_share, float)
+    assert DecodingConfig(dense_share=None).dense_step_share is None
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"mode": "full"}, r"DecodingConfig.mode='full' is invalid: allowed values are \('keep_full', 'compact'\)"),
+        ({"refresh_every": -1}, r"DecodingConfig.refresh_every=-1 is invalid: allowed range is an integer >= 0"),
+        ({"refresh_every": True}, r"DecodingConfig.refresh_every=True is invalid"),
+        ({"refresh_every": 2.5}, r"DecodingConfig.refresh_every=2.5 is invalid"),
+        ({"expand_blocks": -1}, r"DecodingConfig.expand_blocks=-1 is invalid: allowed range is an integer >= 0"),
+        ({"expand_blocks": "all"}, r"DecodingConfig.expand_blocks='all' is invalid"),
+        ({"mode": "compact", "expand_blocks": 4}, r"expand_blocks=4 needs mode='keep_full'"),
+        ({"dense_share": 0}, r"DecodingConfig.dense_share=0 is invalid: allowed values are 'auto', None \(never\) or a number in \(0, 1\]"),
+        ({"dense_share": 1.5}, r"dense_share=1.5 is invalid"),
+        ({"dense_share": "half"}, r"dense_share='half' is invalid"),
+        ({"dense_share": True}, r"dense_share=True is invalid"),
+        ({"mode": "compact", "dense_share": 0.5}, r"dense_share=0.5 needs mode='keep_full'"),
+    ],
+)
+def test_decoding_config_rejects_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingConfig(**fields)
+    with pytest.raises(ValueError, match=message):  # replace validates too
+        DecodingConfig().replace(**fields)
+
+
+def test_decoding_config_from_value():
+    assert DecodingConfig.from_value("compact") == DecodingConfig(mode="compact")
+    options = {"mode": "keep_full", "refresh_every": 18, "expand_blocks": 32, "dense_share": None}
+    assert DecodingConfig.from_value(options).to_dict() == options
+    config = DecodingConfig(expand_blocks=16)
+    assert DecodingConfig.from_value(config) is config
+    with pytest.raises(ValueError, match=r"unknown fields \['expand'\]"):
+        DecodingConfig.from_value({"expand": 3})
+    with pytest.raises(TypeError, match="mode name"):
+        DecodingConfig.from_value(3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mode = "compact"

@@ -24,7 +24,7 @@ from transformers import (
 import dga_hf
 from tiny_archs import ARCHS
 
-from dga_hf import DGACache, DGAConfig
+from dga_hf import DecodingConfig, DGACache, DGAConfig
 from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval
 from dga_hf.ops.naive import focal_count, naive_dga_attention
 
@@ -541,7 +541,7 @@ def test_generate_greedy_left_padded_equals_rows_alone(arch):
     ids, mask = left_pad(rows)
     new = 24  # > one refresh interval
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(cache_of(out), DGACache) and cache_of(out).mode == "keep_full"
+    assert isinstance(cache_of(out), DGACache) and cache_of(out).options.mode == "keep_full"
     assert cache_of(out).get_seq_length() == 120 + new - 1
     for b, row in enumerate(rows):
         alone = model.generate(input_ids=row[None], max_new_tokens=new, do_sample=False)
@@ -557,7 +557,7 @@ def test_generate_sampling_compact(arch):
     first = model.generate(**kwargs)
     torch.manual_seed(11)
     again = model.generate(**kwargs)
-    assert cache_of(first).mode == "compact" and torch.equal(first.sequences, again.sequences)
+    assert cache_of(first).options.mode == "compact" and torch.equal(first.sequences, again.sequences)
     assert first.sequences.shape == (2, 120) and int(first.sequences.max()) < VOCAB
 
 
@@ -590,29 +590,22 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     dga_hf.disable_decoding(model)
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
     dga_hf.enable_decoding(model, mode="compact")
-    assert dga_hf.decoding.decoding_options(model) == {"mode": "compact", "refresh_every": "auto", "expand_blocks": "auto", "dense_share": "auto"}
+    assert dga_hf.decoding.decoding_options(model) == DecodingConfig(mode="compact")
     dga_hf.patch(model, SPARSE.replace(local_blocks=1))  # patching again keeps the decoding options
-    assert cache_of(model.generate(**kwargs)).mode == "compact"
-    assert dga_hf.decoding.cache_for(model).mode == "compact"
+    assert cache_of(model.generate(**kwargs)).options.mode == "compact"
+    assert dga_hf.decoding.cache_for(model).options.mode == "compact"
     dga_hf.unpatch(model)
     assert "_prepare_cache_for_generation" not in model.__dict__ and dga_hf.decoding.cache_for(model) is None
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match=r"DecodingConfig.mode='full' is invalid"):
         dga_hf.enable_decoding(model, mode="full")
-    with pytest.raises(ValueError, match="refresh_every"):
-        DGACache(refresh_every=-1)
     with pytest.raises(ValueError, match=r"expand_blocks=4 needs mode='keep_full'"):
         dga_hf.enable_decoding(model, mode="compact", expand_blocks=4)
-    with pytest.raises(ValueError, match=r"expand_blocks=-1 is invalid: 'auto' or an integer >= 0"):
-        DGACache(expand_blocks=-1)
-    assert DGACache().layers == [] and DGACache(mode="compact").expand_blocks == "auto"
-    assert dga_hf.decoding.expand_blocks_for("keep_full", "auto") == 64 and dga_hf.decoding.expand_blocks_for("compact", "auto") == 0
-    for bad in (0, 1.5, -0.2, "half", True):
-        with pytest.raises(ValueError, match=r"dense_share=.* is invalid: 'auto', None \(never\) or a number in \(0, 1\]"):
-            DGACache(dense_share=bad)
     with pytest.raises(ValueError, match=r"dense_share=0.5 needs mode='keep_full'"):
         dga_hf.enable_decoding(model, mode="compact", dense_share=0.5)
-    assert dga_hf.decoding.dense_share_for("keep_full", "auto") == 0.75 and dga_hf.decoding.dense_share_for("compact", "auto") is None
+    assert "_prepare_cache_for_generation" not in model.__dict__  # a rejected option installs nothing
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
+    assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
 
 
 def test_static_cache_and_beam_search():

@@ -19,7 +19,7 @@ import torch
 
 from dga_eval import copying, passkey, perplexity
 from dga_eval.corpus import corpus_tokens, pydoc_text
-from dga_eval.report import markdown_report
+from dga_eval.report import _setting_text, markdown_report
 from dga_eval.runconfig import DENSE, Setting, check_run_config, dga_configs, named_dga_config, parse_dga_fields
 
 import dga_hf
@@ -201,11 +201,22 @@ def test_dga_settings_from_strings_and_run_configs():
     assert name == "n=8" and config == dga_hf.DGAConfig.preset("default").replace(local_blocks=8)
     assert named_dga_config({"group_size": 4}, 3) == ("dga3", dga_hf.DGAConfig(group_size=4))
     assert list(dga_configs({"dga_configs": ["default", "paper"]})) == [DENSE, "default", "paper"]
-    settings = dga_configs({"dga_configs": ["paper", {"name": "c", "preset": "paper", "decoding": "compact"}]})
-    assert settings[DENSE] == Setting() and settings["paper"] == Setting(dga_hf.DGAConfig.preset("paper"), "dense")
-    assert settings["c"] == Setting(dga_hf.DGAConfig.preset("paper"), "compact")
-    with pytest.raises(ValueError, match=r"decoding='full' is invalid: allowed values are \('dense', 'keep_full', 'compact'\)"):
+    settings = dga_configs({"dga_configs": ["paper", {"name": "c", "preset": "paper", "decoding": "compact"},
+                                            {"name": "e", "preset": "paper", "decoding": {"expand_blocks": 32}}]})
+    paper = dga_hf.DGAConfig.preset("paper")
+    assert settings[DENSE] == Setting() and settings["paper"] == Setting(paper)
+    assert settings["c"] == Setting(paper, dga_hf.DecodingConfig(mode="compact"))
+    assert settings["e"].describe()["decoding"] == {"mode": "keep_full", "refresh_every": "auto", "expand_blocks": 32,
+                                                    "dense_share": "auto"}
+    assert settings["paper"].describe()["decoding"] == "dense"
+    assert _setting_text(settings["e"].describe()["decoding"]) == "keep_full(expand_blocks=32)"
+    assert _setting_text(settings["c"].describe()["decoding"]) == "compact"
+    with pytest.raises(ValueError, match=r"decoding='full' is invalid: allowed values are 'dense', a DGACache mode"):
         dga_configs({"dga_configs": [{"preset": "paper", "decoding": "full"}]})
+    with pytest.raises(ValueError, match=r"decoding=\{'expand': 3\} is invalid: .*unknown fields \['expand'\]"):
+        dga_configs({"dga_configs": [{"preset": "paper", "decoding": {"expand": 3}}]})
+    with pytest.raises(ValueError, match="needs DGA settings"):
+        Setting(None, dga_hf.DecodingConfig())
     with pytest.raises(ValueError, match="unknown tasks"):
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
@@ -236,7 +247,7 @@ def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
     results = json.loads((out / "results.json").read_text())
     assert list(results["configs"]) == [DENSE, "paper", "tiny", "tiny+compact"]
     assert results["configs"]["tiny"]["settings"]["group_size"] == 8
-    assert results["configs"]["tiny+compact"]["settings"]["decoding"] == "compact"
+    assert results["configs"]["tiny+compact"]["settings"]["decoding"]["mode"] == "compact"
     assert results["settings"]["seed"] == 3 and results["settings"]["versions"]["torch"] == torch.__version__
     for task, metric in [("passkey", "accuracy"), ("copy", "accuracy"), ("perplexity", "perplexity"), ("speed", "ttft_ms")]:
         for config in (DENSE, "paper", "tiny", "tiny+compact"):
@@ -252,6 +263,7 @@ def test_quick_report_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert kv["tiny"] == kv[DENSE] and kv["tiny+compact"] < 0.8 * kv[DENSE], kv
     report = (out / "report.md").read_text()
     assert "## passkey" in report and "tiny − dense" in report and "paper ÷ dense" in report
+    assert "decoding=compact |" in report and "decoding=dense |" in report
 
 
 def test_report_shows_errors_without_hiding_other_cells():

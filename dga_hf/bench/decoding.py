@@ -33,7 +33,7 @@ import time
 import torch
 from transformers import StaticCache
 
-from ..config import DGAConfig, resolve_config
+from ..config import DecodingConfig, DGAConfig, resolve_config
 from ..decoding import DGACache, cache_keyword, cache_nbytes, dense_cache
 from ..ops.dispatch import resolve_backend
 
@@ -82,15 +82,15 @@ def static_cache(model, max_length: int) -> StaticCache:
     return StaticCache(config=model.config, max_cache_len=max_length, **batch)
 
 
-def _make_cache(model, name: str, **options):
-    """A DynamicCache for "dense", else a DGACache in that mode (with `options`)."""
-    return dense_cache(model) if name == "dense" else DGACache(model, mode=name, **options)
+def _make_cache(model, name: str, options: DecodingConfig | None = None):
+    """A DynamicCache for "dense", else a DGACache in that mode (the other fields from `options`)."""
+    return dense_cache(model) if name == "dense" else DGACache(model, options, mode=name)
 
 
 def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-            copies: int = 3, passage_tokens: int = 64) -> dict:
+            copies: int = 3, passage_tokens: int = 64, options: DecodingConfig | None = None) -> dict:
     """Passkey exact match (the harness's samples and scoring, 8 greedy tokens) and teacher-forced copy
-    token accuracy through decoding steps, per cache."""
+    token accuracy through decoding steps, per cache (DGA caches with `options`, mode from the name)."""
     import random
 
     from dga_eval import copying, passkey
@@ -103,14 +103,14 @@ def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, dep
     result = {name: {"passkey": [], "copy": []} for name in caches}
     for sample in keys:
         for name in caches:
-            tokens = decode(model, sample.prompt, 8, {name: _make_cache(model, name)})[name]["tokens"]
+            tokens = decode(model, sample.prompt, 8, {name: _make_cache(model, name, options)})[name]["tokens"]
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             result[name]["passkey"].append({"depth": sample.depth, "key": sample.key, "answer": answer,
                                             "match": passkey.exact_match(answer, sample.key)})
         print("passkey", sample.depth, {n: result[n]["passkey"][-1]["answer"] for n in caches}, flush=True)
     for sample in texts:
         for name in caches:
-            result[name]["copy"].append(copying.second_copy_accuracy_by_decoding(model, sample, _make_cache(model, name)))
+            result[name]["copy"].append(copying.second_copy_accuracy_by_decoding(model, sample, _make_cache(model, name, options)))
         print("copy", {n: round(result[n]["copy"][-1], 3) for n in caches}, flush=True)
     summary = {
         name: {"passkey_accuracy": sum(d["match"] for d in r["passkey"]) / len(r["passkey"]),
@@ -229,14 +229,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
     parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
     parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
-    parser.add_argument("--expand-blocks", type=int, default=None,
-                        help="keep_full's expand_blocks (default: the DGACache default)")
+    parser.add_argument("--decoding", default="{}",
+                        help='DecodingConfig fields of the DGA caches as JSON, e.g. \'{"refresh_every": 18, "expand_blocks": 32}\' '
+                             "(their mode comes from --caches; default: the DecodingConfig defaults)")
     parser.add_argument("--attention-step", action="store_true",
                         help="time the attention of one decoding step alone (Llama-3-8B shape, no model)")
     parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(--attention-step)")
     parser.add_argument("--out", default=None, help="folder for decode_step.json / decode_step.md (--attention-step)")
     args = parser.parse_args(argv)
+    options = DecodingConfig.from_value(json.loads(args.decoding))  # a bad field fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.attention_step:
@@ -274,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     dga_hf.patch(model, settings)
     if args.quality:
         depths = tuple(float(x) for x in args.depths.split(","))
-        report = quality(model, tokenizer, args.length, args.caches.split(","), depths=depths, copies=args.copies)
-        print(json.dumps({"length": args.length, "settings": settings.to_dict(), **report}, indent=1))
+        report = quality(model, tokenizer, args.length, args.caches.split(","), depths=depths, copies=args.copies,
+                         options=options)
+        print(json.dumps({"length": args.length, "settings": settings.to_dict(), "decoding": options.to_dict(),
+                          **report}, indent=1))
         return
-    expand = {} if args.expand_blocks is None else {"expand_blocks": args.expand_blocks}
     corpus = corpus_tokens(tokenizer)
     prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
     names = args.caches.split(",")
@@ -293,8 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             if name in unpatched:
                 results[name] = decode(model, prompt, args.new_tokens, {name: unpatched[name]()})[name]
         dga_hf.patch(model, settings)
-    caches = {name: _make_cache(model, name, **expand)
-              for name in names if name not in unpatched}
+    caches = {name: _make_cache(model, name, options) for name in names if name not in unpatched}
     results.update(decode(model, prompt, args.new_tokens, caches))
     del caches
     for name in names:
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             for key in ("itl_ms", "itl_median_ms", "itl_cpu_ms", "itl_cpu_median_ms", "kv_bytes"):
                 result[f"{key}_vs_dense"] = result[key] / results["dense"][key]
     print(json.dumps({"length": args.length, "new_tokens": args.new_tokens, "settings": settings.to_dict(),
-                      "threads": torch.get_num_threads(), "results": results}, indent=1))
+                      "decoding": options.to_dict(), "threads": torch.get_num_threads(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
