@@ -145,6 +145,74 @@ def test_attention_step_benchmark_times_both_decode_paths(kernel_calls):
     assert len(kernel_calls) == 3
 
 
+def _streams_reference(query, first, focal, aggregates, expanded, ring, m, scale):
+    """The kernels' contract written plainly: per row and kv head, one softmax over the visible keys."""
+    (fk, fv, fp), (ak, av, ab), (xmask, xblk, xuse, xk, xv), (rk, rv, rp) = focal, aggregates, expanded, ring
+    batch, heads, group, _ = query.shape
+    out = torch.zeros(batch, heads, group, rv.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            keys, values, bias = [], [], []
+            for slot in range(fk.shape[2]):
+                pos = int(fp[b, h, slot])
+                if pos < first[b] and not xmask[b, h, pos // m]:
+                    keys.append(fk[b, h, slot]), values.append(fv[b, h, slot]), bias.append(0.0)
+            for c in range(ak.shape[2]):
+                if c * m < first[b] and not xmask[b, h, c]:
+                    keys.append(ak[b, h, c]), values.append(av[b, h, c]), bias.append(float(ab[b, h, c]))
+            for e in range(xblk.shape[2]):
+                if xuse[b, h, e]:
+                    for t in range(int(xblk[b, h, e]) * m, (int(xblk[b, h, e]) + 1) * m):
+                        keys.append(xk[b, h, t]), values.append(xv[b, h, t]), bias.append(0.0)
+            for slot in range(rk.shape[2]):
+                if rp[b, slot] >= first[b]:
+                    keys.append(rk[b, h, slot]), values.append(rv[b, h, slot]), bias.append(0.0)
+            if keys:
+                logits = scale * query[b, h].double() @ torch.stack(keys).double().T + torch.tensor(bias, dtype=torch.float64)
+                out[b, h] = torch.softmax(logits, dim=-1) @ torch.stack(values).double()
+    return out
+
+
+def test_kernels_match_a_plain_reference_on_random_streams(kernel_calls):
+    """attend_step alone on fresh random streams: hidden focal slots and aggregates of expanded blocks,
+    unusable expanded entries, empty ring slots, -inf biases (empty blocks), a row that sees nothing (zeros),
+    and strided inputs (copied where the kernels need packed items) give the same result."""
+    gen = torch.Generator().manual_seed(13)
+    batch, heads, group, dim, m = 3, 2, 3, 32, 4
+    old, focal_slots, window, archive = 9, 11, 8, 48
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    first = torch.tensor([36, 20, 0])  # row 2: its window starts at 0: no old block, no focal slot visible
+    focal_pos = torch.sort(torch.randint(0, 40, (batch, heads, focal_slots), generator=gen), dim=-1).values
+    bias = randn(batch, heads, old).masked_fill(torch.rand(batch, heads, old, generator=gen) < 0.2, float("-inf"))
+    mask = torch.zeros(batch, heads, old, dtype=torch.bool)
+    blocks = torch.stack([torch.randperm(old, generator=gen)[:2] for _ in range(batch * heads)]).view(batch, heads, 2)
+    usable = (blocks * m < first[:, None, None]) & torch.isfinite(bias.gather(2, blocks))
+    mask.scatter_(2, blocks, usable)
+    ring_pos = torch.randint(-1, 48, (batch, window), generator=gen)
+    ring_pos[2] = -1  # row 2 has an empty ring: it sees nothing
+    streams = dict(
+        focal=(randn(batch, heads, focal_slots, dim), randn(batch, heads, focal_slots, dim), focal_pos),
+        aggregates=(randn(batch, heads, old, dim), randn(batch, heads, old, dim), bias),
+        expanded=(mask, blocks, usable, randn(batch, heads, archive, dim), randn(batch, heads, archive, dim)),
+        ring=(randn(batch, heads, window, dim), randn(batch, heads, window, dim), ring_pos),
+    )
+    query = randn(batch, heads, group, dim)
+    expected = _streams_reference(query, first, **streams, m=m, scale=0.3)
+    got = triton_decode.attend_step(query, first, *streams.values(), m, 0.3)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+    assert expected[2].abs().max() == 0 and expected[:2].abs().min() > 0
+
+    def strided(x):  # same values, heads-major storage: stride(0) != H * stride(1)
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+    restrided = {name: tuple(strided(x) if x.dim() >= 3 else x for x in parts) for name, parts in streams.items()}
+    again = triton_decode.attend_step(query, first, *restrided.values(), m, 0.3)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
 def test_plan_rejects_bad_tiles():
     assert triton_decode.plan(torch.bfloat16, 128, 128, 4) == {
         "BLOCK_N": 64, "CHUNK_ITERS": 4, "BLOCK_G": 16, "BLOCK_D": 128, "BLOCK_DV": 128, "num_warps": 4}

@@ -188,11 +188,13 @@ def plan(dtype: torch.dtype, head_dim: int, value_dim: int, group: int, *, block
     }
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, d] with d contiguous and consecutive rows d apart (a capacity buffer's prefix is fine)."""
-    if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.stride(0) == x.shape[1] * x.stride(1):
-        return x
-    return x.contiguous()
+def _items_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N] or [B, H, N, d] addressed by the kernels as item (b * H + h) at stride(1), consecutive
+    entries (rows of d) packed: a capacity buffer's prefix along N qualifies as it is, anything else is copied."""
+    packed = x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1)
+    if x.dim() == 4:
+        packed = packed and x.stride(2) == x.shape[3]
+    return x if packed else x.contiguous()
 
 
 def attend_step(
@@ -233,7 +235,7 @@ def attend_step(
         count = x_blocks.shape[-1]
         x_mask, x_usable = x_mask.to(torch.int8).contiguous(), x_usable.to(torch.int8).contiguous()
         x_blocks = x_blocks.contiguous()
-        x_k, x_v = _rows_contiguous(x_k), _rows_contiguous(x_v)
+        x_k, x_v = _items_contiguous(x_k), _items_contiguous(x_v)
     n_focal, n_agg = triton.cdiv(focal_hi, chunk), triton.cdiv(old_blocks, chunk)
     n_exp, n_ring = triton.cdiv(count * group_size, chunk), triton.cdiv(window, chunk)
     n_chunks = n_focal + n_agg + n_exp + n_ring
@@ -246,11 +248,8 @@ def attend_step(
     part_l = torch.empty(rows, dtype=torch.float32, device=device)
     part_acc = torch.empty(rows, cfg["BLOCK_DV"], dtype=torch.float32, device=device)
     query = query.to(dtype).contiguous()
-    focal_k, focal_v, agg_k, agg_v = (_rows_contiguous(x) for x in (focal_k, focal_v, agg_k, agg_v))
-    ring_k, ring_v = _rows_contiguous(ring_k), _rows_contiguous(ring_v)
-    focal_pos = focal_pos if focal_pos.stride(-1) == 1 else focal_pos.contiguous()
-    agg_bias = agg_bias.float()
-    agg_bias = agg_bias if agg_bias.stride(-1) == 1 else agg_bias.contiguous()
+    focal_k, focal_v, focal_pos, agg_k, agg_v, agg_bias, ring_k, ring_v = (
+        _items_contiguous(x) for x in (focal_k, focal_v, focal_pos, agg_k, agg_v, agg_bias.float(), ring_k, ring_v))
     ring_pos = ring_pos.contiguous()
     precision, up = dot_precision(dtype), upcast(dtype)
     _decode_partial_kernel[(n_chunks, batch * heads)](
