@@ -44,9 +44,9 @@ tests=(tests/test_triton_backend.py)
 [ -f tests/test_triton_decode.py ] && tests+=(tests/test_triton_decode.py)
 step pytest 160 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
 
-step model_smoke 45 python scripts/gpu_model_smoke.py
+step model_smoke 55 python scripts/gpu_model_smoke.py
 
-step bench 160 python -m dga_hf.bench.attention --out "$OUT/bench"
+step bench 150 python -m dga_hf.bench.attention --out "$OUT/bench"
 
 step bench_train 90 python -m dga_hf.bench.attention --train-only --repeats 3 --out "$OUT/bench"
 
