@@ -674,8 +674,10 @@ class DGADecodeState:
         if min(new) != top:
             real = torch.arange(top, device=q5.device) < torch.tensor(new, device=q5.device)[:, None]
             mask = real[:, None, None, :]
-        query = q5.reshape(batch, heads * group, 1, dim).to(keys.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        # the G query heads of a kv head are its G "query positions" (no causal mask): one pass over the kv
+        # head's keys; SDPA's enable_gqa reads them once per query head (measured on the CPU at 8K: 1.8x slower)
+        query = q5.reshape(batch, heads, group, dim).to(keys.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
         if not all_valid:  # a row without a real new token (and possibly no token at all) outputs zeros
             out = out.nan_to_num(0.0)
         return out.view(batch, heads, group, 1, -1).to(self.cd)
