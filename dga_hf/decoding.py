@@ -55,6 +55,8 @@ try:  # transformers >= 4.54: caches are lists of layer objects
 except ImportError:  # pragma: no cover - transformers 4.53: DGACache keeps its own layer list
     _LayerBase = object
 
+# the buffers a one-token PyTorch step reads as views of one workspace (keys, then values)
+PACKED = ("focal_k", "agg_k", "ring_k", "focal_v", "agg_v", "ring_v")
 SENTINEL = 2**62  # position of an unused focal slot: its block is never old
 GROWTH = 1.25  # buffers grow geometrically (x1.25 + a fixed step), never by one token
 GROWTH_STEP = 64
@@ -184,6 +186,9 @@ class DGADecodeState:
         self.seen = 0
         self.pending = 0
         self.ready = False
+        self._packed = None
+        self.ws_k = self.ws_v = None
+        self.tail = 0
         for name in self._BATCHED:
             setattr(self, name, None)
 
@@ -213,8 +218,14 @@ class DGADecodeState:
         self.dense_rows = [self.dense_rows[r] for r in rows]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the state holds (allocated capacity)."""
-        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._BATCHED) if t is not None)
+        """Bytes of every tensor the state holds (allocated capacity; the workspace and its views once)."""
+        storages = {}
+        for name in (*self._BATCHED, "ws_k", "ws_v"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     # ------------------------------------------------------------------------------------------ attention side
 
@@ -510,6 +521,8 @@ class DGADecodeState:
             out = self._attend_archive(q5, new, scale, all_valid)
         elif q_len == 1 and self.fused:
             out = self._attend_fused(q5, pos_new, new, scale)
+        elif q_len == 1:
+            out = self._attend_packed(q5, pos_new, new, scale, all_valid)
         else:
             out = self._attend_streams(q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid)
         out = out.reshape(batch, q_heads, q_len, -1)
@@ -576,13 +589,13 @@ class DGADecodeState:
         self.agg_bias[rows, :, blocks] = self._bias(lse[:, :, 0], cnt[:, :, 0])
 
     def _attend_streams(self, q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid) -> torch.Tensor:
-        """One softmax per query over focal tokens of old blocks, aggregates of old blocks and raw tokens
-        of the local window. q5 [B, H, G, q, d] -> [B, H, G, q, dv] (compute dtype).
+        """A multi-token step (chunked prefill): one softmax per query over focal tokens of old blocks,
+        aggregates of old blocks and raw tokens of the local window, in query tiles. q5 [B, H, G, q, d] ->
+        [B, H, G, q, dv] (compute dtype). One-token steps take `_attend_packed` (or the Triton kernels).
 
         With first = (beta - n + 1) * m the window's first position: a focal token is old iff its position
         is < first (unused slots hold SENTINEL), a block c is old iff c < beta - n + 1, and a raw token is in
-        the window iff first <= its position <= the query's (empty ring slots hold -1). One comparison per
-        stream: a decoding step is a few dozen small ops per layer."""
+        the window iff first <= its position <= the query's (empty ring slots hold -1)."""
         m, n, window = self.m, self.n, self.window
         old_blocks = self._old_blocks(new)
         focal_slots = self.focal_hi
@@ -603,7 +616,7 @@ class DGADecodeState:
             # the G query heads of a kv head are rows of one matmul: the keys are read once, never expanded
             q_tile = (q5[:, :, :, lo:hi].to(dtype) * scale).reshape(batch, heads, rows, -1)
             start = first_pos[:, None, None, lo:hi, None]
-            if q_len == 1 or ws_k.shape[2] <= window + hi:
+            if ws_k.shape[2] <= window + hi:
                 raw_k, raw_v, raw_pos = ws_k, ws_v, ws_pos
             else:  # ring + the chunk keys a query of this tile can see
                 begin = window + max(0, lo - window)
@@ -615,29 +628,15 @@ class DGADecodeState:
                 return (q_tile @ keys.transpose(-1, -2)).to(self.cd).view(batch, heads, group, hi - lo, -1)
 
             logits, values = [], []
-            expanded = None
-            if old_blocks:
-                hidden = agg_blocks >= first_block[:, None, None, lo:hi, None]
-                agg_logits = (scores(agg_k) + agg_bias).masked_fill_(hidden, -math.inf)
-                if self.expand and q_len == 1:
-                    expanded, raw_logits, raw_values = self._expanded_blocks(q_tile, agg_logits, old_blocks)
             if focal_slots:
-                hidden = focal_pos >= start
-                if expanded is not None:  # a focal token of an expanded block is read with its block's raw keys
-                    block = torch.div(focal_pos, m, rounding_mode="floor").clamp_(max=old_blocks - 1)
-                    hidden = hidden | expanded[:, :, None, None, :].expand(-1, -1, 1, 1, -1).gather(4, block)
-                logits.append(scores(focal_k).masked_fill_(hidden, -math.inf))
+                logits.append(scores(focal_k).masked_fill_(focal_pos >= start, -math.inf))
                 values.append(focal_v)
             if old_blocks:
-                logits.append(agg_logits)
+                hidden = agg_blocks >= first_block[:, None, None, lo:hi, None]
+                logits.append((scores(agg_k) + agg_bias).masked_fill_(hidden, -math.inf))
                 values.append(agg_v)
-                if expanded is not None:
-                    logits.append(raw_logits.view(batch, heads, group, 1, -1))
-                    values.append(raw_values)
             rp = raw_pos[:, None, None, None, :]
-            hidden = rp < start
-            if q_len > 1:  # a one-token step's ring holds nothing past its query
-                hidden |= rp > pos_new[:, None, None, lo:hi, None]
+            hidden = (rp < start) | (rp > pos_new[:, None, None, lo:hi, None])
             logits.append(scores(raw_k).masked_fill_(hidden, -math.inf))
             values.append(raw_v)
             sizes = [x.shape[-1] for x in logits]
@@ -699,18 +698,68 @@ class DGADecodeState:
         usable = visible.gather(2, chosen)
         return chosen, usable, torch.zeros_like(visible).scatter_(2, chosen, usable)
 
-    def _expanded_blocks(self, q_tile, agg_logits, old_blocks: int):
-        """The expanded blocks of a one-token step (`_expansion`) for the PyTorch path: they lose their
-        aggregate logit (set to -inf in ``agg_logits`` in place) and all their m tokens come back as raw keys
-        (the caller hides their focal tokens from the focal stream: each token is read once).
-        Returns the expanded blocks [B, H, nb] bool, logits [B, H, G, E*m], values [B, H, E*m, dv]."""
+    def _attend_packed(self, q5, pos_new, new: list[int], scale: float, all_valid: bool) -> torch.Tensor:
+        """A one-token step on the PyTorch path: one SDPA over the packed workspace (focal slots, aggregates,
+        ring, and in keep_full the raw tokens of the expanded blocks copied into its tail) with an additive
+        mask holding each key's visibility under the rule (and the aggregates' bias). The G query heads of a
+        kv head are SDPA's query positions, so each kv head's keys are read once. q5 [B, H, G, 1, d] ->
+        [B, H, G, 1, dv] in the compute dtype."""
+        if self._packed is None or not all(getattr(self, name) is view for name, view in zip(PACKED, self._packed)):
+            self._pack()
         m = self.m
-        visible = torch.isfinite(agg_logits[:, :, 0, 0])  # [B, H, nb]: old for this row and non-empty
-        chosen, usable, expanded = self._expansion(q_tile, visible, old_blocks)
-        agg_logits.masked_fill_(expanded[:, :, None, None, :], -math.inf)
-        keys, values = _gather_rows(self.arch_k, chosen, m), _gather_rows(self.arch_v, chosen, m)
-        logits = (q_tile @ keys.transpose(-1, -2)).to(self.cd)  # [B, H, G, E*m]
-        return expanded, logits.masked_fill_(~usable.repeat_interleave(m, dim=2)[:, :, None, :], -math.inf), values
+        batch, heads, group, _, dim = q5.shape
+        dtype, device = self.ws_k.dtype, q5.device
+        capacity = self.focal_k.shape[2]
+        first_block = torch.div(pos_new[:, 0], m, rounding_mode="floor") - (self.n - 1)  # [B]: blocks < it are old
+        first_pos = (first_block * m).clamp(min=0)
+        focal_pos = self.focal_pos[:, :, :capacity]
+        focal_hidden = focal_pos >= first_pos[:, None, None]
+        agg_visible = torch.arange(self.agg_k.shape[2], device=device) < first_block[:, None, None]
+        agg_bias = self.agg_bias.masked_fill(~agg_visible, -math.inf)
+        ring_hidden = (self.ring_pos < first_pos[:, None])[:, None, :].expand(batch, heads, -1)
+        tail_visible = torch.zeros(batch, heads, self.tail, dtype=torch.bool, device=device)  # stale rows hidden
+        old_blocks = self._old_blocks(new)
+        if self.expand and old_blocks:
+            visible = agg_visible[..., :old_blocks] & torch.isfinite(self.agg_bias[..., :old_blocks])
+            query = q5[:, :, :, 0].to(dtype) * scale
+            chosen, usable, expanded = self._expansion(query, visible, old_blocks)
+            agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)
+            block = torch.div(focal_pos, m, rounding_mode="floor").clamp_(max=old_blocks - 1)
+            focal_hidden |= expanded.gather(2, block)  # a focal token of an expanded block is read with its block
+            rows = chosen.shape[-1] * m  # min(E, old blocks) blocks
+            self.ws_k[:, :, -self.tail :][:, :, :rows] = _gather_rows(self.arch_k, chosen, m)
+            self.ws_v[:, :, -self.tail :][:, :, :rows] = _gather_rows(self.arch_v, chosen, m)
+            tail_visible[..., :rows] = usable.repeat_interleave(m, dim=2)
+
+        def hide(hidden):
+            return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)
+
+        mask = torch.cat([hide(focal_hidden), agg_bias.to(dtype), hide(ring_hidden), hide(~tail_visible)], dim=-1)
+        query = q5.reshape(batch, heads, group, dim).to(dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, self.ws_k, self.ws_v, attn_mask=mask[:, :, None, :], scale=scale)
+        if not all_valid:  # a row without a real new token may see nothing: 0/0
+            out = out.nan_to_num(0.0)
+        return out.view(batch, heads, group, 1, -1).to(self.cd)
+
+    def _pack(self) -> None:
+        """(Re)build the workspace of one-token PyTorch steps: the focal, aggregate and ring buffers become
+        views of one [B, H, N, d] tensor for keys and one for values, followed by `tail` = E*m rows for the
+        expanded blocks. Called when a buffer was reallocated (growth, refresh, chunked step, row selection);
+        in-place writes to the buffers (new tokens, closed blocks) land in the workspace."""
+        self.tail = self.expand * self.m
+        for names, ws_name in ((PACKED[:3], "ws_k"), (PACKED[3:], "ws_v")):
+            parts = [getattr(self, name) for name in names]
+            batch, heads, _, dim = parts[0].shape
+            ws = parts[0].new_zeros(batch, heads, sum(p.shape[2] for p in parts) + self.tail, dim)
+            offset = 0
+            for name, part in zip(names, parts):
+                view = ws[:, :, offset : offset + part.shape[2]]
+                view.copy_(part)
+                setattr(self, name, view)
+                offset += part.shape[2]
+            setattr(self, ws_name, ws)
+        self._packed = tuple(getattr(self, name) for name in PACKED)
 
     def _attend_fused(self, q5, pos_new, new: list[int], scale: float) -> torch.Tensor:
         """A one-token step in Triton kernels (ops/triton_decode.py): the same streams and rule as

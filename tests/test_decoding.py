@@ -389,17 +389,20 @@ def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
     assert (full - compact).abs().max() > 1e-3  # the refreshes choose among other candidates
 
 
-@pytest.mark.parametrize("mode", ["keep_full", "compact"])
-def test_left_padded_batch_equals_rows_alone(mode):
+@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 12), ("compact", 0)])
+def test_left_padded_batch_equals_rows_alone(mode, expand):
+    """Rows of different lengths: with expansion, the shorter rows have fewer old blocks than the longest
+    (some of the E chosen blocks are unusable for them)."""
     cfg = CFG.replace(min_seq_len=50)
     q, k, v = qkv(3, 150, seed=9)
     mask = torch.ones(3, 150, dtype=torch.bool)
     mask[1, :23] = False
     mask[2, :40] = False  # 30 real prompt tokens < min_seq_len: dense until a refresh
     steps = [1] * 30 + [7, 1, 1, 1]
-    out, _ = run_cache(q, k, v, cfg, 110, steps, mode, 9, mask=mask)
+    out, _ = run_cache(q, k, v, cfg, 110, steps, mode, 9, mask=mask, expand=expand)
     for b, pad in enumerate([0, 23, 40]):
-        alone, _ = run_cache(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], cfg, 110 - pad, steps, mode, 9)
+        alone, _ = run_cache(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], cfg, 110 - pad, steps,
+                             mode, 9, expand=expand)
         torch.testing.assert_close(out[b : b + 1, :, pad:], alone, rtol=0, atol=1e-12)
         assert out[b, :, :pad].abs().max() == 0 if pad else True
 
