@@ -108,7 +108,7 @@ def test_gqa_head_dims_and_left_padding_match_the_pytorch_path(group, dim, mode,
 @pytest.mark.default_chunks
 def test_bfloat16_with_default_chunks_stays_close_to_float32(device, kernel_calls):
     """bf16 state, fp32 logits and accumulation in the kernel: measured against the float32 PyTorch path on
-    the same rounded inputs (the bf16 PyTorch path, whose logits are bf16, is 3-4x further off)."""
+    the same rounded inputs (the bf16 PyTorch path is as far off: max 0.023, mean 0.0012)."""
     q, k, v = _random(1, 2, 4, 90, 64, seed=5, dtype=torch.bfloat16)
     steps = [1] * 10
     _, got, _ = _both_paths(device, q, k, v, CFG_GQA, 72, steps, "keep_full", 5, 4)
