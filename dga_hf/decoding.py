@@ -762,8 +762,8 @@ class DGADecodeState:
         self._packed = tuple(getattr(self, name) for name in PACKED)
 
     def _attend_fused(self, q5, pos_new, new: list[int], scale: float) -> torch.Tensor:
-        """A one-token step in Triton kernels (ops/triton_decode.py): the same streams and rule as
-        `_attend_streams`, in two launches instead of a few dozen small ops. q5 [B, H, G, 1, d] ->
+        """A one-token step in Triton kernels (ops/triton_decode.py): the same keys and rule as
+        `_attend_packed`, read where they lie (no workspace, no copy of the expanded blocks), in two launches. q5 [B, H, G, 1, d] ->
         [B, H, G, 1, dv] in the compute dtype."""
         from .ops import triton_decode
 
