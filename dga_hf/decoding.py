@@ -763,8 +763,8 @@ class DGADecodeState:
 
     def _attend_fused(self, q5, pos_new, new: list[int], scale: float) -> torch.Tensor:
         """A one-token step in Triton kernels (ops/triton_decode.py): the same keys and rule as
-        `_attend_packed`, read where they lie (no workspace, no copy of the expanded blocks), in two launches. q5 [B, H, G, 1, d] ->
-        [B, H, G, 1, dv] in the compute dtype."""
+        `_attend_packed`, read where they lie (no workspace, no copy of the expanded blocks), in two
+        launches. q5 [B, H, G, 1, d] -> [B, H, G, 1, dv] in the compute dtype."""
         from .ops import triton_decode
 
         m, hi = self.m, self.focal_hi

@@ -1,8 +1,8 @@
 """Triton kernels of one DGA decoding step: the attention of one new token per row over a decode state.
 
-Same function as `DGADecodeState._attend_packed`, the PyTorch path of a one-token step (docs/decoding.md): for the new
-token of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first`` = the first position of its local
-window, one softmax over
+Same function as `DGADecodeState._attend_packed`, the PyTorch path of a one-token step
+(docs/decoding.md): for the new token of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first``
+= the first position of its local window, one softmax over
 
   (a) focal slots ``[0, focal_hi)`` at positions ``focal_pos < first`` whose block is not expanded;
   (b) aggregates of blocks ``c < first / m`` (``c < old_blocks``) that are not expanded, with their bias;
