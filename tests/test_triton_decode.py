@@ -140,7 +140,7 @@ def test_attention_step_benchmark_times_both_decode_paths(kernel_calls):
 
     rows = attention_step([100], CFG_GQA.replace(backend="triton"), device="cpu", steps=2, q_heads=4, kv_heads=2, head_dim=16)
     assert [(r["cache"], r["backend"]) for r in rows] == [
-        ("dense", "sdpa"), ("keep_full", "triton"), ("compact", "triton"), ("keep_full", "torch")]
+        ("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "triton"), ("compact", "triton"), ("keep_full", "torch")]
     # compact's three steps (one warm-up); keep_full's steps read most of 100 keys, so they are dense steps
     assert len(kernel_calls) == 3
 

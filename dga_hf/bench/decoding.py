@@ -160,8 +160,10 @@ def _elapsed_ms(fn, device: torch.device) -> tuple[float, object]:
 def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cuda", steps: int = 40,
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, dtype: torch.dtype | None = None) -> list[dict]:
     """Per length and cache: ms of the attention of one decoding step (median and mean of `steps` steps
-    after a warm-up step), and the speed-up over dense. Where `settings` resolve to the Triton backend
-    (CUDA), keep_full runs twice: with the Triton decode kernels and with the PyTorch path."""
+    after a warm-up step), and the speed-up over dense: the faster of SDPA with `enable_gqa` (what
+    Transformers calls) and SDPA with the G query heads of a kv head as query positions. Where `settings`
+    resolve to the Triton backend (CUDA), keep_full runs twice: with the Triton decode kernels and with the
+    PyTorch path."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     chosen = resolve_backend(settings.backend, device)
@@ -177,11 +179,16 @@ def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cu
             return torch.randn(1, heads, total, head_dim, generator=gen, device=device, dtype=dtype)
 
         q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
-        times = {("dense", "sdpa"): []}
-        for t in range(length, total):
-            ms, _ = _elapsed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], enable_gqa=True), device)
-            times[("dense", "sdpa")].append(ms)
+        group = q_heads // kv_heads
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        dense_variants = {  # GQA as Transformers calls it, and the G query heads as query positions (one read of K/V)
+            ("dense", "sdpa"): lambda t: sdpa(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], enable_gqa=True),
+            ("dense", "sdpa-grouped"): lambda t: sdpa(
+                q[:, :, t].view(1, kv_heads, group, head_dim), k[:, :, : t + 1], v[:, :, : t + 1]),
+        }
+        times = {}
+        for name, step in dense_variants.items():
+            times[name] = [_elapsed_ms(lambda: step(t), device)[0] for t in range(length, total)]
         for mode, backend in variants:
             config = settings.replace(backend=backend)
             cache = DGACache(mode=mode)
@@ -193,7 +200,7 @@ def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cu
                 ms, _ = _elapsed_ms(lambda: key._dga_state.attend(q[:, :, t : t + 1], key, value, None, config, None), device)
                 times[(mode, backend)].append(ms)
             del cache
-        dense = statistics.median(times[("dense", "sdpa")][1:])
+        dense = min(statistics.median(times[name][1:]) for name in dense_variants)  # the faster dense
         for (name, backend), values in times.items():
             timed = values[1:]  # the first step warms up (allocations, kernel selection)
             median = statistics.median(timed)
@@ -233,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='DecodingConfig fields of the DGA caches as JSON, e.g. \'{"refresh_every": 18, "expand_blocks": 32}\' '
                              "(their mode comes from --caches; default: the DecodingConfig defaults)")
     parser.add_argument("--attention-step", action="store_true",
-                        help="time the attention of one decoding step alone (Llama-3-8B shape, no model)")
+                        help="time the attention of one decoding step alone (random tensors, no model)")
+    parser.add_argument("--shape", default="32,8,128",
+                        help="query heads, kv heads, head dim of --attention-step (default: Llama-3-8B; SmolLM2: 9,3,64)")
     parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(--attention-step)")
     parser.add_argument("--out", default=None, help="folder for decode_step.json / decode_step.md (--attention-step)")
@@ -250,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         lengths = [int(n) for n in args.lengths.split(",")]
         meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 **package_versions(("torch", "triton", "dga-hf")), "preset": args.preset or "default"}
-        rows = attention_step(lengths, settings, device=args.device)
+        q_heads, kv_heads, head_dim = (int(x) for x in args.shape.split(","))
+        meta["shape"] = args.shape
+        rows = attention_step(lengths, settings, device=args.device, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim)
         markdown = attention_step_markdown(rows, meta)
         print(markdown)
         if args.out:
