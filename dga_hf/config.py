@@ -127,10 +127,11 @@ DECODING_MODES = ("keep_full", "compact")
 # long-range copy at 4K, 32 blocks 7, 64 blocks none.
 DEFAULT_EXPAND_BLOCKS = 64
 # a keep_full one-token step that would read at least this share of the cached keys runs dense attention
-# over the archive instead: such a step cannot save a quarter of the traffic, less than the cost of its ~25
-# small ops per layer against one fused SDPA (measured on the CPU, docs/decoding.md: at 4K keep_full read
-# 88% of the keys and was 1.18x slower than dense decoding, at 8K 53% and 1.3-1.5x faster)
-DEFAULT_DENSE_SHARE = 0.75
+# over the archive instead (exact). Measured on the CPU with SmolLM2-135M, the shipped preset, DGA steps and
+# dense steps interleaved (docs/decoding.md): at 8K a DGA step reads 52% of the keys and the model decoded
+# at 137 ms per token with DGA steps, 113 ms with dense steps; at 16K (34%) 145 vs 140 ms, a tie. Not
+# measured on a GPU.
+DEFAULT_DENSE_SHARE = 0.35
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class DecodingConfig:
             (those whose keys could score highest for its query) instead of their aggregates.
             ``"auto"`` = 64 in keep_full, 0 in compact; else an integer ``>= 0``.
         dense_share: keep_full only: a one-token step that would read at least this share of the cached
-            keys is dense attention over all of them (exact, and cheaper there). ``"auto"`` = 0.75 in
+            keys is dense attention over all of them (exact, and cheaper there). ``"auto"`` = 0.35 in
             keep_full, ``None`` (never) in compact; else a number in ``(0, 1]``.
     """
 

@@ -206,7 +206,7 @@ def test_keys_per_query_share_monotone_in_settings():
 
 def test_decoding_config_resolves_auto_per_mode():
     full, compact = DecodingConfig(), DecodingConfig(mode="compact")
-    assert (full.expanded_blocks, full.dense_step_share) == (64, 0.75)
+    assert (full.expanded_blocks, full.dense_step_share) == (64, 0.35)
     assert (compact.expanded_blocks, compact.dense_step_share) == (0, None)
     explicit = DecodingConfig(refresh_every=0, expand_blocks=8, dense_share=1)
     assert (explicit.expanded_blocks, explicit.dense_step_share) == (8, 1.0)
