@@ -80,11 +80,7 @@ class DGAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DGAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DGAConfig got unknown fields {unknown}: allowed fields are {sorted(known)}")
-        return cls(**dict(data))
+        return _from_fields(cls, data)
 
     @classmethod
     def preset(cls, name: str) -> "DGAConfig":
@@ -114,6 +110,15 @@ class DGAConfig:
                 local = i - first_local + 1
                 total += local + density * old_tokens + old_blocks
         return total / total_dense
+
+
+def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
+    """cls(**data), refusing names that are not its fields (a misspelt setting must not be dropped)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} got unknown fields {unknown}: allowed fields are {sorted(known)}")
+    return cls(**dict(data))
 
 
 def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> None:
@@ -208,11 +213,7 @@ class DecodingConfig:
         if isinstance(value, str):
             return cls(mode=value)
         if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"DecodingConfig got unknown fields {unknown}: allowed fields are {sorted(known)}")
-            return cls(**dict(value))
+            return _from_fields(cls, value)
         raise TypeError(f"expected a DecodingConfig, a dict of its fields or a mode name, got {type(value).__name__}")
 
     def replace(self, **changes: Any) -> "DecodingConfig":

@@ -681,12 +681,14 @@ class DGADecodeState:
             out = out.nan_to_num(0.0)
         return out.view(batch, heads, group, 1, -1).to(self.cd)
 
-    def _expansion(self, q_tile, visible, old_blocks: int):
+    def _expansion(self, q5, first_block, old_blocks: int, scale: float):
         """The old blocks a one-token keep_full step reads raw: per kv head, the bound
-        max_g sum_d max(q_d * min_d, q_d * max_d) of each `visible` ([B, H, nb]: old for the row, non-empty)
-        block ranks them and the top ``expand`` are taken. q_tile [B, H, G, d] (scaled). Returns the chosen
+        max_g sum_d max(q_d * min_d, q_d * max_d) of each visible block (old for the row: < first_block [B];
+        non-empty) ranks them and the top ``expand`` are taken. q5 [B, H, G, 1, d]. Returns the chosen
         blocks [B, H, E], which of them are usable (visible) [B, H, E] and the expanded blocks [B, H, nb]."""
-        q = q_tile.to(self.cd)
+        blocks = torch.arange(old_blocks, device=q5.device)
+        visible = (blocks < first_block[:, None, None]) & torch.isfinite(self.agg_bias[..., :old_blocks])
+        q = (q5[:, :, :, 0].to(self.ring_k.dtype) * scale).to(self.cd)
         # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: one matmul against [max, min]
         signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, H, G, 2d]
         bound = (signed @ self.blk_bound[:, :, :old_blocks].to(self.cd).transpose(-1, -2)).amax(2)  # [B, H, nb]
@@ -720,9 +722,7 @@ class DGADecodeState:
         tail_visible = torch.zeros(batch, heads, self.tail, dtype=torch.bool, device=device)  # stale rows hidden
         old_blocks = self._old_blocks(new)
         if self.expand and old_blocks:
-            visible = agg_visible[..., :old_blocks] & torch.isfinite(self.agg_bias[..., :old_blocks])
-            query = q5[:, :, :, 0].to(dtype) * scale
-            chosen, usable, expanded = self._expansion(query, visible, old_blocks)
+            chosen, usable, expanded = self._expansion(q5, first_block, old_blocks, scale)
             agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)
             block = torch.div(focal_pos, m, rounding_mode="floor").clamp_(max=old_blocks - 1)
             focal_hidden |= expanded.gather(2, block)  # a focal token of an expanded block is read with its block
@@ -774,9 +774,7 @@ class DGADecodeState:
         agg_bias = self.agg_bias[:, :, :old_blocks]
         expanded = None
         if self.expand and old_blocks:
-            blocks = torch.arange(old_blocks, device=q5.device)
-            visible = (blocks < first_block[:, None, None]) & torch.isfinite(agg_bias)
-            chosen, usable, mask = self._expansion(query.to(self.ring_k.dtype) * scale, visible, old_blocks)
+            chosen, usable, mask = self._expansion(q5, first_block, old_blocks, scale)
             expanded = (mask, chosen, usable, self.arch_k, self.arch_v)
         out = triton_decode.attend_step(
             query, (first_block * m).clamp(min=0),

@@ -26,6 +26,7 @@ DGA prefill of the same random keys (refresh steps included, so the median and t
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -76,8 +77,6 @@ def decode(model, prompt: list[int], new_tokens: int, caches: dict) -> dict:
 def static_cache(model, max_length: int) -> StaticCache:
     """A preallocated dense cache of `max_length` positions for one row (transformers 4.x's StaticCache takes
     max_batch_size; 5.x sizes itself at the first update)."""
-    import inspect
-
     batch = {"max_batch_size": 1} if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters else {}
     return StaticCache(config=model.config, max_cache_len=max_length, **batch)
 
