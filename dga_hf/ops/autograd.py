@@ -6,7 +6,8 @@ reach query, key and value through them too. Stage 5 itself saves only its input
 log-sum-exp per row, and the backend's ``attend_backward`` recomputes the logits tile by tile: no L x L
 tensor in the forward or the backward.
 
-A backend is a module with ``attend_forward(q, k, v, layout, config, scale) -> (out, lse)`` and
+A backend is a module with ``attend(q, k, v, layout, config, scale) -> out`` (inference),
+``attend_forward(q, k, v, layout, config, scale) -> (out, lse)`` and
 ``attend_backward(q, k, v, layout, config, scale, out, lse, grad_out)`` returning the gradients of q, k,
 v, layout.focal_key, layout.focal_value, layout.agg_key and layout.agg_value.
 """
@@ -55,7 +56,11 @@ def attend(
     scale: float,
 ) -> torch.Tensor:
     """Stage 5 with ``backend``, differentiable with respect to q, k, v and the layout's focal keys/values
-    and aggregates. Without gradients it costs the same as ``backend.attend_forward``."""
+    and aggregates. Where no gradient is wanted it is ``backend.attend``, which need not compute the
+    log-sum-exp that the backward reads."""
+    inputs = (query, key, value, layout.focal_key, layout.focal_value, layout.agg_key, layout.agg_value)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+        return backend.attend(query, key, value, layout, config, scale)
     return _StageFive.apply(
         backend, layout, config, scale, query, key, value,
         layout.focal_key, layout.focal_value, layout.agg_key, layout.agg_value,

@@ -5,6 +5,11 @@ that are old for its last query (a prefix of each, since both are sorted by posi
 of its own blocks plus the ``local_blocks - 1`` before. Masks are rebuilt from positions per tile, so
 memory is bounded by the tile budget, never L x L, in the forward and in the backward: the backward
 (`attend_backward`) recomputes each tile's logits from the saved log-sum-exp, as FlashAttention does.
+
+Two forwards compute the same function: `attend_forward` (output and log-sum-exp, for training)
+materialises each tile's logits per stream; `attend` (inference) hands each tile to PyTorch's fused
+`scaled_dot_product_attention` with the rule as an additive mask, which on the CPU is about twice as
+fast (8K, SmolLM2-135M's attention shape, shipped preset: 395 ms against 750 ms per layer, 2 threads).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DGAConfig
 from .layout import DGALayout
@@ -121,8 +127,92 @@ def attend_forward(
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
-    """The output of `attend_forward` alone."""
-    return attend_forward(query, key, value, layout, config, scale)[0]
+    """The output of `attend_forward` without its log-sum-exp (inference): per query tile one fused
+    `scaled_dot_product_attention` over [keys old for the tile | the tile's local window], the spec's
+    rule and the aggregates' bias in an additive mask, so no [G, T, K] logits are materialised.
+
+    The focal keys and the aggregates are merged into one stream sorted by block (`_old_stream`), so
+    the keys old for a tile are a prefix of it. Key, value and mask buffers persist across tiles: a
+    tile copies only the old entries it adds, its local window, and the mask columns of the blocks
+    that are old for some of its queries but not all (the other old columns are the bias for every
+    query, written once)."""
+    batch, heads, group, seq_len, dim = query.shape
+    m, n = config.group_size, config.local_blocks
+    num_blocks = math.ceil(seq_len / m)
+    device, dtype = query.device, query.dtype
+    rows = batch * heads
+    # budgeted as if the [G, T, K] logits were materialised, as SDPA's math fallback does
+    step = tile_blocks(layout, rows * group, config, num_blocks)
+    old_block, old_key, old_value, old_bias = _old_stream(layout, num_blocks)
+    tile_rows = min(seq_len, step * m)
+    capacity = old_block.shape[-1] + min(seq_len, (n + step) * m)
+    key_buffer = key.new_empty(rows, 1, capacity, dim)
+    value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
+    mask = query.new_empty(rows, 1, tile_rows, capacity)
+    queries = query.reshape(rows, group, seq_len, dim)
+    out = query.new_empty(rows, group, seq_len, value.shape[-1])
+    copied = final = 0  # old entries in the buffers; old mask columns that are the bias for every query
+    local_pattern = None
+    for first in range(0, num_blocks, step):
+        last = min(num_blocks, first + step) - 1
+        q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
+        q_block = (torch.arange(q_lo, q_hi, device=device) // m).view(1, 1, -1, 1)
+        visible = int((old_block <= last - n).sum(-1).max()) if last >= n else 0
+        if visible > copied:
+            key_buffer[:, 0, copied:visible] = old_key[:, copied:visible]
+            value_buffer[:, 0, copied:visible] = old_value[:, copied:visible]
+            copied = visible
+        if visible > final:
+            blocks = old_block[:, None, None, final:visible]
+            mask[:, :, : q_hi - q_lo, final:visible] = torch.where(
+                blocks <= q_block - n, old_bias[:, None, None, final:visible], -math.inf
+            )
+            final = int((old_block <= first - n).sum(-1).min()) if first >= n else 0
+        w_lo = max(0, (first - n + 1) * m)
+        end = visible + q_hi - w_lo
+        key_buffer[:, 0, visible:end] = key.reshape(rows, seq_len, dim)[:, w_lo:q_hi]
+        value_buffer[:, 0, visible:end] = value.reshape(rows, seq_len, -1)[:, w_lo:q_hi]
+        if local_pattern is None or local_pattern[0] != (q_lo - w_lo, q_hi - q_lo):
+            local_pattern = ((q_lo - w_lo, q_hi - q_lo), _local_mask(q_lo, q_hi, w_lo, m, n, device, dtype))
+        mask[:, 0, : q_hi - q_lo, visible:end] = local_pattern[1]
+        out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(
+            queries[:, :, q_lo:q_hi], key_buffer[:, :, :end], value_buffer[:, :, :end],
+            attn_mask=mask[:, :, : q_hi - q_lo, :end], scale=scale, enable_gqa=True,
+        )
+    out = out.view(batch, heads, group, seq_len, -1)
+    return out.masked_fill_(_padded_rows(layout, seq_len, device).unsqueeze(-1), 0.0)
+
+
+def _old_stream(layout: DGALayout, num_blocks: int) -> tuple[torch.Tensor, ...]:
+    """Focal keys and aggregates of each kv head merged into one stream sorted by block (the focal keys
+    and the aggregate of one block are visible to the same queries), flattened over batch and heads: block [BH, F+nb], key, value and
+    additive bias (0 for focal keys, the aggregate's bias)."""
+    batch, heads, slots = layout.focal_pos.shape
+    device = layout.focal_pos.device
+    agg_block = torch.arange(num_blocks, device=device).expand(batch, heads, num_blocks)
+    block = torch.cat([layout.focal_block, agg_block], dim=-1)
+    order = block.argsort(dim=-1, stable=True)
+
+    def merged(focal: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([focal, agg], dim=2)
+        return both.gather(2, order[..., None].expand(*order.shape, both.shape[-1])).flatten(0, 1)
+
+    bias = torch.cat([torch.zeros_like(layout.agg_bias[..., :1]).expand(batch, heads, slots), layout.agg_bias], dim=-1)
+    return (
+        block.gather(-1, order).flatten(0, 1),
+        merged(layout.focal_key, layout.agg_key),
+        merged(layout.focal_value, layout.agg_value),
+        bias.gather(-1, order).flatten(0, 1),
+    )
+
+
+def _local_mask(q_lo: int, q_hi: int, w_lo: int, m: int, n: int, device, dtype) -> torch.Tensor:
+    """[T, W] additive mask of queries q_lo..q_hi-1 over raw keys w_lo..q_hi-1: causal, and within the
+    query's own block and the n-1 before."""
+    q_pos = torch.arange(q_lo, q_hi, device=device)[:, None]
+    w_pos = torch.arange(w_lo, q_hi, device=device)[None, :]
+    hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n)
+    return torch.zeros(hidden.shape, device=device, dtype=dtype).masked_fill_(hidden, -math.inf)
 
 
 def attend_backward(

@@ -489,6 +489,8 @@ def attend(
     block_n: int | None = None,
 ) -> torch.Tensor:
     """The output of `attend_forward` alone: [B, H, G, L, dv] in the dtype of ``query``."""
+    if is_float64(query, key, value):
+        return torch_backend.attend(query, key, value, layout, config, scale)
     return attend_forward(query, key, value, layout, config, scale, block_rows=block_rows, block_n=block_n)[0]
 
 
