@@ -45,7 +45,7 @@ from transformers import DynamicCache
 
 from .config import DecodingConfig, DGAConfig
 from .ops import torch_backend
-from .ops.dense import dense_attention
+from .ops.dense import dense_attention, single_query_attention
 from .ops.dispatch import resolve_backend
 from .ops.layout import build_layout, compact_padding, compute_dtype, uncompact
 from .ops.naive import focal_count, naive_dga_attention
@@ -669,14 +669,11 @@ class DGADecodeState:
         batch, heads, group, _, dim = q5.shape
         top = max(new)
         keys, values = self.arch_k[:, :, :top], self.arch_v[:, :, :top]
-        mask = None
+        real = None
         if min(new) != top:
             real = torch.arange(top, device=q5.device) < torch.tensor(new, device=q5.device)[:, None]
-            mask = real[:, None, None, :]
-        # the G query heads of a kv head are its G "query positions" (no causal mask): one pass over the kv
-        # head's keys; SDPA's enable_gqa reads them once per query head (measured on the CPU at 8K: 1.8x slower)
-        query = q5.reshape(batch, heads, group, dim).to(keys.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        query = q5.reshape(batch, heads * group, 1, dim).to(keys.dtype)
+        out = single_query_attention(query, keys, values, scale=scale, key_mask=real)
         if not all_valid:  # a row without a real new token (and possibly no token at all) outputs zeros
             out = out.nan_to_num(0.0)
         return out.view(batch, heads, group, 1, -1).to(self.cd)

@@ -226,11 +226,18 @@ def test_default_dense_fallback_matches_reference():
     torch.testing.assert_close(dense_attention(q, k, v, padding_mask=mask).double(), dense_reference(q, k, v, mask), atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_decode_step_dense_fallback_sees_all_real_past_keys():
-    q, k, v = qkv(2, 4, 2, 20, 8, seed=13)
-    mask = left_padding(2, 20, seed=13)
+@pytest.mark.parametrize("padding", ["none", "left", "padded query"])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 3), (3, 1), (2, 2)])
+def test_decode_step_dense_fallback_sees_all_real_past_keys(padding, heads):
+    """A one-query step (the G query heads of a kv head passed as SDPA positions) equals the last row
+    of causal attention; a row whose new token is padding outputs zeros, not NaN."""
+    q, k, v = qkv(3, *heads, 20, 8, seed=13)
+    mask = None if padding == "none" else left_padding(3, 20, seed=13)
+    if padding == "padded query":
+        mask[1, -1] = False
     full = dense_reference(q, k, v, mask)
     step = dense_attention(q[:, :, -1:], k, v, padding_mask=mask)
+    assert torch.isfinite(step).all()
     torch.testing.assert_close(step.double(), full[:, :, -1:], atol=FP32_TOL, rtol=FP32_TOL)
 
 
