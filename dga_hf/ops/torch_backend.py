@@ -150,6 +150,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
     mask = query.new_empty(rows, 1, tile_rows, capacity)
     queries = query.reshape(rows, group, seq_len, dim)
+    keys, values = key.reshape(rows, seq_len, dim), value.reshape(rows, seq_len, -1)  # once: may copy
     out = query.new_empty(rows, group, seq_len, value.shape[-1])
     copied = final = 0  # old entries in the buffers; old mask columns that are the bias for every query
     local_pattern = None
@@ -170,8 +171,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
             final = int((old_block <= first - n).sum(-1).min()) if first >= n else 0
         w_lo = max(0, (first - n + 1) * m)
         end = visible + q_hi - w_lo
-        key_buffer[:, 0, visible:end] = key.reshape(rows, seq_len, dim)[:, w_lo:q_hi]
-        value_buffer[:, 0, visible:end] = value.reshape(rows, seq_len, -1)[:, w_lo:q_hi]
+        key_buffer[:, 0, visible:end] = keys[:, w_lo:q_hi]
+        value_buffer[:, 0, visible:end] = values[:, w_lo:q_hi]
         if local_pattern is None or local_pattern[0] != (q_lo - w_lo, q_hi - q_lo):
             local_pattern = ((q_lo - w_lo, q_hi - q_lo), _local_mask(q_lo, q_hi, w_lo, m, n, device, dtype))
         mask[:, 0, : q_hi - q_lo, visible:end] = local_pattern[1]
@@ -185,8 +186,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
 
 def _old_stream(layout: DGALayout, num_blocks: int) -> tuple[torch.Tensor, ...]:
     """Focal keys and aggregates of each kv head merged into one stream sorted by block (the focal keys
-    and the aggregate of one block are visible to the same queries), flattened over batch and heads: block [BH, F+nb], key, value and
-    additive bias (0 for focal keys, the aggregate's bias)."""
+    and the aggregate of one block are visible to the same queries), flattened over batch and heads:
+    block [BH, F+nb], key, value and additive bias (0 for focal keys, the aggregate's bias)."""
     batch, heads, slots = layout.focal_pos.shape
     device = layout.focal_pos.device
     agg_block = torch.arange(num_blocks, device=device).expand(batch, heads, num_blocks)
