@@ -589,9 +589,10 @@ class DGADecodeState:
         self.agg_bias[rows, :, blocks] = self._bias(lse[:, :, 0], cnt[:, :, 0])
 
     def _attend_streams(self, q5, ws_k, ws_v, ws_pos, pos_new, new, scale, q_len, all_valid) -> torch.Tensor:
-        """A multi-token step (chunked prefill): one softmax per query over focal tokens of old blocks,
-        aggregates of old blocks and raw tokens of the local window, in query tiles. q5 [B, H, G, q, d] ->
-        [B, H, G, q, dv] (compute dtype). One-token steps take `_attend_packed` (or the Triton kernels).
+        """A multi-token step (chunked prefill): per query tile, one SDPA over [focal slots | aggregates of
+        old blocks | raw tokens of the ring and the chunk] with the rule as an additive mask. q5
+        [B, H, G, q, d] -> [B, H, G, q, dv] (compute dtype). One-token steps take `_attend_packed` (or the
+        Triton kernels).
 
         With first = (beta - n + 1) * m the window's first position: a focal token is old iff its position
         is < first (unused slots hold SENTINEL), a block c is old iff c < beta - n + 1, and a raw token is in
@@ -599,23 +600,20 @@ class DGADecodeState:
         m, n, window = self.m, self.n, self.window
         old_blocks = self._old_blocks(new)
         focal_slots = self.focal_hi
+        batch, heads, group, _, dim = q5.shape
         dtype = self.ring_k.dtype
-        focal_k, focal_v = self.focal_k[:, :, :focal_slots], self.focal_v[:, :, :focal_slots]
-        focal_pos = self.focal_pos[:, :, None, None, :focal_slots]
-        agg_k, agg_v = self.agg_k[:, :, :old_blocks], self.agg_v[:, :, :old_blocks]
-        agg_bias = self.agg_bias[:, :, None, None, :old_blocks]
+        old_k = torch.cat([self.focal_k[:, :, :focal_slots], self.agg_k[:, :, :old_blocks]], dim=2)
+        old_v = torch.cat([self.focal_v[:, :, :focal_slots], self.agg_v[:, :, :old_blocks]], dim=2)
+        focal_pos = self.focal_pos[:, :, None, :focal_slots]
+        agg_bias = self.agg_bias[:, :, None, :old_blocks].to(dtype)
         agg_blocks = torch.arange(old_blocks, device=q5.device)
         first_block = torch.div(pos_new, m, rounding_mode="floor") - (n - 1)  # [B, q]: blocks < it are old
         first_pos = (first_block * m).clamp(min=0)
         outputs = []
-        batch, heads, group = q5.shape[:3]
         tile = q_len if q_len <= QUERY_TILE else QUERY_TILE
         for lo in range(0, q_len, tile):
             hi = min(q_len, lo + tile)
-            rows = group * (hi - lo)
-            # the G query heads of a kv head are rows of one matmul: the keys are read once, never expanded
-            q_tile = (q5[:, :, :, lo:hi].to(dtype) * scale).reshape(batch, heads, rows, -1)
-            start = first_pos[:, None, None, lo:hi, None]
+            start = first_pos[:, None, lo:hi, None]  # [B, 1, T, 1]
             if ws_k.shape[2] <= window + hi:
                 raw_k, raw_v, raw_pos = ws_k, ws_v, ws_pos
             else:  # ring + the chunk keys a query of this tile can see
@@ -623,30 +621,22 @@ class DGADecodeState:
                 raw_k = torch.cat([ws_k[:, :, :window], ws_k[:, :, begin : window + hi]], dim=2)
                 raw_v = torch.cat([ws_v[:, :, :window], ws_v[:, :, begin : window + hi]], dim=2)
                 raw_pos = torch.cat([ws_pos[:, :window], ws_pos[:, begin : window + hi]], dim=1)
-
-            def scores(keys):  # [B, H, G, q_tile, N] in the compute dtype
-                return (q_tile @ keys.transpose(-1, -2)).to(self.cd).view(batch, heads, group, hi - lo, -1)
-
-            logits, values = [], []
-            if focal_slots:
-                logits.append(scores(focal_k).masked_fill_(focal_pos >= start, -math.inf))
-                values.append(focal_v)
-            if old_blocks:
-                hidden = agg_blocks >= first_block[:, None, None, lo:hi, None]
-                logits.append((scores(agg_k) + agg_bias).masked_fill_(hidden, -math.inf))
-                values.append(agg_v)
-            rp = raw_pos[:, None, None, None, :]
-            hidden = (rp < start) | (rp > pos_new[:, None, None, lo:hi, None])
-            logits.append(scores(raw_k).masked_fill_(hidden, -math.inf))
-            values.append(raw_v)
-            sizes = [x.shape[-1] for x in logits]
-            weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-            if not all_valid:  # a padded query sees nothing: 0/0
-                weights = weights.nan_to_num_(0.0)
-            weights = weights.to(dtype).view(batch, heads, rows, -1)
-            out = None
-            for w, v in zip(weights.split(sizes, dim=-1), values):
-                out = w @ v if out is None else out.add_(w @ v)
+            rp = raw_pos[:, None, None, :]
+            hidden = [
+                (focal_pos >= start).expand(-1, -1, hi - lo, -1),
+                (agg_blocks >= first_block[:, None, lo:hi, None]).expand(-1, heads, -1, -1),
+                ((rp < start) | (rp > pos_new[:, None, lo:hi, None])).expand(-1, heads, -1, -1),
+            ]
+            bias = [torch.zeros((), dtype=dtype, device=q5.device), agg_bias, torch.zeros((), dtype=dtype, device=q5.device)]
+            mask = torch.cat([torch.where(h, -math.inf, b) for h, b in zip(hidden, bias)], dim=-1)
+            keys = torch.cat([old_k, raw_k], dim=2).flatten(0, 1)[:, None]
+            values = torch.cat([old_v, raw_v], dim=2).flatten(0, 1)[:, None]
+            query = q5[:, :, :, lo:hi].to(dtype).flatten(0, 1)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask.flatten(0, 1)[:, None], scale=scale, enable_gqa=True
+            )
+            if not all_valid:  # a padded query sees nothing: 0 on the CPU, NaN on some GPU SDPA backends
+                out = out.nan_to_num_(0.0)
             outputs.append(out.view(batch, heads, group, hi - lo, -1))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return out.to(self.cd)
