@@ -145,7 +145,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     step = tile_blocks(layout, rows * group, config, num_blocks)
     old_block, old_key, old_value, old_bias = _old_stream(layout, num_blocks)
     tile_rows = min(seq_len, step * m)
-    capacity = old_block.shape[-1] + min(seq_len, (n + step) * m)
+    # a row stride of the mask that is a multiple of 16 elements spares the GPU's memory-efficient SDPA a
+    # padded copy of the mask per tile
+    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m)) // 16) * 16
     key_buffer = key.new_empty(rows, 1, capacity, dim)
     value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
     mask = query.new_empty(rows, 1, tile_rows, capacity)
