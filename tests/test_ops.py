@@ -111,12 +111,15 @@ def test_half_precision_inputs(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, None), (torch.bfloat16, 1.6e-2)])
-def test_aggregates_computed_in_chunks_match_the_reference(monkeypatch, dtype, tol):
-    """The layout aggregates AGGREGATE_CHUNK_TOKENS tokens of blocks at a time (bounded float32 copies);
-    with a tiny chunk, several chunks and a zero-padded last block give the reference's output."""
+def test_layout_computed_in_chunks_matches_the_reference(monkeypatch, dtype, tol):
+    """The layout aggregates AGGREGATE_CHUNK_TOKENS tokens of blocks at a time and scores
+    IMPORTANCE_CHUNK_SCORES probe scores at a time (bounded float32 copies); with tiny chunks (3 blocks;
+    3 of the 8 probes of one query head), several chunks, a partial last one and a zero-padded last block
+    give the reference's output."""
     from dga_hf.ops import layout
 
     monkeypatch.setattr(layout, "AGGREGATE_CHUNK_TOKENS", 12)  # 3 blocks of 4 per chunk
+    monkeypatch.setattr(layout, "IMPORTANCE_CHUNK_SCORES", 3 * 2 * 79)  # 3 probe rows of both batch rows
     config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=2, probe_queries=8, group_bias="log_size")
     q, k, v = qkv(2, 6, 2, 79, 16, seed=5, dtype=dtype)
     mask = left_padding(2, 79, seed=5)

@@ -20,6 +20,7 @@ from ..config import DGAConfig
 from .naive import focal_count
 
 AGGREGATE_CHUNK_TOKENS = 8192  # tokens whose blocks are aggregated at once (bounds the float32 copies)
+IMPORTANCE_CHUNK_SCORES = 2**23  # probe scores computed at once (32 MiB in float32; rows of whole length L)
 
 
 @dataclass
@@ -118,13 +119,16 @@ def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, p
     probe_q = query.gather(3, index).to(dtype)
     keys = torch.arange(seq_len, device=query.device)
     hidden = (keys.view(1, 1, seq_len) > probe_pos.unsqueeze(-1)) | (probe_pos.unsqueeze(-1) < 0)  # [B, r, L]
-    hidden = hidden.view(batch, 1, probes, seq_len)
-    importance = []
-    for head in range(heads):  # one kv head at a time bounds the [G, r, L] scores
-        logits = scale * probe_q[:, head] @ key[:, head, None].to(dtype).transpose(-1, -2)  # [B, G, r, L]
-        weights = torch.softmax(logits.masked_fill_(hidden, -math.inf), dim=-1).nan_to_num_(0.0)
-        importance.append(weights.sum(dim=(1, 2)))  # unused probe rows (all -inf) count 0
-    return torch.stack(importance, dim=1)
+    rows_per_chunk = max(1, min(probes, IMPORTANCE_CHUNK_SCORES // max(batch * seq_len, 1)))
+    importance = torch.zeros(batch, heads, seq_len, dtype=dtype, device=query.device)
+    for head in range(heads):  # one kv head, one query head of its group and a chunk of probes at a time
+        keys_t = key[:, head].to(dtype).transpose(-1, -2)
+        for g in range(group):
+            for lo in range(0, probes, rows_per_chunk):
+                logits = scale * probe_q[:, head, g, lo : lo + rows_per_chunk] @ keys_t  # [B, rows, L]
+                weights = torch.softmax(logits.masked_fill_(hidden[:, lo : lo + rows_per_chunk], -math.inf), dim=-1)
+                importance[:, head] += weights.nan_to_num_(0.0).sum(dim=1)  # unused probe rows (all -inf) count 0
+    return importance
 
 
 def _budgets(lengths: torch.Tensor, config: DGAConfig) -> torch.Tensor:
@@ -181,8 +185,11 @@ def _aggregate(
     block_ends = torch.minimum(
         (torch.arange(num_blocks, device=query.device) + 1) * m, lengths[:, None]
     ).clamp(min=1) - 1  # [B, nb]
-    index = block_ends.view(batch, 1, 1, num_blocks, 1).expand(batch, heads, group, num_blocks, dim)
-    query_bar = query.gather(3, index).to(dtype).mean(2)  # [B, H, nb, d]
+
+    def query_bar(first: int, last: int) -> torch.Tensor:
+        """Mean over the G query heads of each block's last query, blocks first..last-1: [B, H, c, d]."""
+        index = block_ends[:, None, None, first:last, None].expand(batch, heads, group, last - first, dim)
+        return query.gather(3, index).to(dtype).mean(2)
 
     def blocked(x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Blocks first..last-1 of x as [B, H, c, m, d] in the compute dtype (the last block zero-padded)."""
@@ -197,7 +204,7 @@ def _aggregate(
     for first in range(0, num_blocks, chunk):
         last = min(num_blocks, first + chunk)
         block_keys, block_values = blocked(key, first, last), blocked(value, first, last)
-        logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar[:, :, first:last])
+        logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar(first, last))
         weights = torch.softmax(logits.masked_fill(~members[:, :, first:last], -math.inf), dim=-1).nan_to_num(0.0)
         agg_keys.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys))
         agg_values.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_values))
