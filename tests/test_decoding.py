@@ -419,12 +419,16 @@ def test_padded_new_tokens_are_skipped():
     torch.testing.assert_close(out[1:, :, keep][:, :, :80], alone[:, :, :80], rtol=0, atol=1e-12)
 
 
-def test_bfloat16_runs_and_stays_close():
+@pytest.mark.parametrize("mode", ["compact", "keep_full"])
+def test_bfloat16_runs_and_stays_close(mode):
+    """bf16 caches, one-token steps and a chunk (its SDPA and additive mask in bf16), against float64."""
     q, k, v = qkv(1, 120, seed=11)
-    ref, _ = run_cache(q, k, v, CFG, 70, [1] * 50, "compact", 9)
-    low, _ = run_cache(q.bfloat16(), k.bfloat16(), v.bfloat16(), CFG, 70, [1] * 50, "compact", 9)
+    steps = [1] * 20 + [15] + [1] * 15
+    ref, _ = run_cache(q, k, v, CFG, 70, steps, mode, 9)
+    low, _ = run_cache(q.bfloat16(), k.bfloat16(), v.bfloat16(), CFG, 70, steps, mode, 9)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    assert (low.double() - ref).abs().mean() < 0.05
+    error = (low.double() - ref).abs()
+    assert error.mean() < 0.008 and error.max() < 0.08  # measured: mean 0.0025, max 0.03 (bf16 rounds at 2^-8)
 
 
 # ------------------------------------------------------------------------------------------------ memory and cost
