@@ -30,6 +30,7 @@ import inspect
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import StaticCache
@@ -244,14 +245,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="query heads, kv heads, head dim of --attention-step (default: Llama-3-8B; SmolLM2: 9,3,64)")
     parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(--attention-step)")
-    parser.add_argument("--out", default=None, help="folder for decode_step.json / decode_step.md (--attention-step)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the results: decode_step.json / decode_step.md (--attention-step), else "
+                             "decoding_<length>.json")
     args = parser.parse_args(argv)
     options = DecodingConfig.from_value(json.loads(args.decoding))  # a bad field fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.attention_step:
-        from pathlib import Path
-
         from ..environment import package_versions
 
         settings = resolve_config(args.preset)
@@ -316,8 +317,13 @@ def main(argv: list[str] | None = None) -> None:
             result["same_tokens_as_dense"] = sum(a == b for a, b in zip(result["tokens"], results["dense"]["tokens"]))
             for key in ("itl_ms", "itl_median_ms", "itl_cpu_ms", "itl_cpu_median_ms", "kv_bytes"):
                 result[f"{key}_vs_dense"] = result[key] / results["dense"][key]
-    print(json.dumps({"length": args.length, "new_tokens": args.new_tokens, "settings": settings.to_dict(),
-                      "decoding": options.to_dict(), "threads": torch.get_num_threads(), "results": results}, indent=1))
+    report = json.dumps({"length": args.length, "new_tokens": args.new_tokens, "settings": settings.to_dict(),
+                         "decoding": options.to_dict(), "threads": torch.get_num_threads(), "results": results}, indent=1)
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"decoding_{args.length}.json").write_text(report)
 
 
 if __name__ == "__main__":
