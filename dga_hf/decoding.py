@@ -45,6 +45,7 @@ from transformers import DynamicCache
 
 from .config import DecodingConfig, DGAConfig
 from .ops import torch_backend
+from .ops.torch_backend import additive_mask
 from .ops.dense import dense_attention, single_query_attention
 from .ops.dispatch import resolve_backend
 from .ops.layout import build_layout, compact_padding, compute_dtype, uncompact
@@ -602,10 +603,10 @@ class DGADecodeState:
         focal_slots = self.focal_hi
         batch, heads, group, _, dim = q5.shape
         dtype = self.ring_k.dtype
-        old_k = torch.cat([self.focal_k[:, :, :focal_slots], self.agg_k[:, :, :old_blocks]], dim=2)
-        old_v = torch.cat([self.focal_v[:, :, :focal_slots], self.agg_v[:, :, :old_blocks]], dim=2)
+        focal_k, focal_v = self.focal_k[:, :, :focal_slots], self.focal_v[:, :, :focal_slots]
+        agg_k, agg_v = self.agg_k[:, :, :old_blocks], self.agg_v[:, :, :old_blocks]
         focal_pos = self.focal_pos[:, :, None, :focal_slots]
-        agg_bias = self.agg_bias[:, :, None, :old_blocks].to(dtype)
+        agg_bias = self.agg_bias[:, :, None, :old_blocks]
         agg_blocks = torch.arange(old_blocks, device=q5.device)
         first_block = torch.div(pos_new, m, rounding_mode="floor") - (n - 1)  # [B, q]: blocks < it are old
         first_pos = (first_block * m).clamp(min=0)
@@ -622,15 +623,13 @@ class DGADecodeState:
                 raw_v = torch.cat([ws_v[:, :, :window], ws_v[:, :, begin : window + hi]], dim=2)
                 raw_pos = torch.cat([ws_pos[:, :window], ws_pos[:, begin : window + hi]], dim=1)
             rp = raw_pos[:, None, None, :]
-            hidden = [
-                (focal_pos >= start).expand(-1, -1, hi - lo, -1),
-                (agg_blocks >= first_block[:, None, lo:hi, None]).expand(-1, heads, -1, -1),
-                ((rp < start) | (rp > pos_new[:, None, lo:hi, None])).expand(-1, heads, -1, -1),
-            ]
-            bias = [torch.zeros((), dtype=dtype, device=q5.device), agg_bias, torch.zeros((), dtype=dtype, device=q5.device)]
-            mask = torch.cat([torch.where(h, -math.inf, b) for h, b in zip(hidden, bias)], dim=-1)
-            keys = torch.cat([old_k, raw_k], dim=2).flatten(0, 1)[:, None]
-            values = torch.cat([old_v, raw_v], dim=2).flatten(0, 1)[:, None]
+            mask = torch.cat([
+                additive_mask((focal_pos >= start).expand(-1, -1, hi - lo, -1), dtype),
+                additive_mask((agg_blocks >= first_block[:, None, lo:hi, None]).expand(-1, heads, -1, -1), dtype, agg_bias),
+                additive_mask(((rp < start) | (rp > pos_new[:, None, lo:hi, None])).expand(-1, heads, -1, -1), dtype),
+            ], dim=-1)
+            keys = torch.cat([focal_k, agg_k, raw_k], dim=2).flatten(0, 1)[:, None]
+            values = torch.cat([focal_v, agg_v, raw_v], dim=2).flatten(0, 1)[:, None]
             query = q5[:, :, :, lo:hi].to(dtype).flatten(0, 1)
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask.flatten(0, 1)[:, None], scale=scale, enable_gqa=True
@@ -688,11 +687,10 @@ class DGADecodeState:
         return chosen, usable, torch.zeros_like(visible).scatter_(2, chosen, usable)
 
     def _attend_packed(self, q5, pos_new, new: list[int], scale: float, all_valid: bool) -> torch.Tensor:
-        """A one-token step on the PyTorch path: one SDPA over the packed workspace (focal slots, aggregates,
-        ring, and in keep_full the raw tokens of the expanded blocks copied into its tail) with an additive
-        mask holding each key's visibility under the rule (and the aggregates' bias). The G query heads of a
-        kv head are SDPA's query positions, so each kv head's keys are read once. q5 [B, H, G, 1, d] ->
-        [B, H, G, 1, dv] in the compute dtype."""
+        """A one-token step on the PyTorch path: one SDPA (`single_query_attention`) over the packed
+        workspace (focal slots, aggregates, ring, and in keep_full the raw tokens of the expanded blocks
+        copied into its tail) with an additive mask holding each key's visibility under the rule (and the
+        aggregates' bias). q5 [B, H, G, 1, d] -> [B, H, G, 1, dv] in the compute dtype."""
         if self._packed is None or not all(getattr(self, name) is view for name, view in zip(PACKED, self._packed)):
             self._pack()
         m = self.m
@@ -718,13 +716,10 @@ class DGADecodeState:
             self.ws_v[:, :, -self.tail :][:, :, :rows] = _gather_rows(self.arch_v, chosen, m)
             tail_visible[..., :rows] = usable.repeat_interleave(m, dim=2)
 
-        def hide(hidden):
-            return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)
-
-        mask = torch.cat([hide(focal_hidden), agg_bias.to(dtype), hide(ring_hidden), hide(~tail_visible)], dim=-1)
-        query = q5.reshape(batch, heads, group, dim).to(dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, self.ws_k, self.ws_v, attn_mask=mask[:, :, None, :], scale=scale)
+        mask = torch.cat([additive_mask(focal_hidden, dtype), agg_bias.to(dtype), additive_mask(ring_hidden, dtype),
+                          additive_mask(~tail_visible, dtype)], dim=-1)
+        query = q5.reshape(batch, heads * group, 1, dim).to(dtype)
+        out = single_query_attention(query, self.ws_k, self.ws_v, scale=scale, key_mask=mask)
         if not all_valid:  # a row without a real new token may see nothing: 0/0
             out = out.nan_to_num(0.0)
         return out.view(batch, heads, group, 1, -1).to(self.cd)

@@ -30,6 +30,12 @@ TILE_LOGITS_BUDGET = 2**24
 MIN_TILE_QUERIES = 128
 
 
+def additive_mask(hidden: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """An SDPA mask in ``dtype``: -inf where ``hidden``, else 0 (or ``bias``, broadcast)."""
+    visible = torch.zeros((), dtype=dtype, device=hidden.device) if bias is None else bias.to(dtype)
+    return torch.where(hidden, -math.inf, visible)
+
+
 def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_blocks: int) -> int:
     """Blocks per query tile: an eighth of the local window (a tile of T queries computes T x (T + n*m)
     local logits, so larger tiles waste work on the local stream; measured on CPU at 8K with
@@ -159,16 +165,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
-        q_block = (torch.arange(q_lo, q_hi, device=device) // m).view(1, 1, -1, 1)
         visible = int((old_block <= last - n).sum(-1).max()) if last >= n else 0
         if visible > copied:
             key_buffer[:, 0, copied:visible] = old_key[:, copied:visible]
             value_buffer[:, 0, copied:visible] = old_value[:, copied:visible]
             copied = visible
         if visible > final:
-            blocks = old_block[:, None, None, final:visible]
-            mask[:, :, : q_hi - q_lo, final:visible] = torch.where(
-                blocks <= q_block - n, old_bias[:, None, None, final:visible], -math.inf
+            q_block = (torch.arange(q_lo, q_hi, device=device) // m).view(1, 1, -1, 1)
+            mask[:, :, : q_hi - q_lo, final:visible] = additive_mask(
+                old_block[:, None, None, final:visible] > q_block - n, dtype, old_bias[:, None, None, final:visible]
             )
             final = int((old_block <= first - n).sum(-1).min()) if first >= n else 0
         w_lo = max(0, (first - n + 1) * m)
@@ -214,8 +219,7 @@ def _local_mask(q_lo: int, q_hi: int, w_lo: int, m: int, n: int, device, dtype) 
     query's own block and the n-1 before."""
     q_pos = torch.arange(q_lo, q_hi, device=device)[:, None]
     w_pos = torch.arange(w_lo, q_hi, device=device)[None, :]
-    hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n)
-    return torch.zeros(hidden.shape, device=device, dtype=dtype).masked_fill_(hidden, -math.inf)
+    return additive_mask((w_pos > q_pos) | (w_pos // m <= q_pos // m - n), dtype)
 
 
 def attend_backward(
