@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
 
+from . import rule
+
 GROUP_BIASES = ("none", "log_size")
 BACKENDS = ("auto", "torch", "triton", "naive")
 DEFAULT_PRESET = "default"
@@ -99,13 +101,12 @@ class DGAConfig:
         counted exactly for the layout, with focal tokens spread evenly over the sequence)."""
         total_dense = seq_len * (seq_len + 1) / 2
         m, n = self.group_size, self.local_blocks
-        focal = min(seq_len, max(1, math.ceil(self.focal_ratio * seq_len)))
-        density = focal / seq_len
+        density = rule.focal_count(seq_len, self.focal_ratio) / seq_len
         total = 0.0
         for block in range(math.ceil(seq_len / m)):
-            first_local = max(0, (block - n + 1) * m)
+            first_local = rule.first_local_position(block, m, n)
             old_tokens = first_local
-            old_blocks = max(0, block - n + 1)
+            old_blocks = rule.old_block_count(block, n)
             for i in range(block * m, min((block + 1) * m, seq_len)):
                 local = i - first_local + 1
                 total += local + density * old_tokens + old_blocks

@@ -49,7 +49,8 @@ from .ops.torch_backend import additive_mask
 from .ops.dense import dense_attention, single_query_attention
 from .ops.dispatch import resolve_backend
 from .ops.layout import build_layout, compact_padding, compute_dtype, uncompact
-from .ops.naive import focal_count, naive_dga_attention
+from .ops.naive import naive_dga_attention
+from .rule import focal_count
 
 try:  # transformers >= 4.54: caches are lists of layer objects
     from transformers.cache_utils import DynamicLayer as _LayerBase

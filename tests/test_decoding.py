@@ -26,7 +26,8 @@ from tiny_archs import ARCHS
 
 from dga_hf import DecodingConfig, DGACache, DGAConfig
 from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval
-from dga_hf.ops.naive import focal_count, naive_dga_attention
+from dga_hf.ops.naive import naive_dga_attention
+from dga_hf.rule import focal_count
 
 # ------------------------------------------------------------------------------------------------ transcription
 

@@ -1,4 +1,4 @@
-"""Stages 1-4 of DGA_SPEC.md, vectorised over batch and heads: importance, focal selection, block
+"""Stages 1-4 of docs/spec.md, vectorised over batch and heads: importance, focal selection, block
 aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
 over focal keys, aggregates and local keys).
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import rule
 from ..config import DGAConfig
-from .naive import focal_count
 
 AGGREGATE_CHUNK_TOKENS = 8192  # tokens whose blocks are aggregated at once (bounds the float32 copies)
 IMPORTANCE_CHUNK_SCORES = 2**23  # probe scores computed at once (32 MiB in float32; rows of whole length L)
@@ -133,12 +133,10 @@ def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, p
 
 def _budgets(lengths: torch.Tensor, config: DGAConfig) -> torch.Tensor:
     """Focal tokens per row: k (at least the sinks); the whole row when it is below min_seq_len."""
-    budgets = []
-    for length in lengths.tolist():
-        if length < config.min_seq_len:
-            budgets.append(length)
-        else:
-            budgets.append(max(focal_count(length, config.focal_ratio), min(config.sink_tokens, length)) if length else 0)
+    budgets = [
+        rule.focal_budget(length, config.focal_ratio, config.sink_tokens, dense=length < config.min_seq_len)
+        for length in lengths.tolist()
+    ]
     return torch.tensor(budgets, dtype=torch.long, device=lengths.device)
 
 

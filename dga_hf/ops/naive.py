@@ -1,4 +1,4 @@
-"""Naive float64 transcription of DGA_SPEC.md: the reference every backend is tested against.
+"""Naive float64 transcription of docs/spec.md: the reference every backend is tested against.
 
 Written for clarity, not speed: one (row, kv head) at a time, explicit L x L masks. Never use it on
 long sequences.
@@ -10,13 +10,8 @@ import math
 
 import torch
 
+from .. import rule
 from ..config import DGAConfig
-
-
-def focal_count(seq_len: int, focal_ratio: float) -> int:
-    """k = min(L, max(1, ceil(gamma * L))); the 1e-9 keeps float error (0.1 * 30 = 3.0000000000000004)
-    from adding a token."""
-    return min(seq_len, max(1, math.ceil(focal_ratio * seq_len - 1e-9)))
 
 
 def naive_dga_attention(
@@ -64,7 +59,7 @@ def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: DGAConfig,
     importance = probe_logits.softmax(-1).sum(dim=(0, 1))
 
     # 2. focal set: sinks first, then highest importance (ties: earlier position)
-    budget = focal_count(seq_len, cfg.focal_ratio)
+    budget = rule.focal_count(seq_len, cfg.focal_ratio)
     focal = torch.zeros(seq_len, dtype=torch.bool)
     focal[: min(cfg.sink_tokens, seq_len)] = True
     ranked = sorted(range(seq_len), key=lambda j: (-importance[j].item(), j))
@@ -92,8 +87,8 @@ def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: DGAConfig,
 
     # 5. one softmax over raw focal + local tokens and the aggregates of old blocks
     q_block = block[:, None]
-    raw_allowed = causal & (focal[None, :] | (q_block - block[None, :] < n))
-    agg_allowed = (torch.arange(num_blocks)[None, :] <= q_block - n) & (members[None, :] > 0)
+    raw_allowed = causal & (focal[None, :] | ~rule.is_old_block(block[None, :], q_block, n))
+    agg_allowed = rule.is_old_block(torch.arange(num_blocks)[None, :], q_block, n) & (members[None, :] > 0)
     agg_logits = s * q @ agg_k.T
     if cfg.group_bias == "log_size":
         agg_logits = agg_logits + members.clamp(min=1).log()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import rule
 from ..config import DGAConfig
 from .layout import DGALayout
 
@@ -74,21 +75,23 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
         streams = []
 
         # focal keys of blocks old for the tile's last query: a prefix, as slots are sorted by position
-        old_limit = last - n
-        if old_limit >= 0:
-            count = int((focal_block <= old_limit).sum(-1).max())
+        old_blocks = rule.old_block_count(last, n)
+        q_block = rule.block_of(q_pos, m)
+        if old_blocks:
+            count = int(rule.is_old_block(focal_block, last, n).sum(-1).max())
             logits = scale * q_tile @ layout.focal_key[:, :, None, :count].transpose(-1, -2)
-            hidden = focal_block[:, :, None, None, :count] > q_pos // m - n
+            hidden = ~rule.is_old_block(focal_block[:, :, None, None, :count], q_block, n)
             streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "focal", 0, count))
-            agg_blocks = torch.arange(old_limit + 1, device=device)
-            logits = scale * q_tile @ layout.agg_key[:, :, None, : old_limit + 1].transpose(-1, -2)
-            logits += layout.agg_bias[:, :, None, None, : old_limit + 1]
-            streams.append(_Stream(logits.masked_fill_(agg_blocks > q_pos // m - n, -math.inf), "agg", 0, old_limit + 1))
+            agg_blocks = torch.arange(old_blocks, device=device)
+            logits = scale * q_tile @ layout.agg_key[:, :, None, :old_blocks].transpose(-1, -2)
+            logits += layout.agg_bias[:, :, None, None, :old_blocks]
+            hidden = ~rule.is_old_block(agg_blocks, q_block, n)
+            streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "agg", 0, old_blocks))
 
-        w_lo = max(0, (first - n + 1) * m)
+        w_lo = rule.first_local_position(first, m, n)
         w_pos = torch.arange(w_lo, q_hi, device=device)
         logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
-        hidden = (w_pos > q_pos) | (w_pos // m <= q_pos // m - n)
+        hidden = ~rule.reads_raw(w_pos, q_pos, m, n)
         streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "local", w_lo, q_hi))
         yield q_lo, q_hi, [stream for stream in streams if stream.hi > stream.lo]
 
@@ -165,18 +168,19 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
-        visible = int((old_block <= last - n).sum(-1).max()) if last >= n else 0
+        visible = int(rule.is_old_block(old_block, last, n).sum(-1).max())
         if visible > copied:
             key_buffer[:, 0, copied:visible] = old_key[:, copied:visible]
             value_buffer[:, 0, copied:visible] = old_value[:, copied:visible]
             copied = visible
         if visible > final:
-            q_block = (torch.arange(q_lo, q_hi, device=device) // m).view(1, 1, -1, 1)
+            q_block = rule.block_of(torch.arange(q_lo, q_hi, device=device), m).view(1, 1, -1, 1)
             mask[:, :, : q_hi - q_lo, final:visible] = additive_mask(
-                old_block[:, None, None, final:visible] > q_block - n, dtype, old_bias[:, None, None, final:visible]
+                ~rule.is_old_block(old_block[:, None, None, final:visible], q_block, n), dtype,
+                old_bias[:, None, None, final:visible],
             )
-            final = int((old_block <= first - n).sum(-1).min()) if first >= n else 0
-        w_lo = max(0, (first - n + 1) * m)
+            final = int(rule.is_old_block(old_block, first, n).sum(-1).min())
+        w_lo = rule.first_local_position(first, m, n)
         end = visible + q_hi - w_lo
         key_buffer[:, 0, visible:end] = keys[:, w_lo:q_hi]
         value_buffer[:, 0, visible:end] = values[:, w_lo:q_hi]
@@ -219,7 +223,7 @@ def _local_mask(q_lo: int, q_hi: int, w_lo: int, m: int, n: int, device, dtype) 
     query's own block and the n-1 before."""
     q_pos = torch.arange(q_lo, q_hi, device=device)[:, None]
     w_pos = torch.arange(w_lo, q_hi, device=device)[None, :]
-    return additive_mask((w_pos > q_pos) | (w_pos // m <= q_pos // m - n), dtype)
+    return additive_mask(~rule.reads_raw(w_pos, q_pos, m, n), dtype)
 
 
 def attend_backward(
