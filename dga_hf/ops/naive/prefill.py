@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .. import rule
-from ..config import DGAConfig
+from ... import rule
+from ...config import DGAConfig
 
 
 def naive_dga_attention(

@@ -1,0 +1,10 @@
+"""Naive float64 transcriptions of docs/spec.md: the references every backend is tested against, kept
+together beside the kernels (flash-linear-attention's `naive.py` pattern). Written for clarity, not
+speed: never use them on long sequences.
+
+- `prefill`: the whole spec (stages 1-5) for one sequence, `naive_dga_attention`.
+"""
+
+from .prefill import naive_dga_attention
+
+__all__ = ["naive_dga_attention"]
