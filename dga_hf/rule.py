@@ -21,7 +21,7 @@ import torch
 
 Int = TypeVar("Int", int, torch.Tensor)
 
-# Keeps float error (0.7 * 10 = 7.000000000000001) from adding a focal token.
+# Keeps float error (0.07 * 100 = 7.000000000000001) from adding a focal token.
 _RATIO_EPSILON = 1e-9
 
 

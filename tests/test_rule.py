@@ -51,7 +51,7 @@ def test_focal_budget(length, ratio, sinks):
 
 
 def test_focal_count_ignores_float_error():
-    assert 0.7 * 10 > 7 and rule.focal_count(10, 0.7) == 7
+    assert 0.07 * 100 > 7 and rule.focal_count(100, 0.07) == 7
 
 
 @settings(max_examples=100, deadline=None)
