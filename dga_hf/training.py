@@ -493,16 +493,34 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
     )
     setup_seconds = time.perf_counter() - began
     train_output = trainer.train()
-    final_eval = None
-    if eval_rows is not None:
-        last = [e for e in trainer.state.log_history if "eval_loss" in e]
-        if last and last[-1].get("step") == trainer.state.global_step:
-            final_eval = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
-        else:
-            final_eval = trainer.evaluate()
-            final_eval["eval_perplexity"] = math.exp(min(float(final_eval["eval_loss"]), 700.0))
+    final_eval = None if eval_rows is None else _final_evaluation(trainer)
+    model = _restore_for_inference(trainer.model, settings, use_cache)
+    out = Path(settings.output_dir)
+    trainer.save_model(str(out))  # model (config.json keeps config.dga) and tokenizer
+    if trainer.args.should_save:  # a pickle of TrainingArguments: the JSON log below has every setting
+        (out / "training_args.bin").unlink(missing_ok=True)
 
-    model = trainer.model
+    log = _training_log(settings, dga, bf16, model, trainer, train_output, (train_info, eval_info), final_eval)
+    log["setup_seconds"] = round(setup_seconds, 2)
+    log["wall_seconds"] = round(time.perf_counter() - began, 2)
+    log["command"] = command
+    if trainer.args.should_save:
+        (out / LOG_FILE).write_text(json.dumps(log, indent=2, default=str))
+    return FinetuneResult(model=model.eval(), tokenizer=tokenizer, output_dir=out, log=log)
+
+
+def _final_evaluation(trainer) -> dict[str, Any]:
+    """The held-out metrics after the last step: the last evaluation if it ran at that step, else one more."""
+    last = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if last and last[-1].get("step") == trainer.state.global_step:
+        return {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+    final_eval = trainer.evaluate()
+    final_eval["eval_perplexity"] = math.exp(min(float(final_eval["eval_loss"]), 700.0))
+    return final_eval
+
+
+def _restore_for_inference(model, settings: FinetuneConfig, use_cache: bool | None):
+    """Undo what training changed on the model (frozen embeddings, no KV cache, checkpointing)."""
     if settings.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(True)
     if use_cache is not None:
@@ -510,11 +528,13 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
     if settings.gradient_checkpointing:
         disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable")
         disable()
-    out = Path(settings.output_dir)
-    trainer.save_model(str(out))  # model (config.json keeps config.dga) and tokenizer
-    if trainer.args.should_save:  # a pickle of TrainingArguments: the JSON log below has every setting
-        (out / "training_args.bin").unlink(missing_ok=True)
+    return model
 
+
+def _training_log(settings: FinetuneConfig, dga: DGAConfig | None, bf16: bool, model, trainer, train_output,
+                  data_info: tuple[dict, dict], final_eval: dict | None) -> dict[str, Any]:
+    """The JSON log of a run (settings, data, losses, evaluations, versions); the caller adds the times."""
+    train_info, eval_info = data_info
     log = {
         "settings": settings.to_dict(),
         "dga": None if dga is None else dga.to_dict(),
@@ -536,18 +556,13 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
             if "eval_loss" in e
         ],
         "log_history": trainer.state.log_history,
-        "setup_seconds": round(setup_seconds, 2),
         "train_seconds": round(float(train_output.metrics.get("train_runtime", 0.0)), 2),
-        "wall_seconds": round(time.perf_counter() - began, 2),
-        "command": command,
         "versions": package_versions(VERSIONED),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if final_eval is not None and not any(e["step"] == trainer.state.global_step for e in log["evaluations"]):
         log["evaluations"].append({"step": trainer.state.global_step, "eval_loss": final_eval["eval_loss"], "eval_perplexity": final_eval["eval_perplexity"]})
-    if trainer.args.should_save:
-        (out / LOG_FILE).write_text(json.dumps(log, indent=2, default=str))
-    return FinetuneResult(model=model.eval(), tokenizer=tokenizer, output_dir=out, log=log)
+    return log
 
 
 def _trainable_count(model, frozen_embeddings: bool) -> int:
