@@ -282,6 +282,85 @@ def test_report_shows_errors_without_hiding_other_cells():
     assert "ConnectionError: offline" in report and "RuntimeError: out of memory" in report
 
 
+# ---------------------------------------------------------------- whole-model decoding runs (python -m dga_eval.decoding)
+
+
+def test_decoding_speed_run_writes_every_cache_and_its_ratios_to_dense(tmp_path, tiny_model_dir):
+    from dga_eval.decoding import main
+
+    main(["--model", str(tiny_model_dir), "--preset", "paper", "--length", "160", "--new-tokens", "4",
+          "--caches", "dense,keep_full,compact,sdpa,static", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "decoding_160.json").read_text())
+    assert report["length"] == 160 and report["settings"] == dga_hf.DGAConfig.preset("paper").to_dict()
+    results = report["results"]
+    assert list(results) == ["sdpa", "static", "dense", "keep_full", "compact"]  # the unpatched runs go first
+    for name, result in results.items():
+        assert len(result["tokens"]) == 4 and result["itl_ms"] > 0, name
+        assert result["same_tokens_as_dense"] == sum(a == b for a, b in zip(result["tokens"], results["dense"]["tokens"]))
+        assert result["kv_bytes_vs_dense"] == result["kv_bytes"] / results["dense"]["kv_bytes"]
+    assert results["dense"]["itl_ms_vs_dense"] == 1.0 and results["dense"]["same_tokens_as_dense"] == 4
+    assert results["static"]["tokens"] == results["sdpa"]["tokens"]  # both decode the unpatched model densely
+    assert results["compact"]["kv_bytes"] < results["keep_full"]["kv_bytes"]
+
+
+def test_decoding_memory_and_quality_runs(tiny_model_dir, capsys):
+    from dga_eval.decoding import main
+
+    main(["--model", str(tiny_model_dir), "--preset", "paper", "--memory-only", "--length", "256", "--memory-steps", "4"])
+    memory = json.loads(capsys.readouterr().out)["bytes_per_layer"]
+    kv_heads, head_dim = 2, 32 // 4
+    assert memory["dense"] == 2 * (256 + 4) * kv_heads * head_dim * 4  # float32 K and V of every position
+    assert memory["compact/dense"] == memory["compact"] / memory["dense"] < memory["keep_full/dense"]
+
+    main(["--model", str(tiny_model_dir), "--preset", "paper", "--quality", "--length", "256", "--depths", "0.2,0.8",
+          "--copies", "1", "--caches", "dense,compact", "--decoding", '{"refresh_every": 8}'])
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{\n") :])  # after the per-sample progress lines
+    assert report["decoding"]["refresh_every"] == 8
+    details = report["details"]
+    assert [d["depth"] for d in details["dense"]["passkey"]] == [0.2, 0.8]
+    assert [d["key"] for d in details["dense"]["passkey"]] == [d["key"] for d in details["compact"]["passkey"]]
+    for name in ("dense", "compact"):
+        summary = report["summary"][name]
+        assert summary["passkey_accuracy"] == sum(d["match"] for d in details[name]["passkey"]) / 2
+        assert summary["copy_accuracy"] == details[name]["copy"][0] and 0.0 <= summary["copy_accuracy"] <= 1.0
+
+
+def test_library_decoding_benchmark_runs_only_the_attention_step(capsys):
+    """The whole-model runs left the library: its decoding benchmark names where they went."""
+    from dga_hf.bench import decoding
+
+    for argv, named in ((["--length", "8192"], "['--length', '8192']"), (["--quality"], "['--quality']"),
+                        ([], "no --attention-step")):
+        with pytest.raises(SystemExit):
+            decoding.main(argv)
+        error = capsys.readouterr().err
+        assert f"runs only --attention-step (got {named})" in error
+        assert "the whole-model decoding runs (speed, --memory-only, --quality) are python -m dga_eval.decoding" in error
+
+
+def test_library_never_imports_the_harness_or_the_tests():
+    """dga_hf stands alone: no module of the library (its patches and presets included) imports dga_eval or
+    a test module, not even inside a function."""
+    import ast
+    import importlib.util
+
+    test_modules = {path.stem for path in Path(__file__).parent.glob("*.py")}
+    forbidden = {"dga_eval", "tests"} | test_modules
+    folders = {Path(importlib.util.find_spec(name).origin).parent for name in ("dga_hf", "dga_hf.patches", "dga_hf.configs")}
+    sources = sorted(path for folder in folders for path in folder.rglob("*.py"))
+    assert any(path.name == "decoding.py" and path.parent.name == "bench" for path in sources)
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            assert not {name.split(".")[0] for name in names} & forbidden, f"{path}: imports {names}"
+
+
 # ---------------------------------------------------------------- lm-eval: RULER and hf-dga
 
 TINY_TASK = """
