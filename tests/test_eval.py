@@ -221,6 +221,29 @@ def test_dga_settings_from_strings_and_run_configs():
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
 
+def test_shipped_run_configurations_are_package_data_of_the_harness():
+    """eval/configs/ is installed as `dga_eval.configs` (dga-eval --quick reads it through importlib.resources);
+    every run configuration there passes the checks a run does first, the sweep's settings are DGA settings,
+    and none of them is among the library's presets."""
+    from importlib import resources
+
+    from dga_eval.runconfig import load_run_config, shipped_config
+
+    names = sorted(p.name for p in resources.files("dga_eval.configs").iterdir() if p.name.endswith(".json"))
+    assert names == ["eval_decoding.json", "eval_full.json", "eval_gpu.json", "eval_prefill.json", "eval_quick.json",
+                     "finetune_demo.json", "sweep_defaults.json"]
+    for name in names:
+        if name.startswith("eval_"):
+            check_run_config(shipped_config(name))
+    assert load_run_config(quick=True) == shipped_config("eval_quick.json")
+    assert load_run_config() == shipped_config("eval_full.json")
+    sweep = shipped_config("sweep_defaults.json")
+    for entry in sweep["settings"].values():
+        assert entry["dga"] is None or isinstance(dga_hf.DGAConfig(**entry["dga"]), dga_hf.DGAConfig)
+        assert set(entry.get("windows", sweep["windows"])) <= set(sweep["windows"])
+    assert not {name[: -len(".json")] for name in names} & set(dga_hf.preset_names())
+
+
 # ---------------------------------------------------------------- end to end
 
 

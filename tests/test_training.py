@@ -14,7 +14,7 @@ import json
 import random
 import re
 import string
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import torch
@@ -27,7 +27,6 @@ from dga_hf.training import FinetuneConfig, finetune
 from tiny_archs import ARCHS
 
 PAPER = DGAConfig.preset("paper")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONTEXT = 96  # > 4 blocks of 16: the paper preset keeps ~10 focal tokens, 1 local block and aggregates
 
 
@@ -334,7 +333,7 @@ def test_demo_gap_and_report(tmp_path):
     values = {"dense": 10.0, "dga_free": 30.0, "dense_finetuned": 8.0, "dga_finetuned": 19.0}
     measurements = {k: {"perplexity": v, "perplexity_all_tokens": v, "seconds": 1.0, "progress": "x"} for k, v in values.items()}
     assert finetune_demo.gap_closed(measurements) == pytest.approx(0.5)
-    spec = finetune_demo.load_spec(str(CONFIGS / "finetune_demo.json"))
+    spec = finetune_demo.load_spec(str(resources.files("dga_eval.configs").joinpath("finetune_demo.json")))
     results = {
         "settings": {"model": "m", "date": "d", "torch_threads": 1, "command": "c", "versions": {}, "dga": PAPER.to_dict(),
                      "keys_share": 0.2, "spec": spec},
