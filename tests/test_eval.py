@@ -23,6 +23,7 @@ from dga_eval.report import _setting_text, markdown_report
 from dga_eval.runconfig import DENSE, Setting, check_run_config, dga_configs, named_dga_config, parse_dga_fields
 
 import dga_hf
+from helpers import save_tiny_model
 
 
 # ---------------------------------------------------------------- fixtures
@@ -48,18 +49,10 @@ def corpus(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny Llama of the word-level tokenizer, narrower than the helpers' default, Llama's initializer range."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden_size=32, intermediate_size=64,
+                           max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
 
 
 @pytest.fixture(scope="module")
