@@ -222,8 +222,11 @@ class DecodingConfig:
 
 
 def preset_names() -> list[str]:
+    """Names of the shipped presets: every `configs/*.json` (package data of `dga_hf.configs`) is one,
+    `{"description": ..., "dga": {DGAConfig fields}}`; the harness's run configurations live apart, in
+    `eval/configs/`."""
     folder = resources.files("dga_hf.configs")
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and "dga" in json.loads(p.read_text()))
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
 def resolve_config(value: "DGAConfig | Mapping[str, Any] | str | None") -> DGAConfig:

@@ -1,7 +1,7 @@
 """`dga-eval`: dense attention vs DGA configurations on one model, on identical samples, with a report.
 
     dga-eval --quick --out runs/quick                 # ~minutes on a laptop CPU: 1K and 2K tokens
-    dga-eval --config configs/eval_full.json --out runs/full --device cuda --dtype bfloat16
+    dga-eval --config eval/configs/eval_full.json --out runs/full --device cuda --dtype bfloat16
     dga-eval --model Qwen/Qwen3-0.6B --device-map auto --config my_run.json
 
 Writes OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png.
@@ -31,8 +31,8 @@ VERSIONED = ("torch", "transformers", "dga-hf", "lm_eval", "accelerate")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dga-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the shipped quick run (configs/eval_quick.json)")
-    parser.add_argument("--config", help="run configuration JSON (default: configs/eval_full.json, or the quick one)")
+    parser.add_argument("--quick", action="store_true", help="the shipped quick run (eval/configs/eval_quick.json)")
+    parser.add_argument("--config", help="run configuration JSON (default: the shipped eval/configs/eval_full.json, or the quick one)")
     parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     parser.add_argument("--model", help="local path or Hub name (default: the run configuration's, else the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick and args.config:
-        parser.error("--quick and --config are alternatives: the quick run is configs/eval_quick.json")
+        parser.error("--quick and --config are alternatives: the quick run is eval/configs/eval_quick.json")
     return args
 
 

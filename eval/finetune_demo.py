@@ -1,6 +1,6 @@
 """Does a little continued pre-training close the gap between DGA and dense attention?
 
-    python -m dga_eval.finetune_demo --config configs/finetune_demo.json --out runs/finetune
+    python -m dga_eval.finetune_demo --config eval/configs/finetune_demo.json --out runs/finetune
 
 On the embedded default model (SmolLM2-135M-Instruct) and the offline corpus `pydoc_data.topics`:
 
@@ -219,7 +219,7 @@ def load_spec(path: str | None) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dga_eval.finetune_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="demo settings (JSON; default: the built-in values, as in configs/finetune_demo.json)")
+    parser.add_argument("--config", help="demo settings (JSON; default: the built-in values; the documented run is eval/configs/finetune_demo.json)")
     parser.add_argument("--out", default="runs/finetune", help="output folder (default: %(default)s)")
     parser.add_argument("--model", help="overrides the config's model (a local Hugging Face directory)")
     parser.add_argument("--max-steps", type=int, help="overrides the config's steps (e.g. a short check of the pipeline)")

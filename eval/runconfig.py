@@ -1,4 +1,4 @@
-"""Run configurations of the harness (JSON files in `configs/`, kvpress style) and DGA settings by name.
+"""Run configurations of the harness (JSON files in `eval/configs/`, kvpress style) and DGA settings by name.
 
 A run configuration names the model, the seed, the context lengths, the tasks with their sizes, and the
 DGA settings to compare with dense attention:
@@ -33,13 +33,17 @@ FULL_CONFIG = "eval_full.json"
 TASK_NAMES = ("passkey", "copy", "perplexity", "speed", "ruler")
 
 
+def shipped_config(name: str) -> dict[str, Any]:
+    """A run configuration shipped with the harness: `eval/configs/<name>`, installed as `dga_eval.configs`."""
+    return json.loads(resources.files("dga_eval.configs").joinpath(name).read_text())
+
+
 def load_run_config(path: str | Path | None = None, *, quick: bool = False) -> dict[str, Any]:
-    """The run configuration in `path`, else the shipped quick or full one (installed with `dga_hf.configs`)."""
+    """The run configuration in `path`, else the shipped quick or full one (`shipped_config`)."""
     if path is not None:
         spec = json.loads(Path(path).read_text())
     else:
-        name = QUICK_CONFIG if quick else FULL_CONFIG
-        spec = json.loads(resources.files("dga_hf.configs").joinpath(name).read_text())
+        spec = shipped_config(QUICK_CONFIG if quick else FULL_CONFIG)
     check_run_config(spec)
     return spec
 

@@ -1,6 +1,7 @@
 """Perplexity sweep over DGA settings on fixed corpus windows (how the shipped default was chosen).
 
-    python -m dga_eval.sweep --config configs/sweep_defaults.json --out runs/sweep
+    python -m dga_eval.sweep --out runs/sweep      # the shipped search, eval/configs/sweep_defaults.json
+    python -m dga_eval.sweep --config my_sweep.json --out runs/my_sweep
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from dga_hf import DGAConfig
 from .corpus import corpus_tokens
 from .models import load_model
 from .perplexity import perplexity
+from .runconfig import shipped_config
+
+SHIPPED_SWEEP = "sweep_defaults.json"
 
 
 def run_sweep(spec: dict, out: Path, only: list[str] | None = None) -> dict:
@@ -71,11 +75,12 @@ def markdown_table(results: dict, windows: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sweep_defaults.json")
+    parser.add_argument("--config", help=f"sweep settings (JSON; default: the shipped eval/configs/{SHIPPED_SWEEP})")
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--only", nargs="*", help="run only these setting names")
     args = parser.parse_args(argv)
-    run_sweep(json.loads(Path(args.config).read_text()), Path(args.out), args.only)
+    spec = json.loads(Path(args.config).read_text()) if args.config else shipped_config(SHIPPED_SWEEP)
+    run_sweep(spec, Path(args.out), args.only)
     print((Path(args.out) / "sweep.md").read_text())
 
 

@@ -20,8 +20,9 @@ from dga_hf import DGAConfig, dga_attention, naive_dga_attention, patch
 from dga_hf.ops import torch_backend
 from dga_hf.ops.layout import build_layout
 from stage5_reference import stage5_reference
-from test_models import SPARSE, SPARSE_2, make_model, random_ids
-from test_ops import configs, dense_reference, left_padding, qkv
+from helpers import (
+    SPARSE_PAPER_LIKE, SPARSE_SINKS_LOGSIZE, dense_reference, dga_config_strategy, left_padding, make_model, qkv, random_ids,
+)
 
 FP32_GRAD_TOL = 5e-5  # float32 backend vs float64 reference, O(1) gradients
 
@@ -53,7 +54,7 @@ def test_gradcheck_float64(config, shape, padded, fast):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, padded=st.booleans(), seed=st.integers(0, 2**31 - 1),
+@given(config=dga_config_strategy, padded=st.booleans(), seed=st.integers(0, 2**31 - 1),
        shape=st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (3, 1), (4, 2), (8, 2)]), st.integers(1, 70)))
 def test_torch_backend_gradients_match_naive_reference(config, padded, seed, shape):
     batch, (q_heads, kv_heads), seq_len = shape
@@ -179,7 +180,7 @@ def loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("config", [SPARSE, SPARSE_2], ids=["sparse", "sparse2"])
+@pytest.mark.parametrize("config", [SPARSE_PAPER_LIKE, SPARSE_SINKS_LOGSIZE], ids=["sparse", "sparse2"])
 def test_patched_model_gradients_match_naive_backend(arch, config):
     """Training a patched model: the loss and every parameter's gradient with the torch backend equal
     those with the naive float64 reference backend, and differ from the dense model's."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+from importlib import resources
 
 import pytest
 
@@ -151,6 +152,17 @@ def test_presets():
     paper = DGAConfig.preset("paper")
     assert (paper.group_size, paper.focal_ratio, paper.local_blocks) == (16, 0.1, 1)
     assert paper.group_bias == "none" and paper.sink_tokens == 0 and paper.dense_layers == ()
+
+
+def test_preset_folder_holds_only_presets():
+    """`preset_names` lists `configs/*.json` without reading them: every file there must be a preset
+    (a description and DGAConfig fields); the harness's run configurations live in eval/configs/."""
+    folder = resources.files("dga_hf.configs")
+    assert preset_names() == ["balanced", "default", "paper"]
+    for name in preset_names():
+        preset = json.loads(folder.joinpath(f"{name}.json").read_text())
+        assert set(preset) == {"description", "dga"}, name
+        assert DGAConfig.from_dict(preset["dga"]) == DGAConfig.preset(name)
 
 
 def test_unknown_preset():

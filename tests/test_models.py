@@ -28,54 +28,14 @@ from transformers import (
 )
 
 import dga_hf
-from tiny_archs import ARCHS
-
 from dga_hf import DGAConfig, is_patched, patch, unpatch
 from dga_hf import integration
 from dga_hf.integration import config_of
-
-VOCAB = 128
-LAYERS = 2
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=4096,
-    bos_token_id=None,
-    eos_token_id=None,  # a random model must not stop early: rows alone and batched stay comparable
-    pad_token_id=0,
-    # sharper attention than the default 0.02, so that a wrong key set shows in the logits
-    initializer_range=0.2,
+from helpers import (
+    ARCHS, LAYERS, SPARSE_PAPER_LIKE, SPARSE_SINKS_LOGSIZE, TINY_CONFIG, VOCAB, left_pad, make_model, random_ids,
 )
+
 ARCH_NAMES = list(ARCHS)
-
-# DGA really sparse at L ~ 150: 10 focal tokens, one local block of 16, aggregates for the rest.
-SPARSE = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=16, local_blocks=1, min_seq_len=0, backend="torch")
-# Another corner of the parameter space: sinks, log-size bias, several local blocks, small groups.
-SPARSE_2 = DGAConfig(
-    group_size=8, focal_ratio=0.2, probe_queries=4, local_blocks=2, sink_tokens=3, group_bias="log_size",
-    min_seq_len=0, backend="torch",
-)
-
-
-def make_model(arch: str, seed: int = 0, attn_implementation: str | None = None, **overrides) -> PreTrainedModel:
-    config_class, model_class, extra = ARCHS[arch]
-    config = config_class(**{**COMMON, **extra, **overrides})
-    torch.manual_seed(seed)
-    if attn_implementation is None:
-        model = model_class(config)
-    else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-def random_ids(*shape: int) -> torch.Tensor:
-    return torch.randint(1, VOCAB, shape)  # 0 is the pad id
 
 
 @torch.no_grad()
@@ -83,18 +43,6 @@ def logits(model, ids, attention_mask=None, position_ids=None) -> torch.Tensor:
     return model(
         input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).logits.float()
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids of a left-padded batch (tokenizer-free)."""
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = row
-        mask[b, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def cache_kwarg(model) -> str:
@@ -117,10 +65,10 @@ def test_exact_settings_equal_dense(arch):
     ids = random_ids(2, length)
     dense = logits(model, ids)
     exact = [
-        SPARSE.replace(group_size=1),
-        SPARSE.replace(focal_ratio=1.0),
-        SPARSE.replace(local_blocks=math.ceil(length / SPARSE.group_size)),
-        SPARSE_2.replace(local_blocks=math.ceil(length / SPARSE_2.group_size)),
+        SPARSE_PAPER_LIKE.replace(group_size=1),
+        SPARSE_PAPER_LIKE.replace(focal_ratio=1.0),
+        SPARSE_PAPER_LIKE.replace(local_blocks=math.ceil(length / SPARSE_PAPER_LIKE.group_size)),
+        SPARSE_SINKS_LOGSIZE.replace(local_blocks=math.ceil(length / SPARSE_SINKS_LOGSIZE.group_size)),
     ]
     for settings in exact:
         patch(model, settings)
@@ -129,7 +77,7 @@ def test_exact_settings_equal_dense(arch):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-@pytest.mark.parametrize("settings", [SPARSE, SPARSE_2], ids=["paper-like", "sinks-logsize"])
+@pytest.mark.parametrize("settings", [SPARSE_PAPER_LIKE, SPARSE_SINKS_LOGSIZE], ids=["paper-like", "sinks-logsize"])
 def test_sparse_differs_from_dense_and_matches_naive(arch, settings):
     model = make_model(arch)
     torch.manual_seed(2)
@@ -146,7 +94,7 @@ def test_sparse_differs_from_dense_and_matches_naive(arch, settings):
 
 # ------------------------------------------------------------------------------------------------ generate
 
-GENERATE = SPARSE.replace(min_seq_len=64)
+GENERATE = SPARSE_PAPER_LIKE.replace(min_seq_len=64)
 
 
 class _CountDGA:
@@ -229,7 +177,7 @@ def test_generate_sampling(arch):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_left_padding_gives_each_row_its_unpadded_logits(arch):
-    model = patch(make_model(arch), SPARSE_2.replace(min_seq_len=64))
+    model = patch(make_model(arch), SPARSE_SINKS_LOGSIZE.replace(min_seq_len=64))
     torch.manual_seed(5)
     # 40 < min_seq_len: that row stays dense inside a DGA batch, as it would alone
     rows = [random_ids(150), random_ids(111), random_ids(40)]
@@ -250,9 +198,9 @@ def test_short_prompt_is_dense(arch):
     torch.manual_seed(6)
     ids = random_ids(2, 100)
     dense = logits(model, ids)
-    patch(model, SPARSE.replace(min_seq_len=101))
+    patch(model, SPARSE_PAPER_LIKE.replace(min_seq_len=101))
     assert max_diff(logits(model, ids), dense) < 1e-6
-    patch(model, SPARSE.replace(min_seq_len=100))  # at min_seq_len DGA starts
+    patch(model, SPARSE_PAPER_LIKE.replace(min_seq_len=100))  # at min_seq_len DGA starts
     assert max_diff(logits(model, ids), dense) > 1e-2
 
 
@@ -262,13 +210,13 @@ def test_dense_layers(arch):
     torch.manual_seed(7)
     ids = random_ids(1, 150)
     dense = logits(model, ids)
-    patch(model, SPARSE.replace(dense_layers=list(range(LAYERS))))
+    patch(model, SPARSE_PAPER_LIKE.replace(dense_layers=list(range(LAYERS))))
     assert max_diff(logits(model, ids), dense) < 1e-6
-    patch(model, SPARSE)
+    patch(model, SPARSE_PAPER_LIKE)
     all_dga = logits(model, ids)
-    patch(model, SPARSE.replace(dense_layers=[0]))
+    patch(model, SPARSE_PAPER_LIKE.replace(dense_layers=[0]))
     first_dense = logits(model, ids)
-    patch(model, SPARSE.replace(dense_layers=[0], backend="naive"))
+    patch(model, SPARSE_PAPER_LIKE.replace(dense_layers=[0], backend="naive"))
     first_dense_reference = logits(model, ids)
     assert max_diff(first_dense, dense) > 1e-2 and max_diff(first_dense, all_dga) > 1e-2
     assert max_diff(first_dense, first_dense_reference) < 1e-4
@@ -284,7 +232,7 @@ def test_huge_min_seq_len_generates_like_dense(arch):
         output_scores=True, return_dict_in_generate=True,
     )
     dense = model.generate(**kwargs)
-    patch(model, SPARSE.replace(min_seq_len=10**9))
+    patch(model, SPARSE_PAPER_LIKE.replace(min_seq_len=10**9))
     patched = model.generate(**kwargs)
     assert torch.equal(patched.sequences, dense.sequences)
     for a, b in zip(patched.scores, dense.scores):  # another kernel for the same function: float rounding
@@ -296,7 +244,7 @@ def test_decode_step_is_dense_over_a_dynamic_cache(arch):
     """A plain forward with the model's own DynamicCache (not a DGACache): prefill with DGA fills the cache,
     and the next step (q_len=1 < kv_len) is dense attention over it: the same step run by the unpatched
     model on a copy of that cache gives the same logits."""
-    model = patch(make_model(arch), SPARSE)
+    model = patch(make_model(arch), SPARSE_PAPER_LIKE)
     torch.manual_seed(9)
     ids, mask, positions = left_pad([random_ids(140), random_ids(100)])
     step_ids = random_ids(2, 1)
@@ -324,18 +272,18 @@ def test_two_models_keep_their_own_settings():
     torch.manual_seed(10)
     ids = random_ids(1, 150)
     first, second = make_model("llama"), make_model("llama")  # same weights: only the settings differ
-    patch(first, SPARSE)
+    patch(first, SPARSE_PAPER_LIKE)
     first_alone = logits(first, ids)
     unpatch(first)
-    patch(second, SPARSE_2)
+    patch(second, SPARSE_SINKS_LOGSIZE)
     second_alone = logits(second, ids)
-    patch(first, SPARSE)
+    patch(first, SPARSE_PAPER_LIKE)
     assert max_diff(first_alone, second_alone) > 1e-2
     for _ in range(2):  # interleaved
         assert torch.equal(logits(first, ids), first_alone)
         assert torch.equal(logits(second, ids), second_alone)
-    assert config_of(first.model.layers[0].self_attn) == SPARSE
-    assert config_of(second.model.layers[0].self_attn) == SPARSE_2
+    assert config_of(first.model.layers[0].self_attn) == SPARSE_PAPER_LIKE
+    assert config_of(second.model.layers[0].self_attn) == SPARSE_SINKS_LOGSIZE
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -345,7 +293,7 @@ def test_unpatch_restores_bit_for_bit(arch):
     ids = random_ids(2, 150)
     original = logits(model, ids)
     before = model.config._attn_implementation
-    patch(model, SPARSE)
+    patch(model, SPARSE_PAPER_LIKE)
     assert is_patched(model) and model.config._attn_implementation == "dga"
     assert max_diff(logits(model, ids), original) > 1e-2
     unpatch(model)
@@ -361,14 +309,14 @@ def test_patching_twice_is_harmless():
     torch.manual_seed(13)
     ids = random_ids(1, 150)
     original = logits(model, ids)
-    patch(model, SPARSE)
+    patch(model, SPARSE_PAPER_LIKE)
     once = logits(model, ids)
-    patch(model, SPARSE)
+    patch(model, SPARSE_PAPER_LIKE)
     assert torch.equal(logits(model, ids), once)
-    patch(model, SPARSE_2)  # patching again changes only the settings
+    patch(model, SPARSE_SINKS_LOGSIZE)  # patching again changes only the settings
     assert max_diff(logits(model, ids), once) > 1e-2
     patch(model)  # None: keep the settings stored in the config
-    assert config_of(model.model.layers[0].self_attn) == SPARSE_2
+    assert config_of(model.model.layers[0].self_attn) == SPARSE_SINKS_LOGSIZE
     unpatch(model)
     assert model.config._attn_implementation == "eager"  # remembered across both patches
     assert torch.equal(logits(model, ids), original)
@@ -382,18 +330,18 @@ def test_patching_twice_is_harmless():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_save_and_load_keep_settings_and_logits(arch, tmp_path):
-    model = patch(make_model(arch), SPARSE_2)
+    model = patch(make_model(arch), SPARSE_SINKS_LOGSIZE)
     torch.manual_seed(14)
     ids = random_ids(1, 150)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="dga").eval()
     assert is_patched(loaded)
-    assert DGAConfig.from_dict(loaded.config.dga) == SPARSE_2
-    assert config_of(loaded.model.layers[1].self_attn) == SPARSE_2
+    assert DGAConfig.from_dict(loaded.config.dga) == SPARSE_SINKS_LOGSIZE
+    assert config_of(loaded.model.layers[1].self_attn) == SPARSE_SINKS_LOGSIZE
     assert torch.equal(logits(loaded, ids), expected)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # settings come along, unused
-    assert not is_patched(plain) and DGAConfig.from_dict(plain.config.dga) == SPARSE_2
+    assert not is_patched(plain) and DGAConfig.from_dict(plain.config.dga) == SPARSE_SINKS_LOGSIZE
     patch(plain)  # ...until patched with no explicit settings
     assert torch.equal(logits(plain, ids), expected)
 
@@ -440,7 +388,7 @@ class NoAttentionInterfaceModel(PreTrainedModel):
 
 
 def test_patch_rejects_a_model_without_attention_interface():
-    model = NoAttentionInterfaceModel(LlamaConfig(**COMMON))
+    model = NoAttentionInterfaceModel(LlamaConfig(**TINY_CONFIG))
     with pytest.raises(TypeError, match=r"NoAttentionInterfaceModel cannot be patched with DGA: its attention does not use AttentionInterface"):
         patch(model)
     assert getattr(model.config, "dga", None) is None
@@ -467,17 +415,17 @@ def test_untested_architecture_with_a_global_sliding_window(sliding_window):
     """Mixtral has no per-layer `layer_types`: its `sliding_window`, when set, applies to every layer."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1, sliding_window=sliding_window)
+    config = MixtralConfig(**TINY_CONFIG, num_local_experts=2, num_experts_per_tok=1, sliding_window=sliding_window)
     model = MixtralForCausalLM(config)
     if sliding_window is None:
-        assert is_patched(patch(model, SPARSE))
+        assert is_patched(patch(model, SPARSE_PAPER_LIKE))
     else:
         with pytest.raises(ValueError, match=r"MixtralForCausalLM uses sliding-window attention on layers \[0, 1\] \(sliding_window=64\)"):
-            patch(model, SPARSE)
+            patch(model, SPARSE_PAPER_LIKE)
 
 
 def test_custom_4d_mask_is_refused():
-    model = patch(make_model("llama"), SPARSE)
+    model = patch(make_model("llama"), SPARSE_PAPER_LIKE)
     torch.manual_seed(16)
     ids = random_ids(1, 100)
     mask = torch.ones(100, 100, dtype=torch.bool).tril()[None, None]
@@ -488,7 +436,7 @@ def test_custom_4d_mask_is_refused():
 def test_packed_sequences_are_refused():
     """Refused by the mask check (transformers >= 4.56 marks packing in the mask function) or, before, by
     the attention function from the position ids; a single row's ordinary positions still run."""
-    model = patch(make_model("llama"), SPARSE)
+    model = patch(make_model("llama"), SPARSE_PAPER_LIKE)
     torch.manual_seed(17)
     ids = random_ids(1, 100)
     positions = torch.cat([torch.arange(60), torch.arange(40)])[None]  # two documents in one row
@@ -541,7 +489,7 @@ def test_mask_function_checks(convention):
 
 
 def test_static_cache_is_refused():
-    model = patch(make_model("llama"), SPARSE.replace(min_seq_len=10**9))
+    model = patch(make_model("llama"), SPARSE_PAPER_LIKE.replace(min_seq_len=10**9))
     torch.manual_seed(18)
     ids = random_ids(1, 40)
     with pytest.raises(ValueError, match=r"DynamicCache"):

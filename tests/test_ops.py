@@ -1,4 +1,4 @@
-"""The PyTorch backend against the naive float64 transcription of DGA_SPEC.md, and the spec's invariants.
+"""The PyTorch backend against the naive float64 transcription of docs/spec.md, and the spec's invariants.
 
 Inputs are fresh random tensors (hypothesis draws shapes, settings and seeds)."""
 
@@ -15,49 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dga_hf import DGAConfig, dense_attention, dga_attention, naive_dga_attention
+from helpers import dense_reference, dga_config_strategy, left_padding, qkv
 
 FP32_TOL = 2e-5  # float32 vs float64 on O(1) outputs
 
 
-def qkv(batch, q_heads, kv_heads, seq_len, dim, *, seed, dtype=torch.float32, spread=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    make = lambda heads: (spread * torch.randn(batch, heads, seq_len, dim, generator=gen)).to(dtype)
-    return make(q_heads), make(kv_heads), make(kv_heads)
-
-
-def left_padding(batch, seq_len, *, seed):
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, seq_len, dtype=torch.bool)
-    for row in range(1, batch):
-        mask[row, : int(torch.randint(0, seq_len, (1,), generator=gen))] = False
-    return mask
-
-
-def dense_reference(q, k, v, padding_mask=None):
-    """Plain causal softmax attention in float64 (GQA by repeating heads)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    seq_len = q.shape[2]
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :]
-    logits = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    out = logits.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0) @ v
-    if padding_mask is not None:
-        out = out * padding_mask[:, None, :, None]
-    return out
-
-
-configs = st.builds(
-    DGAConfig,
-    group_size=st.integers(1, 9),
-    focal_ratio=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
-    probe_queries=st.integers(1, 40),
-    local_blocks=st.integers(1, 4),
-    sink_tokens=st.integers(0, 6),
-    group_bias=st.sampled_from(["none", "log_size"]),
-    min_seq_len=st.sampled_from([0, 0, 0, 30]),
-)
 shapes = st.tuples(
     st.integers(1, 3),  # batch
     st.sampled_from([(1, 1), (2, 1), (3, 1), (4, 2), (8, 2), (4, 4)]),  # (Hq, Hkv)
@@ -67,7 +29,7 @@ shapes = st.tuples(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, shape=shapes, padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(config=dga_config_strategy, shape=shapes, padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_torch_backend_matches_naive_reference(config, shape, padded, seed):
     batch, (q_heads, kv_heads), seq_len, dim = shape
     q, k, v = qkv(batch, q_heads, kv_heads, seq_len, dim, seed=seed)
@@ -79,7 +41,7 @@ def test_torch_backend_matches_naive_reference(config, shape, padded, seed):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, shape=shapes, padded=st.booleans(), seed=st.integers(0, 2**31 - 1), tile=st.integers(1, 5))
+@given(config=dga_config_strategy, shape=shapes, padded=st.booleans(), seed=st.integers(0, 2**31 - 1), tile=st.integers(1, 5))
 def test_inference_tiles_match_naive_reference(config, shape, padded, seed, tile):
     """Inference runs one SDPA per query tile over buffers that persist across tiles (old keys copied
     once, mask columns of fully old blocks written once): in tiles of 1-5 blocks, which the default

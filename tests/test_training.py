@@ -14,7 +14,7 @@ import json
 import random
 import re
 import string
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import torch
@@ -24,10 +24,9 @@ import dga_hf
 from dga_hf import DGAConfig, integration
 from dga_hf import training
 from dga_hf.training import FinetuneConfig, finetune
-from tiny_archs import ARCHS
+from helpers import save_tiny_model
 
 PAPER = DGAConfig.preset("paper")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONTEXT = 96  # > 4 blocks of 16: the paper preset keeps ~10 focal tokens, 1 local block and aggregates
 
 
@@ -42,21 +41,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
-def save_tiny_model(path, arch: str = "llama", seed: int = 0, dga: DGAConfig | None = None):
-    tokenizer = char_tokenizer()
-    config_class, model_class, extra = ARCHS[arch]
-    config = config_class(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=None, eos_token_id=1, pad_token_id=1,
-        tie_word_embeddings=True, initializer_range=0.2, **extra,
-    )
-    torch.manual_seed(seed)
-    model = model_class(config)
-    if dga is not None:
-        dga_hf.patch(model, dga)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def save_char_model(path, arch: str = "llama", dga: DGAConfig | None = None):
+    """A tiny model of the character tokenizer (<eos> = 1 ends and pads), tied embeddings."""
+    return save_tiny_model(path, char_tokenizer(), arch, dga=dga, max_position_embeddings=1024, eos_token_id=1,
+                           pad_token_id=1, tie_word_embeddings=True)
 
 
 def repeated_text(seed: int = 0, length: int = 240, copies: int = 12) -> str:
@@ -68,7 +56,7 @@ def repeated_text(seed: int = 0, length: int = 240, copies: int = 12) -> str:
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     (root / "train.txt").write_text(repeated_text())
-    return {"root": root, "model": save_tiny_model(root / "tiny"), "train": root / "train.txt"}
+    return {"root": root, "model": save_char_model(root / "tiny"), "train": root / "train.txt"}
 
 
 def run(data, out: str, **fields):
@@ -155,7 +143,7 @@ def test_checkpoint_restores_dga_settings_and_logits(paper_run):
 
 def test_dense_control_saves_a_plain_model(data, tmp_path):
     # start from a checkpoint that carries DGA settings: the dense control removes them
-    source = save_tiny_model(tmp_path / "patched", dga=PAPER)
+    source = save_char_model(tmp_path / "patched", dga=PAPER)
     result = run(data, "dense_from_patched", model=str(source), dga="none", max_steps=1)
     saved = json.loads((result.output_dir / "config.json").read_text())
     assert "dga" not in saved and result.log["dga"] is None
@@ -183,7 +171,7 @@ def test_gradient_checkpointing_trains_the_same(data):
 
 
 def test_freeze_embeddings_and_qwen2(tmp_path):
-    model = save_tiny_model(tmp_path / "qwen2", arch="qwen2")
+    model = save_char_model(tmp_path / "qwen2", arch="qwen2")
     (tmp_path / "train.txt").write_text(repeated_text(1))
     before = AutoModelForCausalLM.from_pretrained(model).get_input_embeddings().weight.detach().clone()
     result = finetune(
@@ -334,7 +322,7 @@ def test_demo_gap_and_report(tmp_path):
     values = {"dense": 10.0, "dga_free": 30.0, "dense_finetuned": 8.0, "dga_finetuned": 19.0}
     measurements = {k: {"perplexity": v, "perplexity_all_tokens": v, "seconds": 1.0, "progress": "x"} for k, v in values.items()}
     assert finetune_demo.gap_closed(measurements) == pytest.approx(0.5)
-    spec = finetune_demo.load_spec(str(CONFIGS / "finetune_demo.json"))
+    spec = finetune_demo.load_spec(str(resources.files("dga_eval.configs").joinpath("finetune_demo.json")))
     results = {
         "settings": {"model": "m", "date": "d", "torch_threads": 1, "command": "c", "versions": {}, "dga": PAPER.to_dict(),
                      "keys_share": 0.2, "spec": spec},

@@ -1,19 +1,5 @@
-"""Decoding speed and KV memory: dense decoding (DynamicCache) vs DGACache keep_full / compact.
-
-    python -m dga_hf.bench.decoding --length 8192 --new-tokens 16 --threads 1
-    python -m dga_hf.bench.decoding --memory-only --length 32768
-    python -m dga_hf.bench.decoding --quality --length 4096      # passkey + copy through decoding steps
-
-For each cache the model (patched with the given preset; the prefill is DGA except for "sdpa") prefills a
-corpus prompt of `length` tokens and then generates `new_tokens` greedy tokens one step at a time, the caches'
-steps interleaved (step i of every cache, then step i + 1: a change in the machine's speed during the run
-hits every cache alike; "sdpa" and "static" unpatch the model and run on their own first). Reported:
-inter-token latency (mean and median of the decoding steps, prefill excluded; wall clock and this process's
-CPU time, the latter being robust to other jobs sharing the CPU), the bytes each cache holds after the last
-step, and whether the greedy tokens equal those of dense decoding.
-
-`--memory-only` builds one layer's cache on random tensors with the model's head shapes (no model run) and
-reports the bytes per layer for dense, keep_full and compact: the ratio is the same for every layer.
+"""Decoding without the harness: the attention of one decoding step alone, and the cache helpers that the
+whole-model decoding runs (`python -m dga_eval.decoding`, the harness) time and measure.
 
 `--attention-step` times the attention part of one decoding step alone, without a model, at the Llama-3-8B
 attention shape (32 query heads, 8 kv heads, head dim 128; bf16 on a GPU, float32 on the CPU): dense
@@ -21,6 +7,10 @@ attention shape (32 query heads, 8 kv heads, head dim 128; bf16 on a GPU, float3
 DGA prefill of the same random keys (refresh steps included, so the median and the mean are both given):
 
     python -m dga_hf.bench.decoding --attention-step --lengths 16384,32768,65536,131072 --out runs/bench
+
+`decode` (greedy decoding through several caches, their steps interleaved), `static_cache`, `named_cache`
+and `synthetic_memory` (one layer's cache bytes on random tensors with a model's shapes) need a model or
+its config, never the harness's model files, tokenizer or corpus.
 """
 
 from __future__ import annotations
@@ -82,42 +72,9 @@ def static_cache(model, max_length: int) -> StaticCache:
     return StaticCache(config=model.config, max_cache_len=max_length, **batch)
 
 
-def _make_cache(model, name: str, options: DecodingConfig | None = None):
+def named_cache(model, name: str, options: DecodingConfig | None = None):
     """A DynamicCache for "dense", else a DGACache in that mode (the other fields from `options`)."""
     return dense_cache(model) if name == "dense" else DGACache(model, options, mode=name)
-
-
-def quality(model, tokenizer, length: int, caches: list[str], seed: int = 0, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-            copies: int = 3, passage_tokens: int = 64, options: DecodingConfig | None = None) -> dict:
-    """Passkey exact match (the harness's samples and scoring, 8 greedy tokens) and teacher-forced copy
-    token accuracy through decoding steps, per cache (DGA caches with `options`, mode from the name)."""
-    import random
-
-    from dga_eval import copying, passkey
-    from dga_eval.corpus import corpus_tokens
-
-    corpus = corpus_tokens(tokenizer)
-    rng = random.Random(seed)
-    keys = [passkey.make_sample(tokenizer, corpus, length - 8, depth, rng) for depth in depths]
-    texts = [copying.make_sample(tokenizer, corpus, length, passage_tokens, 32, rng) for _ in range(copies)]
-    result = {name: {"passkey": [], "copy": []} for name in caches}
-    for sample in keys:
-        for name in caches:
-            tokens = decode(model, sample.prompt, 8, {name: _make_cache(model, name, options)})[name]["tokens"]
-            answer = tokenizer.decode(tokens, skip_special_tokens=True)
-            result[name]["passkey"].append({"depth": sample.depth, "key": sample.key, "answer": answer,
-                                            "match": passkey.exact_match(answer, sample.key)})
-        print("passkey", sample.depth, {n: result[n]["passkey"][-1]["answer"] for n in caches}, flush=True)
-    for sample in texts:
-        for name in caches:
-            result[name]["copy"].append(copying.second_copy_accuracy_by_decoding(model, sample, _make_cache(model, name, options)))
-        print("copy", {n: round(result[n]["copy"][-1], 3) for n in caches}, flush=True)
-    summary = {
-        name: {"passkey_accuracy": sum(d["match"] for d in r["passkey"]) / len(r["passkey"]),
-               "copy_accuracy": sum(r["copy"]) / len(r["copy"])}
-        for name, r in result.items()
-    }
-    return {"summary": summary, "details": result}
 
 
 def synthetic_memory(model_config, length: int, settings: DGAConfig, steps: int = 0) -> dict:
@@ -222,108 +179,42 @@ def attention_step_markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="path or Hub name (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--preset", default=None, help="DGA preset name or JSON file (default: the shipped default)")
-    parser.add_argument("--length", type=int, default=8192, help="prompt length")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--caches", default="dense,keep_full,compact",
-                        help="dense: patched model, DGA prefill, DynamicCache (dense decoding); sdpa: the unpatched model; "
-                             "static: the unpatched model with a preallocated StaticCache")
-    parser.add_argument("--memory-only", action="store_true")
-    parser.add_argument("--quality", action="store_true", help="passkey and copy-by-decoding instead of speed")
-    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey depths (--quality)")
-    parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
-    parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
-    parser.add_argument("--decoding", default="{}",
-                        help='DecodingConfig fields of the DGA caches as JSON, e.g. \'{"refresh_every": 18, "expand_blocks": 32}\' '
-                             "(their mode comes from --caches; default: the DecodingConfig defaults)")
+    # allow_abbrev=False: a whole-model run's --length must not pass for --lengths
+    parser = argparse.ArgumentParser(description="Time the attention of one decoding step alone (random tensors, no model).",
+                                     allow_abbrev=False)
     parser.add_argument("--attention-step", action="store_true",
-                        help="time the attention of one decoding step alone (random tensors, no model)")
+                        help="time the attention of one decoding step alone (the only run of this module)")
+    parser.add_argument("--preset", default=None, help="DGA preset name (default: the shipped default)")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--shape", default="32,8,128",
-                        help="query heads, kv heads, head dim of --attention-step (default: Llama-3-8B; SmolLM2: 9,3,64)")
-    parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths (--attention-step)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(--attention-step)")
-    parser.add_argument("--out", default=None,
-                        help="folder for the results: decode_step.json / decode_step.md (--attention-step), else "
-                             "decoding_<length>.json")
-    args = parser.parse_args(argv)
-    options = DecodingConfig.from_value(json.loads(args.decoding))  # a bad field fails before the model loads
+                        help="query heads, kv heads, head dim (default: Llama-3-8B; SmolLM2: 9,3,64)")
+    parser.add_argument("--lengths", default="16384,32768,65536,131072", help="context lengths")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="folder for decode_step.json and decode_step.md")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown or not args.attention_step:
+        parser.error(
+            f"python -m dga_hf.bench.decoding runs only --attention-step (got {unknown or 'no --attention-step'}); "
+            "the whole-model decoding runs (speed, --memory-only, --quality) are python -m dga_eval.decoding"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.attention_step:
-        from ..environment import package_versions
-
-        settings = resolve_config(args.preset)
-        lengths = [int(n) for n in args.lengths.split(",")]
-        meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                **package_versions(("torch", "triton", "dga-hf")), "preset": args.preset or "default"}
-        q_heads, kv_heads, head_dim = (int(x) for x in args.shape.split(","))
-        meta["shape"] = args.shape
-        rows = attention_step(lengths, settings, device=args.device, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim)
-        markdown = attention_step_markdown(rows, meta)
-        print(markdown)
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "decode_step.json").write_text(json.dumps({"meta": meta, "settings": settings.to_dict(), "rows": rows}, indent=1))
-            (out / "decode_step.md").write_text(markdown)
-        return
-    import dga_hf
-    from dga_eval.corpus import corpus_tokens
-    from dga_eval.models import load_model
+    from ..environment import package_versions
 
     settings = resolve_config(args.preset)
-    if args.memory_only:
-        from transformers import AutoConfig
-        from dga_eval.models import resolve_model_path
-
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-        print(json.dumps({"length": args.length, "settings": settings.to_dict(),
-                          "bytes_per_layer": synthetic_memory(config, args.length, settings, args.memory_steps)}, indent=1))
-        return
-    model, tokenizer = load_model(args.model)
-    dga_hf.patch(model, settings)
-    if args.quality:
-        depths = tuple(float(x) for x in args.depths.split(","))
-        report = quality(model, tokenizer, args.length, args.caches.split(","), depths=depths, copies=args.copies,
-                         options=options)
-        print(json.dumps({"length": args.length, "settings": settings.to_dict(), "decoding": options.to_dict(),
-                          **report}, indent=1))
-        return
-    corpus = corpus_tokens(tokenizer)
-    prompt = (corpus * (1 + args.length // len(corpus)))[: args.length]
-    names = args.caches.split(",")
-    results = {}
-    unpatched = {  # the unpatched model (dense prefill, its own attention): runs of their own
-        "sdpa": lambda: dense_cache(model),
-        # preallocated: dense decoding without the DynamicCache's per-step concatenation of the whole cache
-        "static": lambda: static_cache(model, args.length + args.new_tokens),
-    }
-    if any(name in unpatched for name in names):
-        dga_hf.unpatch(model)
-        for name in names:
-            if name in unpatched:
-                results[name] = decode(model, prompt, args.new_tokens, {name: unpatched[name]()})[name]
-        dga_hf.patch(model, settings)
-    caches = {name: _make_cache(model, name, options) for name in names if name not in unpatched}
-    results.update(decode(model, prompt, args.new_tokens, caches))
-    del caches
-    for name in names:
-        print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items() if k != "tokens"}, flush=True)
-    if "dense" in results:
-        for name, result in results.items():
-            result["same_tokens_as_dense"] = sum(a == b for a, b in zip(result["tokens"], results["dense"]["tokens"]))
-            for key in ("itl_ms", "itl_median_ms", "itl_cpu_ms", "itl_cpu_median_ms", "kv_bytes"):
-                result[f"{key}_vs_dense"] = result[key] / results["dense"][key]
-    report = json.dumps({"length": args.length, "new_tokens": args.new_tokens, "settings": settings.to_dict(),
-                         "decoding": options.to_dict(), "threads": torch.get_num_threads(), "results": results}, indent=1)
-    print(report)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            **package_versions(("torch", "triton", "dga-hf")), "preset": args.preset or "default"}
+    q_heads, kv_heads, head_dim = (int(x) for x in args.shape.split(","))
+    meta["shape"] = args.shape
+    rows = attention_step(lengths, settings, device=args.device, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim)
+    markdown = attention_step_markdown(rows, meta)
+    print(markdown)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"decoding_{args.length}.json").write_text(report)
+        (out / "decode_step.json").write_text(json.dumps({"meta": meta, "settings": settings.to_dict(), "rows": rows}, indent=1))
+        (out / "decode_step.md").write_text(markdown)
 
 
 if __name__ == "__main__":

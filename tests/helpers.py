@@ -1,0 +1,167 @@
+"""Tiny models and inputs shared by the test modules (test modules import this module, never each other).
+
+- models: `ARCHS`, `TINY_CONFIG`, `tiny_config`, `make_model`, `save_tiny_model`, `random_ids`, `left_pad`,
+  and the sparse settings `SPARSE_PAPER_LIKE` / `SPARSE_SINKS_LOGSIZE` they are patched with;
+- operator inputs: `qkv`, `left_padding`, the hypothesis strategy `dga_config_strategy`, and
+  `dense_reference` (causal softmax attention in float64, what exact DGA settings must equal; docs/spec.md).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from hypothesis import strategies as st
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import dga_hf
+from dga_hf import DGAConfig
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+# The architectures the tests build tiny random models of: name -> (config class, model class, the config
+# arguments that give full causal attention).
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False, "head_dim": 16}),
+}
+
+VOCAB = 128
+LAYERS = 2
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=4096,
+    bos_token_id=None,
+    eos_token_id=None,  # a random model must not stop early: rows alone and batched stay comparable
+    pad_token_id=0,
+    # sharper attention than the default 0.02, so that a wrong key set shows in the logits
+    initializer_range=0.2,
+)
+
+# DGA really sparse at L ~ 150: 10 focal tokens, one local block of 16, aggregates for the rest.
+SPARSE_PAPER_LIKE = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=16, local_blocks=1, min_seq_len=0, backend="torch")
+# Another corner of the parameter space: sinks, log-size bias, several local blocks, small groups.
+SPARSE_SINKS_LOGSIZE = DGAConfig(
+    group_size=8, focal_ratio=0.2, probe_queries=4, local_blocks=2, sink_tokens=3, group_bias="log_size",
+    min_seq_len=0, backend="torch",
+)
+
+
+def tiny_config(arch: str, **overrides) -> PretrainedConfig:
+    """`TINY_CONFIG` for `arch` (full causal attention), `overrides` replacing any field."""
+    config_class, _, extra = ARCHS[arch]
+    return config_class(**{**TINY_CONFIG, **extra, **overrides})
+
+
+def make_model(arch: str, seed: int = 0, attn_implementation: str | None = None, **overrides) -> PreTrainedModel:
+    """A tiny random model in eval mode whose generate() never stops early (no EOS) and pads with 0."""
+    config = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    if attn_implementation is None:
+        model = ARCHS[arch][1](config)
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def save_tiny_model(path: Path, tokenizer, arch: str = "llama", *, seed: int = 0, dga: DGAConfig | None = None,
+                    **overrides) -> Path:
+    """A tiny random model with `tokenizer`'s vocabulary saved in `path` with the tokenizer (what
+    `from_pretrained` and the harness load); patched with `dga` first when given, so the checkpoint carries
+    the settings."""
+    config = tiny_config(arch, vocab_size=len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = ARCHS[arch][1](config)
+    if dga is not None:
+        dga_hf.patch(model, dga)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_ids(*shape: int, seed: int | None = None) -> torch.Tensor:
+    """Token ids in [1, VOCAB) (0 is the pad id): from a generator seeded with `seed`, else from torch's
+    global generator (the caller seeds it)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, shape, generator=generator)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of a left-padded batch (tokenizer-free)."""
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = row
+        mask[b, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+# ------------------------------------------------------------------------------------------------ operator inputs
+
+
+def qkv(batch, q_heads, kv_heads, seq_len, dim, *, seed, dtype=torch.float32, spread=1.0):
+    """Random query, key and value tensors (batch, heads, seq_len, dim), all scaled by `spread`."""
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda heads: (spread * torch.randn(batch, heads, seq_len, dim, generator=gen)).to(dtype)
+    return make(q_heads), make(kv_heads), make(kv_heads)
+
+
+def left_padding(batch, seq_len, *, seed):
+    """A boolean padding mask: row 0 unpadded, each later row left-padded by a random amount."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    for row in range(1, batch):
+        mask[row, : int(torch.randint(0, seq_len, (1,), generator=gen))] = False
+    return mask
+
+
+def dense_reference(q, k, v, padding_mask=None):
+    """Plain causal softmax attention in float64 (GQA by repeating heads)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    seq_len = q.shape[2]
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :]
+    logits = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    out = logits.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0) @ v
+    if padding_mask is not None:
+        out = out * padding_mask[:, None, :, None]
+    return out
+
+
+# hypothesis: DGA settings over the whole parameter space, at the sizes the operator tests draw
+dga_config_strategy = st.builds(
+    DGAConfig,
+    group_size=st.integers(1, 9),
+    focal_ratio=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
+    probe_queries=st.integers(1, 40),
+    local_blocks=st.integers(1, 4),
+    sink_tokens=st.integers(0, 6),
+    group_bias=st.sampled_from(["none", "log_size"]),
+    min_seq_len=st.sampled_from([0, 0, 0, 30]),
+)
