@@ -27,7 +27,7 @@ from test_triton_backend import CFG_A, CFG_B, CFG_C, CFG_D, DEVICES, INTERPRET  
 from dga_hf.config import DGAConfig
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend
 from dga_hf.ops.layout import build_layout
-from stage5_reference import stage5_reference
+from dga_hf.ops.naive import stage5_reference
 
 CFG_WINDOW = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=8, local_blocks=8)
 NAMES = ("query", "key", "value", "focal_key", "focal_value", "agg_key", "agg_value")
