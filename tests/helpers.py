@@ -3,14 +3,17 @@
 - models: `ARCHS`, `TINY_CONFIG`, `tiny_config`, `make_model`, `save_tiny_model`, `random_ids`, `left_pad`,
   and the sparse settings `SPARSE_PAPER_LIKE` / `SPARSE_SINKS_LOGSIZE` they are patched with;
 - operator inputs: `qkv`, `left_padding`, the hypothesis strategy `dga_config_strategy`, and
-  `dense_reference` (causal softmax attention in float64, what exact DGA settings must equal; docs/spec.md).
+  `dense_reference` (causal softmax attention in float64, what exact DGA settings must equal; docs/spec.md);
+- Triton kernels: the devices they run on (`DEVICES`, `INTERPRET`, `CUDA_COMPILED`) and small settings `CFG_A`..`CFG_D`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import strategies as st
 from transformers import (
@@ -165,3 +168,36 @@ dga_config_strategy = st.builds(
     group_bias=st.sampled_from(["none", "log_size"]),
     min_seq_len=st.sampled_from([0, 0, 0, 30]),
 )
+
+
+# ------------------------------------------------------------------------------------------------ Triton kernels
+# (tests/test_triton_backend.py, tests/test_triton_backward.py, tests/test_triton_decode.py)
+#
+# Two devices, never both in one process:
+# * ``cpu``: Triton's interpreter runs the kernels on CPU tensors. Triton picks interpreter or compiler when it is
+#   first imported, so ``TRITON_INTERPRET=1`` must be in the environment by then: conftest.py sets it on a machine
+#   without CUDA; if triton was imported before that, the CPU cases skip and say so.
+# * ``cuda``: the compiled kernels on a GPU; runs only when CUDA is available and ``TRITON_INTERPRET`` is unset
+#   (``scripts/gpu_check.sh``).
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+CUDA_COMPILED = not INTERPRET and torch.cuda.is_available()
+NOT_CUDA_COMPILED = "needs CUDA and TRITON_INTERPRET unset (compiled kernels)"
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRET,
+            reason="the CPU path runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before triton is first imported",
+        ),
+    ),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)),
+]
+
+# Small settings whose tiles, blocks and windows make every loop of the prefill kernels run at tiny lengths.
+CFG_A = DGAConfig(group_size=4, focal_ratio=0.25, probe_queries=8, local_blocks=1)
+CFG_B = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=3, sink_tokens=2, group_bias="log_size")
+CFG_C = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=8, local_blocks=1)
+CFG_D = DGAConfig(group_size=8, focal_ratio=0.15, probe_queries=8, local_blocks=2)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from dga_hf import DGAConfig, dga_attention, naive_dga_attention, patch
 from dga_hf.ops import torch_backend
 from dga_hf.ops.layout import build_layout
-from stage5_reference import stage5_reference
+from dga_hf.ops.naive import stage5_reference
 from helpers import (
     SPARSE_PAPER_LIKE, SPARSE_SINKS_LOGSIZE, dense_reference, dga_config_strategy, left_padding, make_model, qkv, random_ids,
 )

@@ -1,58 +1,32 @@
-"""The Triton backend of stage 5 against the PyTorch backend (same layout) and the naive reference.
+"""The Triton backend of stage 5 against the PyTorch backend (same layout) and the naive reference, and
+the kernels' tile plan and rule twin (`dga_hf.ops.triton_plan`, `dga_hf.ops.triton_common`) against
+their PyTorch sides.
 
-Two devices, never both in one process:
-
-* ``cpu``: Triton's interpreter runs the kernel on CPU tensors. Triton picks interpreter or compiler when
-  it is first imported, so ``TRITON_INTERPRET=1`` must be in the environment by then; the suite is meant
-  to be run as ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_backend.py``. On a machine without
-  CUDA this module sets the variable itself when it is absent and triton is not imported yet (no compiled
-  kernel can run there anyway); if another module imported triton first, the CPU cases skip and say so.
-* ``cuda``: the compiled kernels on a GPU; runs only when CUDA is available and ``TRITON_INTERPRET`` is
-  unset (``scripts/gpu_check.sh``).
-
+Devices (``cpu``: Triton's interpreter, ``cuda``: compiled kernels) as tests/conftest.py and tests/helpers.py set them up; the
+suite is meant to be run as ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_backend.py``.
 Skipped as a whole only when triton is not installed. Shapes stay tiny (the interpreter is slow);
 explicit small tiles (``block_rows``/``block_n``) make several tiles, unmasked and masked chunks appear
-at these lengths.
+at these lengths. The GPU-only cases check the benchmark's shape and presets (``dga_hf.bench.attention``
+does not check correctness itself).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from helpers import CFG_A, CFG_B, CFG_C, CFG_D, CUDA_COMPILED, DEVICES, INTERPRET, NOT_CUDA_COMPILED  # noqa: I001, F401
 
 import pytest
 import torch
 
-# Triton decides interpreter vs compiler when it is imported (its own helpers such as tl.sum are jitted
-# then), so the variable must be in the environment before the first `import triton` of the process.
-_TRITON_PRELOADED = "triton" in sys.modules
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and not _TRITON_PRELOADED:
-    os.environ["TRITON_INTERPRET"] = "1"  # CPU-only machine: the interpreter is the only way to run the kernel
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton.language as tl  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed")
-
+from dga_hf import rule  # noqa: E402
+from dga_hf.bench.attention_workload import LLAMA3_8B, executed_pairs, random_qkv, stage5_inputs, visible_pairs  # noqa: E402
 from dga_hf.config import DGAConfig  # noqa: E402
-from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend  # noqa: E402
+from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend, triton_plan  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
-
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not INTERPRET,
-            reason="the CPU path runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1 in the "
-            "environment before triton is first imported",
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            INTERPRET or not torch.cuda.is_available(),
-            reason="compiled kernels need CUDA and TRITON_INTERPRET unset",
-        ),
-    ),
-]
+from dga_hf.ops.triton_common import first_local_block  # noqa: E402
+from dga_hf.ops.triton_plan import tile_key_ranges  # noqa: E402
 
 
 def _tol(device: str, dtype: torch.dtype) -> dict:
@@ -87,11 +61,6 @@ def _compare(device, batch, heads, group, seq_len, dim, cfg, *, lengths=None, ro
     padded = torch.arange(seq_len, device=lens.device)[None, :] >= lens[:, None]  # [B, L]
     assert (got.float().permute(0, 3, 1, 2, 4)[padded] == 0).all()
 
-
-CFG_A = DGAConfig(group_size=4, focal_ratio=0.25, probe_queries=8, local_blocks=1)
-CFG_B = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=3, sink_tokens=2, group_bias="log_size")
-CFG_C = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=8, local_blocks=1)
-CFG_D = DGAConfig(group_size=8, focal_ratio=0.15, probe_queries=8, local_blocks=2)
 
 # (batch, kv heads, G, L, d, config, lengths, block_rows, block_n)
 CASES = {
@@ -182,21 +151,117 @@ def test_plan_shares_keys_across_query_heads():
         triton_backend.plan(1, torch.float32, 64, 64, block_rows=24)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bench_correctness_check_runs(device):
-    """The benchmark's pre-timing check (triton vs torch backend on one size), at a tiny size."""
-    from dga_hf.bench.attention import check_backends
+def _check_backends_on_bench_inputs(device, seq_len, q_heads, kv_heads, head_dim, dtype, config):
+    """Triton against the PyTorch backend on the benchmark's inputs and layout
+    (`dga_hf.bench.attention_workload`): the whole dispatch path (output in the model dtype), stage 5
+    alone in fp32 on the same layout, and stage 5 fed the model dtype (against the fp32 PyTorch stage 5)."""
+    q, k, v = random_qkv(seq_len, device, dtype, q_heads, kv_heads, head_dim, seed=1)
+    got = dga_attention(q, k, v, config, backend="triton")
+    expected = dga_attention(q, k, v, config, backend="torch")
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected.float(), **_tol(device, dtype))
+    q32, k32, v32, scale, build = stage5_inputs(q, k, v, config)
+    layout = build()
+    expected = torch_backend.attend(q32, k32, v32, layout, config, scale)
+    got = triton_backend.attend(q32, k32, v32, layout, config, scale)
+    torch.testing.assert_close(got, expected, **_tol(device, torch.float32))
+    got = triton_backend.attend(q.view_as(q32), k, v, layout, config, scale)
+    torch.testing.assert_close(got.float(), expected, **_tol(device, dtype))
 
-    report = check_backends(seq_len=40, device=device, q_heads=4, kv_heads=2, head_dim=64,
-                            dtype=torch.float32, config=CFG_C)
-    assert report["max_abs_err"] < 1e-4, report
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_torch_backend_on_bench_inputs(device):
+    _check_backends_on_bench_inputs(device, 40, 4, 2, 64, torch.float32, CFG_C)
+
+
+@pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_cuda_matches_torch_backend_at_bench_shape(preset):
+    """The benchmark's shape (Llama-3-8B attention, bf16) and presets, at 4K tokens."""
+    _check_backends_on_bench_inputs("cuda", 4096, LLAMA3_8B["q_heads"], LLAMA3_8B["kv_heads"], LLAMA3_8B["head_dim"],
+                                    torch.bfloat16, DGAConfig.preset(preset))
 
 
 @pytest.mark.parametrize(
     "preset,dtype", [("default", torch.bfloat16), ("paper", torch.bfloat16), ("paper", torch.float32)]
 )
-@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled kernels, long rows)")
+@pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
 def test_cuda_long_rows_default_tiles(preset, dtype):
     """Real shapes on the GPU: default tiles, several thousand tokens, GQA 4, padding."""
     cfg = DGAConfig.preset(preset)
     _compare("cuda", 2, 2, 4, 3000, 128, cfg, lengths=[3000, 2222], dtype=dtype, seed=11)
+
+
+# ------------------------------------------------------------------------------ the rule twin and the tile plan
+@triton.jit
+def _first_local_block_kernel(BLOCKS, OUT, COUNT, LOCAL_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < COUNT
+    blocks = tl.load(BLOCKS + offs, mask=inside, other=0)
+    tl.store(OUT + offs, first_local_block(blocks, LOCAL_BLOCKS), mask=inside)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_first_local_block_is_the_rule(device):
+    """The kernels' one jit twin of the visibility rule computes `rule.first_local_block`."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.cat([torch.arange(-2, 3000), torch.randint(0, 2**24, (3000,), generator=gen)])
+    blocks = blocks.to(device=device, dtype=torch.int32)
+    for local_blocks in (1, 2, 3, 5, 8, 64, 128, 4096):
+        out = torch.full_like(blocks, -(2**31))
+        _first_local_block_kernel[(triton.cdiv(blocks.numel(), 1024),)](
+            blocks, out, blocks.numel(), LOCAL_BLOCKS=local_blocks, BLOCK=1024)
+        assert torch.equal(out, rule.first_local_block(blocks, local_blocks)), local_blocks
+
+
+@triton.jit
+def _tile_key_ranges_kernel(FCNT, LENS, OUT, H, NUM_TILES, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                            LOCAL_BLOCKS: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    length = tl.load(LENS + bh // H)
+    focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi = tile_key_ranges(
+        FCNT, bh.to(tl.int64), tile, tile * BLOCK_M, length, NUM_TILES, BLOCK_M, GROUP_SIZE, LOCAL_BLOCKS)
+    out = OUT + (bh * NUM_TILES + tile) * 6
+    tl.store(out, focal_lo)
+    tl.store(out + 1, focal_hi)
+    tl.store(out + 2, old_lo)
+    tl.store(out + 3, old_hi)
+    tl.store(out + 4, win_lo)
+    tl.store(out + 5, win_hi)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [CFG_A, CFG_B, CFG_C, CFG_D, CFG_B.replace(local_blocks=9)], ids=["A", "B", "C", "D", "n9"])
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_tile_plan_in_pytorch_is_the_kernels(cfg, block_m, device):
+    """`all_tile_key_ranges` (what the benchmark counts the kernel's work from) equals the kernels'
+    `tile_key_ranges` on every tile, padding-only tiles and an empty row included."""
+    batch, heads, seq_len = 3, 2, 75
+    q, k, v, lens = _inputs(batch, heads, 2, seq_len, 16, device, seed=9, lengths=[75, 38, 0])
+    layout = build_layout(q, k, v, lens, cfg, 0.25)
+    focal_pos = layout.focal_pos.to(torch.int32)
+    counts = triton_plan.focal_tile_counts(focal_pos, layout.lengths, cfg, seq_len, block_m)
+    tiles = counts.shape[2]
+    got = torch.full((batch * heads, tiles, 6), -1, dtype=torch.int32, device=device)
+    _tile_key_ranges_kernel[(tiles, batch * heads)](
+        counts, layout.lengths.to(device=device, dtype=torch.int32), got, heads, tiles,
+        BLOCK_M=block_m, GROUP_SIZE=cfg.group_size, LOCAL_BLOCKS=cfg.local_blocks)
+    ranges = triton_plan.all_tile_key_ranges(counts, layout.lengths, cfg, seq_len, block_m)
+    fields = ("focal_lo", "focal_hi", "old_lo", "old_hi", "win_lo", "win_hi")
+    expected = torch.stack([getattr(ranges, f).expand(batch, heads, tiles) for f in fields], dim=-1)
+    assert torch.equal(got.view(batch, heads, tiles, 6).long(), expected)
+    empty_row = expected[2]  # visits nothing: no focal slot, no aggregate, an empty window
+    assert (empty_row[..., [1, 3]] == 0).all() and torch.equal(empty_row[..., 4], empty_row[..., 5])
+
+
+def test_bench_pair_counts_bound_each_other():
+    """The kernel computes every visible pair (and whole chunks more); dense attention would compute the
+    causal triangle of every real row."""
+    q, k, v, lens = _inputs(2, 2, 3, 200, 16, "cpu", seed=4, lengths=[200, 130])
+    cfg = CFG_D.replace(min_seq_len=0)
+    layout = build_layout(q, k, v, lens, cfg, 0.25)
+    useful = visible_pairs(layout, cfg, 200, group=3)
+    executed = executed_pairs(layout, cfg, 200, group=3, dtype=torch.float32)
+    dense = sum(n * (n + 1) // 2 for n in (200, 130)) * 2 * 3
+    assert 0 < useful < dense and useful <= executed

@@ -1,16 +1,16 @@
-"""Backward pass of the Triton stage-5 kernel (`triton_backend.attend_forward`), FlashAttention-2 style.
+"""Backward pass of the Triton stage-5 kernel (`triton_forward.attend_forward`), FlashAttention-2 style.
 
 The forward saves ``out`` and one natural-log logsumexp ``lse`` per row. With ``P = exp(S - lse)`` over the
 row's visible logits ``S`` (three key streams: focal slots, block aggregates with their bias, raw local
-keys; see `triton_backend`), ``dS = P * (dO . V^T - D)`` with ``D = rowsum(dO * O)``:
+keys; see `triton_forward`), ``dS = P * (dO . V^T - D)`` with ``D = rowsum(dO * O)``:
 ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, ``dV = P^T dO`` per stream. Nothing is L x L: every
 kernel recomputes its logits tile by tile from ``lse``. Three small kernels, explicit block sizes
 (`plan_backward`):
 
 * ``_bwd_delta_kernel``: ``D = rowsum(dO * O)`` in fp32, ``BLOCK_L`` rows per program, grid
   ``(cdiv(L, BLOCK_L), B * H * G)``.
-* ``_bwd_dq_kernel`` (query-major): the forward's grid, tiles and key ranges exactly (same `plan`, same
-  ``focal_tile_counts``): a program owns ``GP x BLOCK_M`` query rows of one kv head and walks the focal
+* ``_bwd_dq_kernel`` (query-major): the forward's grid, tiles and key ranges exactly (`triton_plan`:
+  same `plan`, `focal_tile_counts` and `tile_key_ranges`): a program owns ``GP x BLOCK_M`` query rows of one kv head and walks the focal
   prefix, the old aggregates and the local window, unmasked chunks first, accumulating ``dQ`` in fp32.
 * ``_bwd_kv_kernel`` (key-major), grid ``(B * H * (focal + aggregate + raw-key chunks),)``:
   a program owns ``BLOCK_N`` consecutive keys of one stream (``_kv_chunk``, specialised per stream at
@@ -50,20 +50,19 @@ import triton.language as tl
 from ..config import DGAConfig
 from . import torch_backend
 from .layout import DGALayout
-from .triton_backend import (
+from .triton_common import (
     LOG2E,
-    _dot,
-    _load_rows,
-    _logits,
-    _tile_key_ranges,
     check_supported,
+    dot,
     dot_precision,
+    first_local_block,
     is_float64,
     last_dim_contiguous,
-    plan,
-    prepare,
+    load_rows,
+    logits,
     upcast,
 )
+from .triton_plan import plan, prepare, tile_key_ranges
 
 # Block sizes. Not tuned on a GPU yet (none was available); chosen from the register reports of
 # ptxas for sm_90 (H100/H200) at head dim 128, compiled without a GPU: the 16-bit dq kernel does not
@@ -92,9 +91,9 @@ def _row_lse2(LSE, lse_off, row_real):
 def _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """s [R, N] logits in log2 units (hidden = -inf) of the rows against a key chunk k [N, D], v [N, DV]."""
     p = tl.math.exp2(s - lse2[:, None])
-    dp = _logits(do, v, 1.0, DOT_PRECISION, UPCAST)  # dO . v^T  [R, N]
+    dp = logits(do, v, 1.0, DOT_PRECISION, UPCAST)  # dO . v^T  [R, N]
     ds = p * (dp - delta[:, None])
-    return _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+    return dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -169,9 +168,9 @@ def _bwd_dq_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_dv = offs_dv < VALUE_DIM
 
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + (g64 * stride_qg + qpos64 * stride_ql)[:, None]
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + (g64 * stride_qg + qpos64 * stride_ql)[:, None]
                    + offs_d[None, :], row_real, mask_d, EVEN_D, True)
-    do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + (g64 * stride_dg + qpos64 * stride_dl)[:, None]
+    do = load_rows(DO + b64 * stride_db + h64 * stride_dh + (g64 * stride_dg + qpos64 * stride_dl)[:, None]
                     + offs_dv[None, :], row_real, mask_dv, EVEN_DV, True)
     row_off = (bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g64) * L + qpos64
     lse2 = _row_lse2(LSE, row_off, row_real)
@@ -179,9 +178,9 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
     # ---- the key ranges this tile can see: exactly the forward's
-    focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi = _tile_key_ranges(
+    focal_lo, focal_hi, old_lo, old_hi, win_lo, win_hi = tile_key_ranges(
         FCNT, bh64, tile, q0, length, NUM_TILES, BLOCK_M, GROUP_SIZE, LOCAL_BLOCKS)
-    row_local_start = (qblk - (LOCAL_BLOCKS - 1)) * GROUP_SIZE
+    row_local_start = first_local_block(qblk, LOCAL_BLOCKS) * GROUP_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
     # ---- (a) focal keys
@@ -191,17 +190,17 @@ def _bwd_dq_kernel(
     focal_full = (focal_lo // BLOCK_N) * BLOCK_N
     for start in range(0, focal_full, BLOCK_N):
         slots = start + offs_n
-        k = _load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], slots < F, mask_d, EVEN_D, False)
-        v = _load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], slots < F, mask_dv, EVEN_DV, False)
-        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
+        k = load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], slots < F, mask_d, EVEN_D, False)
+        v = load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], slots < F, mask_dv, EVEN_DV, False)
+        s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
     for start in range(focal_full, focal_hi, BLOCK_N):
         slots = start + offs_n
         in_range = slots < focal_hi
-        k = _load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
-        v = _load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
+        k = load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
+        v = load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
         fpos = tl.load(fp_base + slots, mask=in_range, other=2147483647)
-        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
+        s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         s = tl.where(fpos[None, :] < row_local_start[:, None], s, float("-inf"))
         dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
@@ -212,18 +211,18 @@ def _bwd_dq_kernel(
     agg_full = (old_lo // BLOCK_N) * BLOCK_N
     for start in range(0, agg_full, BLOCK_N):
         blocks = start + offs_n
-        k = _load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], blocks < NB, mask_d, EVEN_D, False)
-        v = _load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], blocks < NB, mask_dv, EVEN_DV, False)
+        k = load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], blocks < NB, mask_d, EVEN_D, False)
+        v = load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], blocks < NB, mask_dv, EVEN_DV, False)
         bias = tl.load(ab_base + blocks)
-        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
+        s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
         in_range = blocks < old_hi
-        k = _load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
-        v = _load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
+        k = load_rows(ak_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], in_range, mask_d, EVEN_D, True)
+        v = load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
         bias = tl.load(ab_base + blocks, mask=in_range, other=float("-inf"))
-        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
+        s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         s = tl.where((blocks[None, :] * GROUP_SIZE) < row_local_start[:, None], s, float("-inf"))
         dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
@@ -234,9 +233,9 @@ def _bwd_dq_kernel(
         keys = start + offs_n
         in_range = keys < win_hi
         keys64 = keys.to(tl.int64)
-        k = _load_rows(k_base + keys64[:, None] * stride_kl + offs_d[None, :], in_range, mask_d, EVEN_D, True)
-        v = _load_rows(v_base + keys64[:, None] * stride_vl + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
-        s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
+        k = load_rows(k_base + keys64[:, None] * stride_kl + offs_d[None, :], in_range, mask_d, EVEN_D, True)
+        v = load_rows(v_base + keys64[:, None] * stride_vl + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
+        s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         visible = (keys[None, :] <= qpos[:, None]) & (keys[None, :] >= row_local_start[:, None])
         s = tl.where(visible, s, float("-inf"))
         dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
@@ -281,28 +280,28 @@ def _kv_step(
     do_base = DO + b64 * stride_db + h64 * stride_dh
     for chunk in range(HEAD_CHUNKS):
         g64 = (chunk * HEADS_PER_PROG + rows // BLOCK_M).to(tl.int64)
-        q = _load_rows(q_base + (g64 * stride_qg + qpos64 * stride_ql)[:, None] + offs_d[None, :],
+        q = load_rows(q_base + (g64 * stride_qg + qpos64 * stride_ql)[:, None] + offs_d[None, :],
                        row_real, mask_d, EVEN_D, True)
-        do = _load_rows(do_base + (g64 * stride_dg + qpos64 * stride_dl)[:, None] + offs_dv[None, :],
+        do = load_rows(do_base + (g64 * stride_dg + qpos64 * stride_dl)[:, None] + offs_dv[None, :],
                         row_real, mask_dv, EVEN_DV, True)
         row_off = (bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g64) * L + qpos64
         lse2 = _row_lse2(LSE, row_off, row_real)
         delta = tl.load(DELTA + row_off, mask=row_real, other=0.0)
-        st = _logits(k, q, qk_scale, DOT_PRECISION, UPCAST)  # [N, R] = S^T, log2 units
+        st = logits(k, q, qk_scale, DOT_PRECISION, UPCAST)  # [N, R] = S^T, log2 units
         if STREAM == 1:
             st = st + bias[:, None]
         if MASKED:
-            row_local_start = (qpos // GROUP_SIZE - (LOCAL_BLOCKS - 1)) * GROUP_SIZE
+            row_local_start = first_local_block(qpos // GROUP_SIZE, LOCAL_BLOCKS) * GROUP_SIZE
             if STREAM == 2:
                 visible = (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= row_local_start[None, :])
             else:  # focal position / aggregate block start is old for the row's block
                 visible = kpos[:, None] < row_local_start[None, :]
             st = tl.where(visible, st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
-        dv = _dot(pt.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
-        dpt = _logits(v, do, 1.0, DOT_PRECISION, UPCAST)  # (dO . v^T)^T  [N, R]
+        dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+        dpt = logits(v, do, 1.0, DOT_PRECISION, UPCAST)  # (dO . v^T)^T  [N, R]
         dst = pt * (dpt - delta[None, :])
-        dk = _dot(dst.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
+        dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
 
@@ -343,9 +342,9 @@ def _kv_chunk(
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_d = offs_d < HEAD_DIM
     mask_dv = offs_dv < VALUE_DIM
-    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh + keys64[:, None] * stride_kl + offs_d[None, :],
+    k = load_rows(K + b64 * stride_kb + h64 * stride_kh + keys64[:, None] * stride_kl + offs_d[None, :],
                    key_ok, mask_d, EVEN_D, True)
-    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh + keys64[:, None] * stride_vl + offs_dv[None, :],
+    v = load_rows(V + b64 * stride_vb + h64 * stride_vh + keys64[:, None] * stride_vl + offs_dv[None, :],
                    key_ok, mask_dv, EVEN_DV, True)
 
     # Query range [q_lo, q_hi) that can see some key of the chunk; tiles start at q_lo + t * BLOCK_M.
@@ -453,7 +452,7 @@ def _bwd_kv_kernel(
 
 def plan_backward(group: int, dtype: torch.dtype, head_dim: int, value_dim: int, *, block_rows: int | None = None,
                   block_n: int | None = None) -> tuple[dict, dict]:
-    """Tiles of the dq kernel and of the dk/dv kernels (`triton_backend.plan` dicts). ``block_rows`` /
+    """Tiles of the dq kernel and of the dk/dv kernels (`triton_plan.plan` dicts). ``block_rows`` /
     ``block_n`` override both (rows = heads x queries per program or step, keys per step or program)."""
     wide = dtype == torch.float32 or max(head_dim, value_dim) > 128
     dq = plan(group, dtype, head_dim, value_dim, block_rows=block_rows or (DQ_ROWS_WIDE if wide else DQ_ROWS_16BIT),
@@ -478,7 +477,7 @@ def attend_backward(
     block_rows: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of `triton_backend.attend_forward` (``out``, ``lse`` are its results) for ``grad_out``:
+    """Gradients of `triton_forward.attend_forward` (``out``, ``lse`` are its results) for ``grad_out``:
     (grad_query, grad_key, grad_value, grad_focal_key, grad_focal_value, grad_agg_key, grad_agg_value),
     each with the shape and dtype of its input (the layout's tensors: those of ``layout.focal_key`` etc.);
     fp32 accumulation. No gradient for agg_bias, focal_pos or lengths. Rows with lse = -inf contribute
@@ -486,7 +485,7 @@ def attend_backward(
     if is_float64(query, key, value):
         # Documented fallback, as in the forward: the PyTorch backend computes the same gradients in fp64.
         return torch_backend.attend_backward(query, key, value, layout, config, scale, out, lse, grad_out)
-    check_supported(query, "attend_backward")
+    check_supported(query, "triton_backend.attend_backward")
     batch, heads, group, seq_len, head_dim = query.shape
     value_dim = value.shape[-1]
     dtype = query.dtype

@@ -1,8 +1,9 @@
 """Triton kernels of one DGA decoding step: the attention of one new token per row over a decode state.
 
-Same function as `DGADecodeState._attend_packed`, the PyTorch path of a one-token step
-(docs/decoding.md): for the new token of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first``
-= the first position of its local window, one softmax over
+Contract: one step of the decoding rule (docs/decoding.md), as transcribed in
+`dga_hf.ops.naive.decoding` (the PyTorch path of a one-token step computes the same). For the new token
+of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first`` = the first position of its local
+window, one softmax over
 
   (a) focal slots ``[0, focal_hi)`` at positions ``focal_pos < first`` whose block is not expanded;
   (b) aggregates of blocks ``c < first / m`` (``c < old_blocks``) that are not expanded, with their bias;
@@ -18,7 +19,7 @@ loaded once for all of them. Masks come from positions, never from a stored mask
 output 0.
 
 On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``), as the prefill
-kernel does; that is how the test-suite checks them against the PyTorch path.
+kernels do; that is how the test-suite checks them against the PyTorch path.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import LOG2E, _load_rows, _logits, _online_update, check_supported, dot_precision, upcast
+from .triton_common import LOG2E, check_supported, dot_precision, load_rows, logits, online_update, upcast
 
 LOG2E_CONST = tl.constexpr(LOG2E)  # aggregate biases are natural-log; the online softmax works in base 2
 
 @triton.jit
 def _fold_chunk(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, bias, in_range, mask_d, mask_dv, qk_scale,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    k = _load_rows(k_ptrs, in_range, mask_d, EVEN_D, True)
-    v = _load_rows(v_ptrs, in_range, mask_dv, EVEN_DV, True)
-    s = _logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
+    k = load_rows(k_ptrs, in_range, mask_d, EVEN_D, True)
+    v = load_rows(v_ptrs, in_range, mask_dv, EVEN_DV, True)
+    s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
     s = tl.where(visible[None, :], s, float("-inf"))
-    return _online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
+    return online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
 
 # everything that changes from step to step is a runtime argument: no recompilation while decoding
@@ -70,7 +71,7 @@ def _decode_partial_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < HEAD_DIM
     mask_dv = offs_dv < VALUE_DIM
-    q = _load_rows(Q + (bh64 * GROUP + rows)[:, None] * HEAD_DIM + offs_d[None, :], rows < GROUP, mask_d, EVEN_D, True)
+    q = load_rows(Q + (bh64 * GROUP + rows)[:, None] * HEAD_DIM + offs_d[None, :], rows < GROUP, mask_d, EVEN_D, True)
     first = tl.load(FIRST + b)  # int64: the first position of the row's local window
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
 
@@ -216,7 +217,7 @@ def attend_step(
     longest row); expanded = (mask [B, H, NB] bool, blocks [B, H, E], usable [B, H, E] bool, archive keys
     [B, H, T, d], archive values) or None; ring = (keys [B, H, W, d], values, positions [B, W]).
     Returns [B, H, G, dv] float32."""
-    check_supported(query, "attend_step")
+    check_supported(query, "triton_decode.attend_step")
     batch, heads, group, head_dim = query.shape
     focal_k, focal_v, focal_pos = focal
     agg_k, agg_v, agg_bias = aggregates

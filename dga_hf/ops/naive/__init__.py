@@ -3,8 +3,11 @@ together beside the kernels (flash-linear-attention's `naive.py` pattern). Writt
 speed: never use them on long sequences.
 
 - `prefill`: the whole spec (stages 1-5) for one sequence, `naive_dga_attention`.
+- `stage5`: stage 5 alone over a given layout, differentiable, `stage5_reference` (the gradients every
+  backend's stage-5 backward must reproduce).
 """
 
 from .prefill import naive_dga_attention
+from .stage5 import stage5_reference
 
-__all__ = ["naive_dga_attention"]
+__all__ = ["naive_dga_attention", "stage5_reference"]

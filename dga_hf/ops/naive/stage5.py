@@ -1,4 +1,4 @@
-"""A differentiable transcription of DGA_SPEC.md step 5 over a given layout, with explicit masks.
+"""A differentiable transcription of docs/spec.md step 5 over a given layout, with explicit masks.
 
 It materialises [L, F + nb + L] logits, so it is for small shapes only; its value is that autograd
 through it gives the exact gradients every backend's stage-5 backward must reproduce (the layout's
@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from dga_hf.config import DGAConfig
-from dga_hf.ops.layout import DGALayout
+from ... import rule
+from ...config import DGAConfig
+from ..layout import DGALayout
 
 
 def stage5_reference(
@@ -31,11 +32,13 @@ def stage5_reference(
     seq_len = query.shape[3]
     m, n = config.group_size, config.local_blocks
     pos = torch.arange(seq_len, device=query.device)
-    query_block = (pos // m).view(1, 1, seq_len, 1)
-    focal_visible = (layout.focal_pos // m).unsqueeze(2) <= query_block - n  # [B, H, L, F]
+    query_block = rule.block_of(pos, m).view(1, 1, seq_len, 1)
+    focal_block = rule.block_of(layout.focal_pos, m).unsqueeze(2)
+    focal_visible = rule.is_old_block(focal_block, query_block, n)  # [B, H, L, F]
     blocks = torch.arange(agg_key.shape[2], device=query.device)
-    agg_visible = (blocks.view(1, 1, 1, -1) <= query_block - n) & torch.isfinite(layout.agg_bias).unsqueeze(2)
-    local_visible = (pos.view(1, -1) <= pos.view(-1, 1)) & (pos.view(1, -1) // m > pos.view(-1, 1) // m - n)
+    agg_visible = rule.is_old_block(blocks.view(1, 1, 1, -1), query_block, n)
+    agg_visible = agg_visible & torch.isfinite(layout.agg_bias).unsqueeze(2)
+    local_visible = rule.reads_raw(pos.view(1, -1), pos.view(-1, 1), m, n)  # [L, L]
     local_visible = local_visible.expand(*focal_visible.shape[:2], seq_len, seq_len)
     real_row = (pos.view(1, -1) < layout.lengths.view(-1, 1)).view(-1, 1, seq_len, 1)
     visible = torch.cat([focal_visible, agg_visible.expand(*focal_visible.shape[:2], -1, -1), local_visible], -1)
