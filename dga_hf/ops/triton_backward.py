@@ -486,7 +486,7 @@ def attend_backward(
         # Documented fallback, as in the forward: the PyTorch backend computes the same gradients in fp64.
         return torch_backend.attend_backward(query, key, value, layout, config, scale, out, lse, grad_out)
     check_supported(query, "triton_backend.attend_backward")
-    batch, heads, group, seq_len, head_dim = query.shape
+    group, head_dim = query.shape[2], query.shape[-1]
     value_dim = value.shape[-1]
     dtype = query.dtype
     device = query.device
@@ -506,20 +506,30 @@ def attend_backward(
     grad_out = last_dim_contiguous(grad_out.to(dtype))
     out = last_dim_contiguous(out)
     lse = lse.float().contiguous()
-    qk_scale = float(scale) * LOG2E
+    delta = _row_dots(out, grad_out, dq_cfg["BLOCK_DV"])
+    _launch_dq(x, grad_out, lse, delta, grads[0], config, scale, dq_cfg)
+    _launch_dk_dv(x, grad_out, lse, delta, grads, layout.focal_key.shape[2], config, scale, kv_cfg)
+    return tuple(grads)
 
-    # D = rowsum(dO * O)
-    delta = torch.empty(batch, heads, group, seq_len, dtype=torch.float32, device=device)
+
+def _row_dots(out: torch.Tensor, grad_out: torch.Tensor, block_dv: int) -> torch.Tensor:
+    """D = rowsum(dO * O), [B, H, G, L] in float32."""
+    batch, heads, group, seq_len, value_dim = out.shape
+    delta = torch.empty(batch, heads, group, seq_len, dtype=torch.float32, device=out.device)
     _bwd_delta_kernel[(triton.cdiv(seq_len, DELTA_BLOCK_L), batch * heads * group)](
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         heads, group, seq_len,
-        VALUE_DIM=value_dim, BLOCK_DV=dq_cfg["BLOCK_DV"], BLOCK_L=DELTA_BLOCK_L,
+        VALUE_DIM=value_dim, BLOCK_DV=block_dv, BLOCK_L=DELTA_BLOCK_L,
     )
+    return delta
 
-    # dq, query-major
-    dq = grads[0]
+
+def _launch_dq(x, grad_out, lse, delta, dq, config: DGAConfig, scale: float, dq_cfg: dict) -> None:
+    """dq, query-major: one program per query tile and chunk of a kv head's query heads."""
+    query, key, value = x.query, x.key, x.value
+    batch, heads, _, seq_len, _ = query.shape
     _bwd_dq_kernel[(x.tiles, batch * heads * dq_cfg["HEAD_CHUNKS"])](
         query, key, value, grad_out, dq, lse, delta,
         x.focal_key, x.focal_value, x.focal_pos, x.agg_key, x.agg_value, x.agg_bias, x.lengths, x.counts,
@@ -528,13 +538,20 @@ def attend_backward(
         value.stride(0), value.stride(1), value.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, qk_scale, float(scale),
+        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, float(scale) * LOG2E, float(scale),
         GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         **x.constants,
     )
 
-    # dk, dv: key-major, the three streams in one launch (one program per kv head and chunk of any stream)
-    num_focal, num_blocks = layout.focal_key.shape[2], x.agg_key.shape[2]
+
+def _launch_dk_dv(x, grad_out, lse, delta, grads: list, num_focal: int, config: DGAConfig, scale: float,
+                  kv_cfg: dict) -> None:
+    """dk, dv: key-major, the three streams in one launch (one program per kv head and chunk of any stream).
+    `grads`: the seven gradient tensors of `attend_backward`, written in place."""
+    query, key, value = x.query, x.key, x.value
+    batch, heads, _, seq_len, head_dim = query.shape
+    dtype = query.dtype
+    num_blocks = x.agg_key.shape[2]
     block_keys = kv_cfg["BLOCK_N"]
     focal_chunks, agg_chunks = triton.cdiv(num_focal, block_keys), triton.cdiv(num_blocks, block_keys)
     chunks = focal_chunks + agg_chunks + triton.cdiv(seq_len, block_keys)
@@ -551,15 +568,14 @@ def attend_backward(
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        batch * heads, heads, seq_len, num_focal, num_blocks, focal_chunks, agg_chunks, qk_scale, float(scale),
-        HEAD_DIM=head_dim, VALUE_DIM=value_dim, BLOCK_D=kv_cfg["BLOCK_D"], BLOCK_DV=kv_cfg["BLOCK_DV"],
+        batch * heads, heads, seq_len, num_focal, num_blocks, focal_chunks, agg_chunks, float(scale) * LOG2E, float(scale),
+        HEAD_DIM=head_dim, VALUE_DIM=value.shape[-1], BLOCK_D=kv_cfg["BLOCK_D"], BLOCK_DV=kv_cfg["BLOCK_DV"],
         GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         HEADS_PER_PROG=kv_cfg["HEADS_PER_PROG"], HEAD_CHUNKS=kv_cfg["HEAD_CHUNKS"],
         BLOCK_M=kv_cfg["BLOCK_M"], BLOCK_N=block_keys,
         DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
         num_warps=kv_cfg["num_warps"], num_stages=kv_cfg["num_stages"],
     )
-    return tuple(grads)
 
 
 __all__ = ["attend_backward", "plan_backward"]
