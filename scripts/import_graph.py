@@ -14,22 +14,36 @@ from __future__ import annotations
 
 import argparse
 import ast
+import configparser
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# installed package -> folder, as setup.cfg's package_dir maps them
-PACKAGE_DIRS = {"dga_hf": "dga_hf", "dga_hf.configs": "configs", "dga_hf.patches": "patches", "dga_eval": "eval"}
 LIBRARY = "dga_hf"
 FORBIDDEN_FROM_LIBRARY = ("dga_eval", "tests")
 
 
+def package_folders(root: Path = ROOT) -> dict[str, Path]:
+    """Installed package -> source folder: the library and every ``package_dir`` entry of setup.cfg."""
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    folders = {LIBRARY: root / LIBRARY}
+    for line in setup["options"]["package_dir"].strip().splitlines():
+        package, folder = (part.strip() for part in line.split("="))
+        folders[package] = root / folder
+    return folders
+
+
 def modules(root: Path = ROOT) -> dict[str, Path]:
-    """Installed module name -> source file."""
+    """Installed module name -> source file (a folder mapped inside another package's folder is walked
+    under its own name only)."""
     found: dict[str, Path] = {}
-    for package, folder in PACKAGE_DIRS.items():
-        base = root / folder
+    folders = package_folders(root)
+    for package, base in folders.items():
+        nested = [other for other in folders.values() if other != base and base in other.parents]
         for path in sorted(base.rglob("*.py")):
+            if any(folder in path.parents for folder in nested):
+                continue
             parts = path.relative_to(base).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]

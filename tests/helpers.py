@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -32,6 +33,16 @@ from transformers import (
 
 import dga_hf
 from dga_hf import DGAConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """A script of scripts/ (not a package) as a module, e.g. ``load_script("import_graph")``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # ------------------------------------------------------------------------------------------------ tiny models
 

@@ -4,23 +4,15 @@ harness and the tests (scripts/import_graph.py), and classes / functions of a re
 from __future__ import annotations
 
 import ast
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, load_script
+
 MAX_CLASS_LINES = 300
 MAX_FUNCTION_LINES = 80
 
 
-def _import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_no_import_cycle_and_no_arrow_from_the_library_to_the_harness():
-    graph = _import_graph()
+    graph = load_script("import_graph")
     arrows = graph.graph()
     assert "dga_hf.ops.dispatch" in arrows and "dga_eval.cli" in arrows  # the walk found both packages
     assert graph.cycles(arrows) == []
@@ -28,7 +20,7 @@ def test_no_import_cycle_and_no_arrow_from_the_library_to_the_harness():
 
 
 def test_the_graph_sees_cycles_and_forbidden_arrows():
-    graph = _import_graph()
+    graph = load_script("import_graph")
     arrows = {"dga_hf.a": {"dga_hf.b"}, "dga_hf.b": {"dga_hf.c"}, "dga_hf.c": {"dga_hf.a", "dga_eval.x"}, "dga_eval.x": set()}
     assert graph.cycles(arrows) == [["dga_hf.a", "dga_hf.b", "dga_hf.c"]]
     assert graph.forbidden(arrows) == [("dga_hf.c", "dga_eval.x")]
