@@ -25,9 +25,10 @@ import dga_hf
 from tiny_archs import ARCHS
 
 from dga_hf import DecodingConfig, DGACache, DGAConfig
-from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval
+from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval, steps
+from dga_hf.decoding.storage import CompactStorage
 from dga_hf.ops.naive import naive_dga_attention
-from dga_hf.rule import focal_count
+from dga_hf.rule import focal_budget, focal_count
 
 # ------------------------------------------------------------------------------------------------ transcription
 
@@ -207,7 +208,7 @@ def test_selection_threshold_matches_a_stable_ranking_with_ties(in_position_orde
     """The cache's top-k selection (no sort of all candidates) against the rule itself: sinks first, then
     the highest scores, ties to the earlier position, at most the row's budget of eligible candidates.
     Scores are small integers so that ties are the rule, not the exception."""
-    from dga_hf.decoding import _select as select
+    from dga_hf.ops.layout import select_focal as select
 
     gen = torch.Generator().manual_seed(3)
     for trial in range(40):
@@ -242,29 +243,29 @@ def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token(
 
 
 class ArchiveSteps:
-    """Counts the dense steps over the archive (DGADecodeState._attend_archive) per call of `attend`."""
+    """Counts the dense steps over the archive (dga_hf.decoding.steps.attend_dense) per call of `attend`."""
 
     def __init__(self, monkeypatch):
         self.dense: list[bool] = []
         self.decisions: list[tuple] = []  # (row lengths after the step, focal slots, decision)
-        real_attend, real_archive = DGADecodeState.attend, DGADecodeState._attend_archive
-        real_rule = DGADecodeState._reads_most_keys
+        real_attend, real_archive = DGADecodeState.attend, steps.attend_dense
+        real_rule = steps.reads_most_keys
 
-        def rule(state, new):
-            decision = real_rule(state, new)
-            self.decisions.append((list(new), state.focal_hi, decision))
+        def rule(settings, focal_slots, new):
+            decision = real_rule(settings, focal_slots, new)
+            self.decisions.append((list(new), focal_slots, decision))
             return decision
 
-        def archive(state, *args, **kwargs):
+        def archive(*args, **kwargs):
             self.dense[-1] = True
-            return real_archive(state, *args, **kwargs)
+            return real_archive(*args, **kwargs)
 
         def attend(state, *args, **kwargs):
             self.dense.append(False)
             return real_attend(state, *args, **kwargs)
 
-        monkeypatch.setattr(DGADecodeState, "_attend_archive", archive)
-        monkeypatch.setattr(DGADecodeState, "_reads_most_keys", rule)
+        monkeypatch.setattr(steps, "attend_dense", archive)
+        monkeypatch.setattr(steps, "reads_most_keys", rule)
         monkeypatch.setattr(DGADecodeState, "attend", attend)
 
 
@@ -306,9 +307,9 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
     q, k, v = qkv(1, 120, seed=2)
     out, cache = run_cache(q, k, v, CFG, 64, [1] * 56, "keep_full", None)
     torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], CFG, scale=SCALE))
-    state = cache.layers[0].state
+    buffers = cache.layers[0].state.buffers
     for h in range(H):
-        focal = set(state.focal_pos[0, h, : state.focal_hi].tolist())
+        focal = set(buffers.focal_pos[0, h, : buffers.focal_hi].tolist())
         assert len(focal) == focal_count(64, CFG.focal_ratio) and max(focal) < 64  # the prefill's F
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
@@ -321,10 +322,10 @@ def test_refresh_schedule_and_default_interval():
     assert refresh_interval(16) == 18 and refresh_interval(8) == 9 and refresh_interval(1) == 2
     q, k, v = qkv(1, 130, seed=3)
     _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto")
-    assert cache.layers[0].state.every == 9 and cache.layers[0].state.since_refresh == 20 - 18
+    assert cache.layers[0].state.settings.refresh_every == 9 and cache.layers[0].state.since_refresh == 20 - 18
     assert refresh_interval(16, 2048) == 256 and refresh_interval(16, 64) == 18  # with block expansion
     _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
-    assert cache.layers[0].state.every == max(9, CFG.group_size * CFG.local_blocks // 8)
+    assert cache.layers[0].state.settings.refresh_every == max(9, CFG.group_size * CFG.local_blocks // 8)
 
 
 @pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
@@ -340,11 +341,9 @@ def test_chunked_steps_match_the_transcription(mode, expand, every):
 
 
 def test_long_chunk_is_tiled_like_a_short_one(monkeypatch):
-    from dga_hf import decoding
-
     q, k, v = qkv(1, 200, seed=5)
     whole, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
-    monkeypatch.setattr(decoding, "QUERY_TILE", 16)
+    monkeypatch.setattr(steps, "QUERY_TILE", 16)
     tiled, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(whole, reference(q, k, v, CFG, 40, [150, 1], "compact", 9), rtol=0, atol=1e-12)
@@ -358,7 +357,8 @@ def test_short_prompt_decodes_densely_then_switches_at_a_refresh(mode):
     out, cache = run_cache(q, k, v, cfg, 70, steps, mode, 9)
     torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, 9), rtol=0, atol=1e-12)
     state = cache.layers[0].state
-    assert state.dense_rows == [False] and state.focal_hi == _budget(133, cfg, False)  # last refresh: t = 133
+    last_refresh = focal_budget(133, cfg.focal_ratio, cfg.sink_tokens)  # last refresh: t = 133
+    assert state.rows.dense == [False] and state.buffers.focal_hi == last_refresh
     # before 90 tokens the output is dense attention
     from dga_hf.ops.dense import dense_attention
 
@@ -376,7 +376,7 @@ def test_dense_layer_is_dense_attention(mode):
     q, k, v = qkv(1, 100, seed=7)
     out, cache = run_cache(q, k, v, CFG, 60, [1] * 20 + [20], mode, 9, dense=True)
     torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
-    assert cache.layers[0].state.arch_k is None  # nothing to re-select: no archive
+    assert isinstance(cache.layers[0].state.storage, CompactStorage)  # nothing to re-select: no archive
 
 
 def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
@@ -454,11 +454,12 @@ def test_compact_memory_and_keys_read():
     assert caches["keep_full"].kv_bytes() >= dense_bytes  # keep_full saves time, not memory
     state = caches["compact"].layers[0].state
     t = length + 40
-    assert state.arch_k is None and state.lengths == [t]
-    assert state.focal_hi == focal_count(t - 40 + 36, 0.1)  # F from the last refresh (at t - 4)
-    keys_read = state.focal_hi + (t - 1) // 16 - 2 + 1 + state.ring_k.shape[2]
+    assert isinstance(state.storage, CompactStorage) and state.rows.lengths == [t]
+    buffers = state.buffers
+    assert buffers.focal_hi == focal_count(t - 40 + 36, 0.1)  # F from the last refresh (at t - 4)
+    keys_read = buffers.focal_hi + (t - 1) // 16 - 2 + 1 + buffers.ring_k.shape[2]
     assert keys_read <= 0.1 * t + t / 16 + 2 * 16 + 2
-    assert state.ring_k.shape[2] == 32
+    assert buffers.ring_k.shape[2] == 32
 
 
 # ------------------------------------------------------------------------------------------------ real models
