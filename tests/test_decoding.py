@@ -1,6 +1,7 @@
 """Decoding with DGA (dga_hf.decoding, docs/decoding.md).
 
-- the cache's state against a naive float64 transcription of the decode rule, step by step: refresh off
+- the cache's state against the naive float64 transcription of the decode rule (dga_hf/ops/naive/decoding.py,
+  `naive_decode`), step by step: refresh off
   (= the spec's prefill semantics with the prefill's F), refresh on, compact and keep_full, chunked steps,
   min_seq_len transitions, dense layers, sinks / log-size bias / one local block;
 - compact == keep_full without refreshes; left-padded batches == rows alone;
@@ -27,119 +28,8 @@ from tiny_archs import ARCHS
 from dga_hf import DecodingConfig, DGACache, DGAConfig
 from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval, steps
 from dga_hf.decoding.storage import CompactStorage
-from dga_hf.ops.naive import naive_dga_attention
+from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
 from dga_hf.rule import focal_budget, focal_count
-
-# ------------------------------------------------------------------------------------------------ transcription
-
-
-def _budget(t: int, cfg: DGAConfig, dense_layer: bool) -> int:
-    if dense_layer or t < cfg.min_seq_len:
-        return t
-    return max(focal_count(t, cfg.focal_ratio), min(cfg.sink_tokens, t)) if t else 0
-
-
-def _select(imp: dict, candidates: set, cfg: DGAConfig, k: int) -> set:
-    chosen = {j for j in candidates if j < cfg.sink_tokens}
-    for j in sorted((j for j in candidates if j not in chosen), key=lambda j: (-imp[j], j)):
-        if len(chosen) >= k:
-            break
-        chosen.add(j)
-    return chosen
-
-
-def _importance(q, k, probes, candidates, s) -> dict:
-    imp = {j: 0.0 for j in candidates}
-    for p in probes:
-        visible = [j for j in sorted(candidates) if j <= p]
-        weights = (s * q[:, p] @ k[visible].T).softmax(-1).sum(0)
-        for index, j in enumerate(visible):
-            imp[j] += float(weights[index])
-    return imp
-
-
-def _block_bound(q, k, i, c, m, s) -> float:
-    """Upper bound of max_g max_{j in block c} s * Q[g, i] . K[j] from the block's elementwise key min/max."""
-    block = k[c * m : (c + 1) * m]
-    low, high = block.min(0).values, block.max(0).values
-    return float(torch.maximum(s * q[:, i] * low, s * q[:, i] * high).sum(-1).max())
-
-
-def _attend(q, k, v, i, focal, members, cfg, s, expand=0):
-    """Output of query i; `expand` > 0: the `expand` old non-empty blocks of highest bound (ties: earlier
-    block) enter as their raw members instead of their aggregate."""
-    m, n = cfg.group_size, cfg.local_blocks
-    beta = i // m
-    raw = [j for j in range(i + 1) if (j in focal and j // m <= beta - n) or j // m > beta - n]
-    old = [c for c in sorted(members) if c <= beta - n and members[c]]
-    expanded = set(sorted(old, key=lambda c: (-_block_bound(q, k, i, c, m, s), c))[:expand])
-    raw += [j for c in sorted(expanded) for j in sorted(members[c])]
-    logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]
-    for c in old:
-        if c not in expanded:
-            idx = sorted(members[c])
-            w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
-            logit = s * q[:, i] @ (w @ k[idx])
-            if cfg.group_bias == "log_size":
-                logit = logit + math.log(len(idx))
-            logits.append(logit[:, None])
-            values.append((w @ v[idx])[None])
-    return torch.cat(logits, -1).softmax(-1) @ torch.cat(values, 0)
-
-
-def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=None, dense_layer=False, expand=0):
-    """The decode rule of docs/decoding.md for one row and one kv head, float64, written for clarity.
-    q [G, T, d], k/v [T, d]; `steps`: the token counts of the calls after the prefill (default: 1 each);
-    `expand`: keep_full's expanded blocks per one-token step."""
-    q, k, v = q.double(), k.double(), v.double()
-    m, n = cfg.group_size, cfg.local_blocks
-    t = prompt_len
-    if dense_layer or t < cfg.min_seq_len:
-        focal = set(range(t))
-    else:
-        probes = range(t - min(cfg.probe_queries, t), t)
-        focal = _select(_importance(q, k, probes, set(range(t)), s), set(range(t)), cfg, _budget(t, cfg, False))
-    members = {c: set(range(c * m, (c + 1) * m)) - focal for c in range(t // m)}
-    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
-    for i in range(t):
-        out[:, i] = _attend(q, k, v, i, focal, members, cfg, s)
-    dense = dense_layer or t < cfg.min_seq_len
-    since = 0
-    for size in steps or [1] * (q.shape[1] - t):
-        new = list(range(t, t + size))
-        if dense:
-            focal |= set(new)
-        for i in new:
-            if (i + 1) % m == 0:
-                members[i // m] = set(range(i + 1 - m, i + 1)) - focal
-        step_expand = expand if size == 1 and mode == "keep_full" and not dense_layer else 0
-        for i in new:
-            out[:, i] = _attend(q, k, v, i, focal, members, cfg, s, step_expand)
-        t += size
-        since += size
-        if not every or since < every or dense_layer:
-            continue
-        since = 0
-        beta = (t - 1) // m
-        if mode == "keep_full":
-            candidates = set(range(t))
-        else:
-            candidates = focal | {j for j in range(t) if j // m > beta - n}
-        imp = _importance(q, k, new[-min(cfg.probe_queries, size):], candidates, s)
-        chosen = _select(imp, candidates, cfg, min(_budget(t, cfg, False), len(candidates)))
-        if mode == "keep_full":
-            members = {c: set(range(c * m, (c + 1) * m)) - chosen for c in range(t // m)}
-        else:
-            for j in focal - chosen:
-                if j // m <= beta - n:
-                    members[j // m].add(j)
-            for c in range(max(0, beta - n + 1), beta + 1):
-                if (c + 1) * m <= t:
-                    members[c] = set(range(c * m, (c + 1) * m)) - chosen
-        focal = chosen
-        dense = t < cfg.min_seq_len
-    return out
-
 
 # ------------------------------------------------------------------------------------------------ state level
 
@@ -314,7 +204,7 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
         for i in range(120):
-            expected = _attend(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
+            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
 
 

@@ -3,8 +3,11 @@ together beside the kernels (flash-linear-attention's `naive.py` pattern). Writt
 speed: never use them on long sequences.
 
 - `prefill`: the whole spec (stages 1-5) for one sequence, `naive_dga_attention`.
+- `decoding`: the decoding rule of docs/decoding.md (prefill, steps, chunks, refreshes, block expansion)
+  for one row and kv head, `naive_decode`, and the output of one query, `naive_decode_query`.
 """
 
+from .decoding import naive_decode, naive_decode_query
 from .prefill import naive_dga_attention
 
-__all__ = ["naive_dga_attention"]
+__all__ = ["naive_decode", "naive_decode_query", "naive_dga_attention"]
