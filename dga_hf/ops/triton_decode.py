@@ -1,6 +1,6 @@
 """Triton kernels of one DGA decoding step: the attention of one new token per row over a decode state.
 
-Same function as `DGADecodeState._attend_packed`, the PyTorch path of a one-token step
+Same function as `dga_hf.decoding.steps.attend_packed`, the PyTorch path of a one-token step
 (docs/decoding.md): for the new token of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first``
 = the first position of its local window, one softmax over
 
