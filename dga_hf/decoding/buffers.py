@@ -166,10 +166,9 @@ class NewTokens:
         return self.all_valid and len(set(self.old)) == 1
 
     @property
-    def join_focal(self) -> torch.Tensor:
-        """[B, H, q] bool: the new tokens that join F (real tokens of rows still dense)."""
-        batch, heads = self.key.shape[:2]
-        return (self.valid & self.dense[:, None])[:, None, :].expand(batch, heads, self.size)
+    def joins_focal(self) -> torch.Tensor:
+        """[B, q] bool: the new tokens that join F (real tokens of rows still dense)."""
+        return self.valid & self.dense[:, None]
 
 
 def nbytes(tensors) -> int:
@@ -238,7 +237,7 @@ class DecodeBuffers:
         slot = self.focal_cnt[:, :, None] + torch.arange(q_len, device=tokens.key.device)  # [B, H, q]
         for buffer, new in ((self.focal_k, tokens.key), (self.focal_v, tokens.value)):
             buffer.scatter_(2, slot[..., None].expand(-1, -1, -1, new.shape[-1]), new.to(buffer.dtype))
-        joined = tokens.valid & tokens.dense[:, None]
+        joined = tokens.joins_focal
         self.focal_pos.scatter_(2, slot, torch.where(joined, tokens.positions, SENTINEL)[:, None, :].expand(batch, heads, q_len))
         self.focal_cnt = self.focal_cnt + joined.sum(-1)[:, None]
         self.focal_hi += max(count for count, dense in zip(tokens.counts, dense_rows) if dense)
@@ -259,7 +258,7 @@ class DecodeBuffers:
             torch.cat([self.ring_k, tokens.key.to(self.ring_k.dtype)], dim=2),
             torch.cat([self.ring_v, tokens.value.to(self.ring_v.dtype)], dim=2),
             torch.cat([self.ring_pos, torch.where(tokens.valid, tokens.positions, -1)], dim=1),
-            torch.cat([self.ring_focal, tokens.join_focal], dim=2),
+            torch.cat([self.ring_focal, tokens.joins_focal[:, None, :].expand(-1, self.ring_focal.shape[1], -1)], dim=2),
         )
 
     def _write_ring_token(self, tokens: NewTokens) -> None:
@@ -272,8 +271,9 @@ class DecodeBuffers:
             slot = tokens.positions[:, 0] % self.window
             by_row, by_head = (rows, slot), (rows, slice(None), slot)
         keep = tokens.valid[:, 0]
+        joins_focal = tokens.joins_focal[:, 0, None].expand(-1, self.ring_focal.shape[1])  # [B, H]
         for buffer, index, new in ((self.ring_pos, by_row, tokens.positions[:, 0]), (self.ring_k, by_head, tokens.key[:, :, 0]),
-                                   (self.ring_v, by_head, tokens.value[:, :, 0]), (self.ring_focal, by_head, tokens.join_focal[:, :, 0])):
+                                   (self.ring_v, by_head, tokens.value[:, :, 0]), (self.ring_focal, by_head, joins_focal)):
             new = new.to(buffer.dtype)
             if not tokens.all_valid:
                 new = torch.where(keep.view(-1, *[1] * (new.dim() - 1)), new, buffer[index])
