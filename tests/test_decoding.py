@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 
 import pytest
 import torch
@@ -206,6 +205,55 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
         for i in range(120):
             expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
+
+
+def test_prefill_runs_the_dispatch_of_dga_attention():
+    """The state's prefill is `ops.dispatch.prefill`, the dispatch of dga_attention: the same output to the
+    bit on a left-padded batch, and the state starts from the layout's focal set."""
+    from dga_hf.decoding.buffers import SENTINEL
+    from dga_hf.ops.dispatch import dga_attention
+    from dga_hf.ops.layout import build_layout, compact_padding
+
+    q, k, v = qkv(2, 90, seed=12)
+    mask = torch.ones(2, 90, dtype=torch.bool)
+    mask[1, :17] = False
+    out, cache = run_cache(q, k, v, CFG, 90, [], "keep_full", None, mask=mask)
+    torch.testing.assert_close(out, dga_attention(q, k, v, CFG, scale=SCALE, padding_mask=mask), rtol=0, atol=0)
+    qc, kc, vc, lengths, _ = compact_padding(q, k, v, mask)
+    layout = build_layout(qc.view(2, H, G, 90, D), kc, vc, lengths, CFG, SCALE)
+    buffers = cache.layers[0].state.buffers
+    for b in range(2):
+        for h in range(H):
+            held = [p for p in buffers.focal_pos[b, h, : buffers.focal_hi].tolist() if p != SENTINEL]
+            assert held == layout.focal[b, h].nonzero().flatten().tolist()
+
+
+def test_packed_workspace_follows_its_aliasing_rule():
+    """dga_hf/decoding/buffers.py: after a one-token PyTorch step the focal, aggregate and ring buffers are
+    views of the workspace, so the next token's in-place ring write lands in it; a chunk assigns a new ring
+    (the workspace is stale) and the next one-token step packs a new workspace."""
+    q, k, v = qkv(1, 100, seed=13)
+    _, cache = run_cache(q, k, v, CFG, 70, [1], "keep_full", None, expand=2)
+    buffers = cache.layers[0].state.buffers
+
+    def feed(t, size):
+        key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
+        key._dga_state.attend(q[:, :, t : t + size], key, value, None, CFG, SCALE)
+
+    def views_of_workspace():
+        return [getattr(buffers, name).untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
+                for names, ws in (("focal_k agg_k ring_k", buffers.ws_k), ("focal_v agg_v ring_v", buffers.ws_v))
+                for name in names.split()]
+
+    workspace = buffers.ws_k
+    assert all(views_of_workspace())
+    feed(71, 1)
+    assert buffers.ws_k is workspace and all(views_of_workspace())
+    torch.testing.assert_close(buffers.ring_k[0, :, 71 % (CFG.group_size * CFG.local_blocks)], k[0, :, 71], rtol=0, atol=0)
+    feed(72, 5)
+    assert not views_of_workspace()[2]  # the chunk's ring is a new tensor
+    feed(77, 1)
+    assert buffers.ws_k is not workspace and all(views_of_workspace())
 
 
 def test_refresh_schedule_and_default_interval():
