@@ -151,19 +151,12 @@ class NewTokens:
     dense: torch.Tensor  # [B] bool, rows still dense, on the device
     positions: torch.Tensor  # [B, q] position of each new token
     valid: torch.Tensor  # [B, q] bool, real new tokens
+    all_valid: bool  # every new token is real
+    uniform: bool  # every new token real and every row at the same length: writes are plain slices
 
     @property
     def size(self) -> int:
         return self.key.shape[2]
-
-    @property
-    def all_valid(self) -> bool:
-        return all(count == self.size for count in self.counts)
-
-    @property
-    def uniform(self) -> bool:
-        """Every token real and every row at the same length: writes are plain slices."""
-        return self.all_valid and len(set(self.old)) == 1
 
     @property
     def joins_focal(self) -> torch.Tensor:

@@ -182,7 +182,8 @@ class DGADecodeState:
         device = query.device
         start, dense = self.rows.on_device(device)
         offsets = torch.arange(q_len, device=device)
-        if all(count == q_len for count in counts):
+        all_valid = all(count == q_len for count in counts)
+        if all_valid:
             valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
         else:
             valid = offsets[None, :] < torch.tensor(counts, device=device)[:, None]
@@ -190,7 +191,8 @@ class DGADecodeState:
         return NewTokens(
             query=query.reshape(batch, heads, q_heads // heads, q_len, head_dim), key=key, value=value, order=order,
             counts=counts, old=old, new=[t + a for t, a in zip(old, counts)], start=start, dense=dense,
-            positions=start[:, None] + offsets, valid=valid,
+            positions=start[:, None] + offsets, valid=valid, all_valid=all_valid,
+            uniform=all_valid and len(set(old)) == 1,
         )
 
     def _new_token_counts(self, padding_mask: torch.Tensor | None, q_len: int) -> list[int] | None:
