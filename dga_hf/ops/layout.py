@@ -137,27 +137,24 @@ def importance(
     probe_query [B, H, G, P, d] (compute dtype), probe_pos [B, P] (-1: no probe, counts 0), key [B, H, N, d]
     (any float dtype), key_pos [B or 1, H or 1, N], eligible [B, H or 1, N] bool or None (all). The prefill
     scores every position of a row; a decode refresh scores the tokens it holds. Memory: one kv head's keys
-    in the compute dtype and IMPORTANCE_CHUNK_SCORES scores at a time; the G * P probe rows of a kv head
-    are one matmul (its keys are read once, not once per query head)."""
-    batch, heads, group, probes, dim = probe_query.shape
+    in the compute dtype and IMPORTANCE_CHUNK_SCORES scores at a time, one query head of the group at a
+    time (chunks of one head's probes keep the scores in cache: measured on the CPU at 16K, a chunk of all
+    G heads' probes was 1.5x slower)."""
+    batch, heads, group, probes, _ = probe_query.shape
     length = key.shape[2]
-    rows = group * probes
-    rows_per_chunk = max(1, min(rows, IMPORTANCE_CHUNK_SCORES // max(batch * length, 1)))
-    row_pos = probe_pos.repeat(1, group)[:, :, None]  # [B, G*P, 1]: row g * P + p is probe p
+    hidden = (key_pos[..., None, :] > probe_pos[:, None, :, None]) | (probe_pos < 0)[:, None, :, None]
+    if eligible is not None:
+        hidden = hidden | ~eligible[:, :, None, :]  # [B, H or 1, P, N]
+    per_chunk = max(1, min(probes, IMPORTANCE_CHUNK_SCORES // max(batch * length, 1)))
     scores = torch.zeros(batch, heads, length, dtype=probe_query.dtype, device=probe_query.device)
     for head in range(heads):
         keys_t = key[:, head].to(probe_query.dtype).transpose(-1, -2)
-        queries = probe_query[:, head].reshape(batch, rows, dim)
-        pos = key_pos[:, head if key_pos.shape[1] > 1 else 0, None, :]  # [B or 1, 1, N]
-        excluded = None if eligible is None else ~eligible[:, head if eligible.shape[1] > 1 else 0, None, :]
-        for lo in range(0, rows, rows_per_chunk):
-            at = row_pos[:, lo : lo + rows_per_chunk]
-            hidden = (pos > at) | (at < 0)
-            if excluded is not None:
-                hidden |= excluded
-            logits = scale * queries[:, lo : lo + rows_per_chunk] @ keys_t  # [B, rows, N]
-            weights = torch.softmax(logits.masked_fill_(hidden, -math.inf), dim=-1)
-            scores[:, head] += weights.nan_to_num_(0.0).sum(dim=1)  # unused probe rows (all -inf) count 0
+        head_hidden = hidden[:, head if hidden.shape[1] > 1 else 0]  # [B, P, N]
+        for g in range(group):
+            for lo in range(0, probes, per_chunk):
+                logits = scale * probe_query[:, head, g, lo : lo + per_chunk] @ keys_t  # [B, rows, N]
+                weights = torch.softmax(logits.masked_fill_(head_hidden[:, lo : lo + per_chunk], -math.inf), dim=-1)
+                scores[:, head] += weights.nan_to_num_(0.0).sum(dim=1)  # unused probes (all -inf) count 0
     return scores
 
 
