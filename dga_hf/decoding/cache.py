@@ -31,6 +31,7 @@ class DGALayer(_LayerBase):
             super().__init__()
         self.keys = self.values = None
         self.is_initialized = False
+        self.device = self.dtype = None  # of the first keys: set by lazy_initialization, transformers' protocol
         self._options = (options, shared)
         self.state = DGADecodeState(*self._options)
 
