@@ -1,6 +1,7 @@
 """Decoding with DGA (dga_hf.decoding, docs/decoding.md).
 
-- the cache's state against a naive float64 transcription of the decode rule, step by step: refresh off
+- the cache's state against the naive float64 transcription of the decode rule (dga_hf/ops/naive/decoding.py,
+  `naive_decode`), step by step: refresh off
   (= the spec's prefill semantics with the prefill's F), refresh on, compact and keep_full, chunked steps,
   min_seq_len transitions, dense layers, sinks / log-size bias / one local block;
 - compact == keep_full without refreshes; left-padded batches == rows alone;
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 
 import pytest
 import torch
@@ -25,120 +25,10 @@ import dga_hf
 from tiny_archs import ARCHS
 
 from dga_hf import DecodingConfig, DGACache, DGAConfig
-from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval
-from dga_hf.ops.naive import naive_dga_attention
-from dga_hf.rule import focal_count
-
-# ------------------------------------------------------------------------------------------------ transcription
-
-
-def _budget(t: int, cfg: DGAConfig, dense_layer: bool) -> int:
-    if dense_layer or t < cfg.min_seq_len:
-        return t
-    return max(focal_count(t, cfg.focal_ratio), min(cfg.sink_tokens, t)) if t else 0
-
-
-def _select(imp: dict, candidates: set, cfg: DGAConfig, k: int) -> set:
-    chosen = {j for j in candidates if j < cfg.sink_tokens}
-    for j in sorted((j for j in candidates if j not in chosen), key=lambda j: (-imp[j], j)):
-        if len(chosen) >= k:
-            break
-        chosen.add(j)
-    return chosen
-
-
-def _importance(q, k, probes, candidates, s) -> dict:
-    imp = {j: 0.0 for j in candidates}
-    for p in probes:
-        visible = [j for j in sorted(candidates) if j <= p]
-        weights = (s * q[:, p] @ k[visible].T).softmax(-1).sum(0)
-        for index, j in enumerate(visible):
-            imp[j] += float(weights[index])
-    return imp
-
-
-def _block_bound(q, k, i, c, m, s) -> float:
-    """Upper bound of max_g max_{j in block c} s * Q[g, i] . K[j] from the block's elementwise key min/max."""
-    block = k[c * m : (c + 1) * m]
-    low, high = block.min(0).values, block.max(0).values
-    return float(torch.maximum(s * q[:, i] * low, s * q[:, i] * high).sum(-1).max())
-
-
-def _attend(q, k, v, i, focal, members, cfg, s, expand=0):
-    """Output of query i; `expand` > 0: the `expand` old non-empty blocks of highest bound (ties: earlier
-    block) enter as their raw members instead of their aggregate."""
-    m, n = cfg.group_size, cfg.local_blocks
-    beta = i // m
-    raw = [j for j in range(i + 1) if (j in focal and j // m <= beta - n) or j // m > beta - n]
-    old = [c for c in sorted(members) if c <= beta - n and members[c]]
-    expanded = set(sorted(old, key=lambda c: (-_block_bound(q, k, i, c, m, s), c))[:expand])
-    raw += [j for c in sorted(expanded) for j in sorted(members[c])]
-    logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]
-    for c in old:
-        if c not in expanded:
-            idx = sorted(members[c])
-            w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
-            logit = s * q[:, i] @ (w @ k[idx])
-            if cfg.group_bias == "log_size":
-                logit = logit + math.log(len(idx))
-            logits.append(logit[:, None])
-            values.append((w @ v[idx])[None])
-    return torch.cat(logits, -1).softmax(-1) @ torch.cat(values, 0)
-
-
-def naive_decode(q, k, v, cfg, s, prompt_len, every, mode="keep_full", steps=None, dense_layer=False, expand=0):
-    """The decode rule of docs/decoding.md for one row and one kv head, float64, written for clarity.
-    q [G, T, d], k/v [T, d]; `steps`: the token counts of the calls after the prefill (default: 1 each);
-    `expand`: keep_full's expanded blocks per one-token step."""
-    q, k, v = q.double(), k.double(), v.double()
-    m, n = cfg.group_size, cfg.local_blocks
-    t = prompt_len
-    if dense_layer or t < cfg.min_seq_len:
-        focal = set(range(t))
-    else:
-        probes = range(t - min(cfg.probe_queries, t), t)
-        focal = _select(_importance(q, k, probes, set(range(t)), s), set(range(t)), cfg, _budget(t, cfg, False))
-    members = {c: set(range(c * m, (c + 1) * m)) - focal for c in range(t // m)}
-    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
-    for i in range(t):
-        out[:, i] = _attend(q, k, v, i, focal, members, cfg, s)
-    dense = dense_layer or t < cfg.min_seq_len
-    since = 0
-    for size in steps or [1] * (q.shape[1] - t):
-        new = list(range(t, t + size))
-        if dense:
-            focal |= set(new)
-        for i in new:
-            if (i + 1) % m == 0:
-                members[i // m] = set(range(i + 1 - m, i + 1)) - focal
-        step_expand = expand if size == 1 and mode == "keep_full" and not dense_layer else 0
-        for i in new:
-            out[:, i] = _attend(q, k, v, i, focal, members, cfg, s, step_expand)
-        t += size
-        since += size
-        if not every or since < every or dense_layer:
-            continue
-        since = 0
-        beta = (t - 1) // m
-        if mode == "keep_full":
-            candidates = set(range(t))
-        else:
-            candidates = focal | {j for j in range(t) if j // m > beta - n}
-        imp = _importance(q, k, new[-min(cfg.probe_queries, size):], candidates, s)
-        chosen = _select(imp, candidates, cfg, min(_budget(t, cfg, False), len(candidates)))
-        if mode == "keep_full":
-            members = {c: set(range(c * m, (c + 1) * m)) - chosen for c in range(t // m)}
-        else:
-            for j in focal - chosen:
-                if j // m <= beta - n:
-                    members[j // m].add(j)
-            for c in range(max(0, beta - n + 1), beta + 1):
-                if (c + 1) * m <= t:
-                    members[c] = set(range(c * m, (c + 1) * m)) - chosen
-        focal = chosen
-        dense = t < cfg.min_seq_len
-    return out
-
+from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval, steps
+from dga_hf.decoding.storage import CompactStorage
+from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
+from dga_hf.rule import focal_budget, focal_count
 
 # ------------------------------------------------------------------------------------------------ state level
 
@@ -207,7 +97,7 @@ def test_selection_threshold_matches_a_stable_ranking_with_ties(in_position_orde
     """The cache's top-k selection (no sort of all candidates) against the rule itself: sinks first, then
     the highest scores, ties to the earlier position, at most the row's budget of eligible candidates.
     Scores are small integers so that ties are the rule, not the exception."""
-    from dga_hf.decoding import _select as select
+    from dga_hf.ops.layout import select_focal as select
 
     gen = torch.Generator().manual_seed(3)
     for trial in range(40):
@@ -242,29 +132,29 @@ def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token(
 
 
 class ArchiveSteps:
-    """Counts the dense steps over the archive (DGADecodeState._attend_archive) per call of `attend`."""
+    """Counts the dense steps over the archive (dga_hf.decoding.steps.attend_dense) per call of `attend`."""
 
     def __init__(self, monkeypatch):
         self.dense: list[bool] = []
         self.decisions: list[tuple] = []  # (row lengths after the step, focal slots, decision)
-        real_attend, real_archive = DGADecodeState.attend, DGADecodeState._attend_archive
-        real_rule = DGADecodeState._reads_most_keys
+        real_attend, real_archive = DGADecodeState.attend, steps.attend_dense
+        real_rule = steps.reads_most_keys
 
-        def rule(state, new):
-            decision = real_rule(state, new)
-            self.decisions.append((list(new), state.focal_hi, decision))
+        def rule(settings, focal_slots, new):
+            decision = real_rule(settings, focal_slots, new)
+            self.decisions.append((list(new), focal_slots, decision))
             return decision
 
-        def archive(state, *args, **kwargs):
+        def archive(*args, **kwargs):
             self.dense[-1] = True
-            return real_archive(state, *args, **kwargs)
+            return real_archive(*args, **kwargs)
 
         def attend(state, *args, **kwargs):
             self.dense.append(False)
             return real_attend(state, *args, **kwargs)
 
-        monkeypatch.setattr(DGADecodeState, "_attend_archive", archive)
-        monkeypatch.setattr(DGADecodeState, "_reads_most_keys", rule)
+        monkeypatch.setattr(steps, "attend_dense", archive)
+        monkeypatch.setattr(steps, "reads_most_keys", rule)
         monkeypatch.setattr(DGADecodeState, "attend", attend)
 
 
@@ -306,25 +196,74 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
     q, k, v = qkv(1, 120, seed=2)
     out, cache = run_cache(q, k, v, CFG, 64, [1] * 56, "keep_full", None)
     torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], CFG, scale=SCALE))
-    state = cache.layers[0].state
+    buffers = cache.layers[0].state.buffers
     for h in range(H):
-        focal = set(state.focal_pos[0, h, : state.focal_hi].tolist())
+        focal = set(buffers.focal_pos[0, h, : buffers.focal_hi].tolist())
         assert len(focal) == focal_count(64, CFG.focal_ratio) and max(focal) < 64  # the prefill's F
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
         for i in range(120):
-            expected = _attend(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
+            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
+
+
+def test_prefill_runs_the_dispatch_of_dga_attention():
+    """The state's prefill is `ops.dispatch.prefill`, the dispatch of dga_attention: the same output to the
+    bit on a left-padded batch, and the state starts from the layout's focal set."""
+    from dga_hf.decoding.buffers import SENTINEL
+    from dga_hf.ops.dispatch import dga_attention
+    from dga_hf.ops.layout import build_layout, compact_padding
+
+    q, k, v = qkv(2, 90, seed=12)
+    mask = torch.ones(2, 90, dtype=torch.bool)
+    mask[1, :17] = False
+    out, cache = run_cache(q, k, v, CFG, 90, [], "keep_full", None, mask=mask)
+    torch.testing.assert_close(out, dga_attention(q, k, v, CFG, scale=SCALE, padding_mask=mask), rtol=0, atol=0)
+    qc, kc, vc, lengths, _ = compact_padding(q, k, v, mask)
+    layout = build_layout(qc.view(2, H, G, 90, D), kc, vc, lengths, CFG, SCALE)
+    buffers = cache.layers[0].state.buffers
+    for b in range(2):
+        for h in range(H):
+            held = [p for p in buffers.focal_pos[b, h, : buffers.focal_hi].tolist() if p != SENTINEL]
+            assert held == layout.focal[b, h].nonzero().flatten().tolist()
+
+
+def test_packed_workspace_follows_its_aliasing_rule():
+    """dga_hf/decoding/buffers.py: after a one-token PyTorch step the focal, aggregate and ring buffers are
+    views of the workspace, so the next token's in-place ring write lands in it; a chunk assigns a new ring
+    (the workspace is stale) and the next one-token step packs a new workspace."""
+    q, k, v = qkv(1, 100, seed=13)
+    _, cache = run_cache(q, k, v, CFG, 70, [1], "keep_full", None, expand=2)
+    buffers = cache.layers[0].state.buffers
+
+    def feed(t, size):
+        key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
+        key._dga_state.attend(q[:, :, t : t + size], key, value, None, CFG, SCALE)
+
+    def views_of_workspace():
+        return [getattr(buffers, name).untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
+                for names, ws in (("focal_k agg_k ring_k", buffers.ws_k), ("focal_v agg_v ring_v", buffers.ws_v))
+                for name in names.split()]
+
+    workspace = buffers.ws_k
+    assert all(views_of_workspace())
+    feed(71, 1)
+    assert buffers.ws_k is workspace and all(views_of_workspace())
+    torch.testing.assert_close(buffers.ring_k[0, :, 71 % (CFG.group_size * CFG.local_blocks)], k[0, :, 71], rtol=0, atol=0)
+    feed(72, 5)
+    assert not views_of_workspace()[2]  # the chunk's ring is a new tensor
+    feed(77, 1)
+    assert buffers.ws_k is not workspace and all(views_of_workspace())
 
 
 def test_refresh_schedule_and_default_interval():
     assert refresh_interval(16) == 18 and refresh_interval(8) == 9 and refresh_interval(1) == 2
     q, k, v = qkv(1, 130, seed=3)
     _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto")
-    assert cache.layers[0].state.every == 9 and cache.layers[0].state.since_refresh == 20 - 18
+    assert cache.layers[0].state.settings.refresh_every == 9 and cache.layers[0].state.since_refresh == 20 - 18
     assert refresh_interval(16, 2048) == 256 and refresh_interval(16, 64) == 18  # with block expansion
     _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
-    assert cache.layers[0].state.every == max(9, CFG.group_size * CFG.local_blocks // 8)
+    assert cache.layers[0].state.settings.refresh_every == max(9, CFG.group_size * CFG.local_blocks // 8)
 
 
 @pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
@@ -340,11 +279,9 @@ def test_chunked_steps_match_the_transcription(mode, expand, every):
 
 
 def test_long_chunk_is_tiled_like_a_short_one(monkeypatch):
-    from dga_hf import decoding
-
     q, k, v = qkv(1, 200, seed=5)
     whole, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
-    monkeypatch.setattr(decoding, "QUERY_TILE", 16)
+    monkeypatch.setattr(steps, "QUERY_TILE", 16)
     tiled, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(whole, reference(q, k, v, CFG, 40, [150, 1], "compact", 9), rtol=0, atol=1e-12)
@@ -358,7 +295,8 @@ def test_short_prompt_decodes_densely_then_switches_at_a_refresh(mode):
     out, cache = run_cache(q, k, v, cfg, 70, steps, mode, 9)
     torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, 9), rtol=0, atol=1e-12)
     state = cache.layers[0].state
-    assert state.dense_rows == [False] and state.focal_hi == _budget(133, cfg, False)  # last refresh: t = 133
+    last_refresh = focal_budget(133, cfg.focal_ratio, cfg.sink_tokens)  # last refresh: t = 133
+    assert state.rows.dense == [False] and state.buffers.focal_hi == last_refresh
     # before 90 tokens the output is dense attention
     from dga_hf.ops.dense import dense_attention
 
@@ -376,7 +314,7 @@ def test_dense_layer_is_dense_attention(mode):
     q, k, v = qkv(1, 100, seed=7)
     out, cache = run_cache(q, k, v, CFG, 60, [1] * 20 + [20], mode, 9, dense=True)
     torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
-    assert cache.layers[0].state.arch_k is None  # nothing to re-select: no archive
+    assert isinstance(cache.layers[0].state.storage, CompactStorage)  # nothing to re-select: no archive
 
 
 def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
@@ -454,11 +392,12 @@ def test_compact_memory_and_keys_read():
     assert caches["keep_full"].kv_bytes() >= dense_bytes  # keep_full saves time, not memory
     state = caches["compact"].layers[0].state
     t = length + 40
-    assert state.arch_k is None and state.lengths == [t]
-    assert state.focal_hi == focal_count(t - 40 + 36, 0.1)  # F from the last refresh (at t - 4)
-    keys_read = state.focal_hi + (t - 1) // 16 - 2 + 1 + state.ring_k.shape[2]
+    assert isinstance(state.storage, CompactStorage) and state.rows.lengths == [t]
+    buffers = state.buffers
+    assert buffers.focal_hi == focal_count(t - 40 + 36, 0.1)  # F from the last refresh (at t - 4)
+    keys_read = buffers.focal_hi + (t - 1) // 16 - 2 + 1 + buffers.ring_k.shape[2]
     assert keys_read <= 0.1 * t + t / 16 + 2 * 16 + 2
-    assert state.ring_k.shape[2] == 32
+    assert buffers.ring_k.shape[2] == 32
 
 
 # ------------------------------------------------------------------------------------------------ real models

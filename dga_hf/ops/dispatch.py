@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
@@ -58,28 +59,63 @@ def dga_attention(
     Returns: [B, Hq, L, d] in the dtype of ``query``.
     """
     _check_shapes(query, key, value, padding_mask)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return prefill(query, key, value, config, scale=scale, backend=backend, padding_mask=padding_mask).output
+
+
+@dataclass
+class Prefill:
+    """A prefill's output and the focal selection it attended with, in compacted coordinates (each row's
+    real tokens first, ops/layout.py): what a decode state (dga_hf/decoding) starts from."""
+
+    output: torch.Tensor  # [B, Hq, L, dv] in the query's dtype; padded query positions are zero
+    query: torch.Tensor  # [B, Hkv, G, L, d], compacted
+    key: torch.Tensor  # [B, Hkv, L, d], compacted
+    value: torch.Tensor  # [B, Hkv, L, dv], compacted
+    lengths: torch.Tensor  # [B] real tokens per row
+    focal: torch.Tensor  # [B, Hkv, L] bool: the focal set F; every real token where the attention was dense
+    backend: str  # the backend the request resolved to ("triton", "torch" or "naive")
+
+
+def prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: DGAConfig,
+    *,
+    scale: float,
+    backend: str = "auto",
+    padding_mask: torch.Tensor | None = None,
+    dense: bool = False,
+) -> Prefill:
+    """The one dispatch of a prefill: backend choice, padding compaction, layout (stages 1-4), stage 5,
+    uncompaction. `dga_attention` returns its output; a decode state also keeps the selection.
+    `dense`: dense attention with the padding mask (a decode state's dense layer or short prompt); else
+    the naive backend, dense attention for an unpadded sequence shorter than min_seq_len, or DGA."""
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
-    scale = head_dim**-0.5 if scale is None else float(scale)
     chosen = resolve_backend(config.backend if backend == "auto" else backend, query.device)
-    if chosen == "naive":
-        return naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
-
-    if padding_mask is None and seq_len < config.min_seq_len:
-        return dense_attention(query, key, value, scale=scale)
     q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
     q = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
+    short = padding_mask is None and seq_len < config.min_seq_len and chosen != "naive"
+    if dense or short:
+        out = dense_attention(query, key, value, scale=scale, padding_mask=padding_mask)
+        real = torch.arange(seq_len, device=query.device)[None, :] < lengths[:, None]
+        return Prefill(out, q, k, v, lengths, real[:, None, :].expand(batch, kv_heads, seq_len), chosen)
     layout = build_layout(q, k, v, lengths, config, scale)
-    if chosen == "triton":
-        from . import triton_backend
-
-        # the kernel reads bf16/fp16 operands directly and accumulates in fp32
-        out = autograd.attend(triton_backend, q, k, v, layout, config, scale)
+    if chosen == "naive":
+        out = naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
     else:
-        dtype = compute_dtype(query.dtype)
-        out = autograd.attend(torch_backend, q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
-    out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order)
-    return out.to(query.dtype)
+        if chosen == "triton":
+            from . import triton_backend
+
+            # the kernel reads bf16/fp16 operands directly and accumulates in fp32
+            out = autograd.attend(triton_backend, q, k, v, layout, config, scale)
+        else:
+            dtype = compute_dtype(query.dtype)
+            out = autograd.attend(torch_backend, q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
+        out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order).to(query.dtype)
+    return Prefill(out, q, k, v, lengths, layout.focal, chosen)
 
 
 def _check_shapes(query, key, value, padding_mask) -> None:

@@ -1,6 +1,8 @@
 """Stages 1-4 of docs/spec.md, vectorised over batch and heads: importance, focal selection, block
 aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
-over focal keys, aggregates and local keys).
+over focal keys, aggregates and local keys), and by the decode state (dga_hf/decoding), whose refreshes
+and closing blocks call the same stages (`last_queries`, `importance`, `focal_budgets`, `select_focal`,
+`aggregate_blocks`, `aggregate_bias`) on the tokens it holds.
 
 Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L. Keys and values stay in
 their own dtype: float32 copies are made one kv head (scores) or AGGREGATE_CHUNK_TOKENS tokens (aggregates)
@@ -85,14 +87,17 @@ def build_layout(
     aggregates are computed in float32 (float64 for float64 input) on copies of one kv head or one chunk
     of blocks at a time; of the queries only the probes and the block ends are read. The focal keys and
     values and the aggregates are returned in that compute dtype."""
-    batch, heads, group, seq_len, _ = query.shape
+    seq_len = query.shape[3]
     device = query.device
     positions = torch.arange(seq_len, device=device)
     real = positions[None, :] < lengths[:, None]  # [B, L]
 
     with torch.no_grad():  # the selection is a discrete choice: no gradient, nothing saved for one
-        importance = _importance(query, key, lengths, config.probe_queries, scale)
-        focal = _select_focal(importance, lengths, real, config)
+        probe_query, probe_pos = last_queries(query, lengths, min(config.probe_queries, seq_len))
+        score = importance(probe_query, probe_pos, key, positions.view(1, 1, seq_len), scale)
+        sinks = (positions < config.sink_tokens).view(1, 1, seq_len)
+        budget = focal_budgets(lengths.tolist(), config, device).view(-1, 1, 1)
+        focal = select_focal(score, real[:, None, :], sinks, budget)
     focal_pos, focal_key, focal_value = _gather_focal(focal, key, value, lengths, config)
     agg_key, agg_value, agg_bias = _aggregate(query, key, value, focal, real, lengths, config, scale)
     return DGALayout(
@@ -108,46 +113,94 @@ def build_layout(
     )
 
 
-def _importance(query: torch.Tensor, key: torch.Tensor, lengths: torch.Tensor, probes: int, scale: float) -> torch.Tensor:
-    """imp[b, h, j] = sum over the group's heads and the last min(r, L_b) queries of their causal
-    attention weight on j."""
-    batch, heads, group, seq_len, dim = query.shape
-    probes = min(probes, seq_len)
-    probe_pos = lengths[:, None] - probes + torch.arange(probes, device=query.device)  # [B, r]; < 0 = unused
-    index = probe_pos.clamp(min=0).view(batch, 1, 1, probes, 1).expand(batch, heads, group, probes, dim)
-    dtype = compute_dtype(query.dtype)
-    probe_q = query.gather(3, index).to(dtype)
-    keys = torch.arange(seq_len, device=query.device)
-    hidden = (keys.view(1, 1, seq_len) > probe_pos.unsqueeze(-1)) | (probe_pos.unsqueeze(-1) < 0)  # [B, r, L]
-    rows_per_chunk = max(1, min(probes, IMPORTANCE_CHUNK_SCORES // max(batch * seq_len, 1)))
-    importance = torch.zeros(batch, heads, seq_len, dtype=dtype, device=query.device)
-    for head in range(heads):  # one kv head, one query head of its group and a chunk of probes at a time
-        keys_t = key[:, head].to(dtype).transpose(-1, -2)
+def last_queries(query: torch.Tensor, counts: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's probes: the last ``probes`` queries of each row whose ``counts[b]`` real queries come first.
+    query [B, H, G, L, d] (probes <= L) -> the probes in the compute dtype [B, H, G, P, d] and their index
+    in the row [B, P]; -1 where a row has fewer real queries (that probe counts for nothing)."""
+    batch, heads, group, _, dim = query.shape
+    index = counts[:, None] - probes + torch.arange(probes, device=query.device)  # [B, P]
+    gathered = query.gather(3, index.clamp(min=0).view(batch, 1, 1, probes, 1).expand(batch, heads, group, probes, dim))
+    return gathered.to(compute_dtype(query.dtype)), torch.where(index >= 0, index, -1)
+
+
+def importance(
+    probe_query: torch.Tensor,
+    probe_pos: torch.Tensor,
+    key: torch.Tensor,
+    key_pos: torch.Tensor,
+    scale: float,
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage 1 over any candidate keys: imp[b, h, j] = sum over the G query heads of kv head h and the
+    probes of each probe's softmax over the eligible keys at positions <= its own.
+
+    probe_query [B, H, G, P, d] (compute dtype), probe_pos [B, P] (-1: no probe, counts 0), key [B, H, N, d]
+    (any float dtype), key_pos [B or 1, H or 1, N], eligible [B, H or 1, N] bool or None (all). The prefill
+    scores every position of a row; a decode refresh scores the tokens it holds. Memory: one kv head's keys
+    in the compute dtype and IMPORTANCE_CHUNK_SCORES scores at a time, one query head of the group at a
+    time (chunks of one head's probes keep the scores in cache: measured on the CPU at 16K, a chunk of all
+    G heads' probes was 1.5x slower)."""
+    batch, heads, group, probes, _ = probe_query.shape
+    length = key.shape[2]
+    hidden = (key_pos[..., None, :] > probe_pos[:, None, :, None]) | (probe_pos < 0)[:, None, :, None]
+    if eligible is not None:
+        hidden = hidden | ~eligible[:, :, None, :]  # [B, H or 1, P, N]
+    per_chunk = max(1, min(probes, IMPORTANCE_CHUNK_SCORES // max(batch * length, 1)))
+    scores = torch.zeros(batch, heads, length, dtype=probe_query.dtype, device=probe_query.device)
+    for head in range(heads):
+        keys_t = key[:, head].to(probe_query.dtype).transpose(-1, -2)
+        head_hidden = hidden[:, head if hidden.shape[1] > 1 else 0]  # [B, P, N]
         for g in range(group):
-            for lo in range(0, probes, rows_per_chunk):
-                logits = scale * probe_q[:, head, g, lo : lo + rows_per_chunk] @ keys_t  # [B, rows, L]
-                weights = torch.softmax(logits.masked_fill_(hidden[:, lo : lo + rows_per_chunk], -math.inf), dim=-1)
-                importance[:, head] += weights.nan_to_num_(0.0).sum(dim=1)  # unused probe rows (all -inf) count 0
-    return importance
+            for lo in range(0, probes, per_chunk):
+                logits = scale * probe_query[:, head, g, lo : lo + per_chunk] @ keys_t  # [B, rows, N]
+                weights = torch.softmax(logits.masked_fill_(head_hidden[:, lo : lo + per_chunk], -math.inf), dim=-1)
+                scores[:, head] += weights.nan_to_num_(0.0).sum(dim=1)  # unused probes (all -inf) count 0
+    return scores
 
 
-def _budgets(lengths: torch.Tensor, config: DGAConfig) -> torch.Tensor:
-    """Focal tokens per row: k (at least the sinks); the whole row when it is below min_seq_len."""
+def focal_budgets(lengths: list[int], config: DGAConfig, device: torch.device, dense_layer: bool = False) -> torch.Tensor:
+    """Focal tokens per row [B] (`rule.focal_budget`): the whole row where it is dense (a dense layer, or
+    shorter than min_seq_len)."""
     budgets = [
-        rule.focal_budget(length, config.focal_ratio, config.sink_tokens, dense=length < config.min_seq_len)
-        for length in lengths.tolist()
+        rule.focal_budget(length, config.focal_ratio, config.sink_tokens, dense=dense_layer or length < config.min_seq_len)
+        for length in lengths
     ]
-    return torch.tensor(budgets, dtype=torch.long, device=lengths.device)
+    return torch.tensor(budgets, dtype=torch.long, device=device)
 
 
-def _select_focal(importance: torch.Tensor, lengths: torch.Tensor, real: torch.Tensor, config: DGAConfig) -> torch.Tensor:
-    batch, heads, seq_len = importance.shape
-    score = importance.masked_fill(~real[:, None, :], -math.inf)
-    sinks = torch.arange(seq_len, device=score.device) < config.sink_tokens
-    score = score.masked_fill((sinks[None, :] & real)[:, None, :], math.inf)
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # ties: earlier position first
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(seq_len, device=score.device).expand_as(order))
-    return rank < _budgets(lengths, config).view(batch, 1, 1)
+def select_focal(
+    score: torch.Tensor,
+    eligible: torch.Tensor,
+    sink: torch.Tensor,
+    budget: torch.Tensor,
+    pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage 2 over candidate lists [B, H, N]: sinks first, then the highest scores, ties to the earlier
+    position; at most `budget` ([B, H or 1, 1]) of the `eligible` candidates. `sink` marks the sink
+    candidates; `pos` holds the candidates' positions, None when they are in position order. All masks
+    broadcast to [B, H, N].
+
+    Without a sort of N: the budget-th highest score is the threshold; every candidate above it is in, and
+    of those equal to it the earliest fill the rest (a top-k of the budget is several times cheaper than a
+    stable sort of all N on the CPU, and a keep_full refresh ranks every cached token)."""
+    score = score.masked_fill(~eligible, -math.inf).masked_fill(sink & eligible, math.inf)
+    budget = budget.expand(*score.shape[:-1], 1)
+    most = min(score.shape[-1], int(budget.max()))
+    if most == 0:
+        return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    top = torch.topk(score, most, dim=-1).values  # descending
+    threshold = top.gather(-1, (budget - 1).clamp(min=0, max=most - 1))
+    above = score > threshold
+    need = budget - above.sum(-1, keepdim=True)
+    tie = score == threshold
+    if pos is None:
+        tied = tie & (tie.cumsum(-1) <= need)
+    else:  # the earliest `need` tied positions: a bottom-k of the tied candidates' positions
+        tie_pos = pos.masked_fill(~tie, torch.iinfo(pos.dtype).max)
+        fill = min(score.shape[-1], max(1, int(need.max())))
+        last = torch.topk(tie_pos, fill, dim=-1, largest=False).values.gather(-1, (need - 1).clamp(min=0, max=fill - 1))
+        tied = tie & (pos <= last) & (need > 0)
+    return (above | tied) & eligible & (budget > 0)
 
 
 def _gather_focal(
@@ -197,17 +250,35 @@ def _aggregate(
             part = torch.nn.functional.pad(part, (0, 0, 0, missing))
         return part.view(batch, heads, last - first, m, x.shape[-1])
 
-    agg_keys, agg_values = [], []
     chunk = max(1, AGGREGATE_CHUNK_TOKENS // m)
+    parts = []
     for first in range(0, num_blocks, chunk):
         last = min(num_blocks, first + chunk)
-        block_keys, block_values = blocked(key, first, last), blocked(value, first, last)
-        logits = scale * torch.einsum("bhcmd,bhcd->bhcm", block_keys, query_bar(first, last))
-        weights = torch.softmax(logits.masked_fill(~members[:, :, first:last], -math.inf), dim=-1).nan_to_num(0.0)
-        agg_keys.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_keys))
-        agg_values.append(torch.einsum("bhcm,bhcmd->bhcd", weights, block_values))
-    agg_key = agg_keys[0] if len(agg_keys) == 1 else torch.cat(agg_keys, dim=2)
-    agg_value = agg_values[0] if len(agg_values) == 1 else torch.cat(agg_values, dim=2)
-    counts = members.sum(-1).to(dtype)
-    bias = counts.clamp(min=1).log() if config.group_bias == "log_size" else torch.zeros_like(counts)
-    return agg_key, agg_value, bias.masked_fill(counts == 0, -math.inf)
+        keys, values = blocked(key, first, last), blocked(value, first, last)
+        parts.append(aggregate_blocks(query_bar(first, last), keys, values, members[:, :, first:last], scale))
+    agg_key, agg_value, _, count = (part[0] if len(parts) == 1 else torch.cat(part, dim=2) for part in zip(*parts))
+    return agg_key, agg_value, aggregate_bias(count, config.group_bias)
+
+
+def aggregate_blocks(
+    query_bar: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, members: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 4 for a set of blocks: each block's aggregate key and value, the softmax (by its query mean
+    q_bar . k) weighted mean of its members. query_bar [..., c, d] (the compute dtype), keys/values
+    [..., c, m, d] (any float dtype), members [..., c, m] bool. Returns K_hat, V_hat (compute dtype; 0 for
+    a block without members), the log normaliser lse [..., c] (-inf for an empty block; a decode state
+    adds members to an aggregate exactly through it) and the member count [..., c]."""
+    dtype = query_bar.dtype
+    keys, values = keys.to(dtype), values.to(dtype)
+    logits = (scale * torch.einsum("...cmd,...cd->...cm", keys, query_bar)).masked_fill(~members, -math.inf)
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    agg_key = torch.einsum("...cm,...cmd->...cd", weights, keys)
+    agg_value = torch.einsum("...cm,...cmd->...cd", weights, values)
+    return agg_key, agg_value, torch.logsumexp(logits, dim=-1), members.sum(-1).to(dtype)
+
+
+def aggregate_bias(count: torch.Tensor, group_bias: str) -> torch.Tensor:
+    """The logit bias of each aggregate in stage 5: log of its member count with group_bias="log_size",
+    else 0; -inf for a block without members (it is not read)."""
+    bias = count.clamp(min=1).log() if group_bias == "log_size" else torch.zeros_like(count)
+    return bias.masked_fill(count == 0, -math.inf)

@@ -1,7 +1,8 @@
 """Triton kernels of one DGA decoding step: the attention of one new token per row over a decode state.
 
 Contract: one step of the decoding rule (docs/decoding.md), as transcribed in
-`dga_hf.ops.naive.decoding` (the PyTorch path of a one-token step computes the same). For the new token
+`dga_hf.ops.naive.decoding` (the PyTorch path of a one-token step,
+`dga_hf.decoding.steps.attend_packed`, computes the same). For the new token
 of row ``b`` (kv head ``h``, its ``G`` query heads), with ``first`` = the first position of its local
 window, one softmax over
 
