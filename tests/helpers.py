@@ -4,6 +4,8 @@
   and the sparse settings `SPARSE_PAPER_LIKE` / `SPARSE_SINKS_LOGSIZE` they are patched with;
 - operator inputs: `qkv`, `left_padding`, the hypothesis strategy `dga_config_strategy`, and
   `dense_reference` (causal softmax attention in float64, what exact DGA settings must equal; docs/spec.md);
+- decode state: `DECODE_CFG`, `decode_qkv`, `run_cache` (a prompt then steps through one DGACache layer) and
+  `decode_reference` (the decoding transcription it must equal);
 - Triton kernels: the devices they run on (`DEVICES`, `INTERPRET`, `CUDA_COMPILED`) and small settings `CFG_A`..`CFG_D`.
 """
 
@@ -32,7 +34,8 @@ from transformers import (
 )
 
 import dga_hf
-from dga_hf import DGAConfig
+from dga_hf import DGACache, DGAConfig
+from dga_hf.ops.naive import naive_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,3 +215,49 @@ CFG_A = DGAConfig(group_size=4, focal_ratio=0.25, probe_queries=8, local_blocks=
 CFG_B = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=3, sink_tokens=2, group_bias="log_size")
 CFG_C = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=8, local_blocks=1)
 CFG_D = DGAConfig(group_size=8, focal_ratio=0.15, probe_queries=8, local_blocks=2)
+
+
+# ------------------------------------------------------------------------------------------------ decode state
+# (tests/test_decoding.py, tests/test_triton_decode.py): one layer of a DGACache fed a prompt, then steps.
+
+DECODE_KV_HEADS, DECODE_GROUP, DECODE_HEAD_DIM = 2, 2, 8
+DECODE_SCALE = DECODE_HEAD_DIM**-0.5
+DECODE_CFG = DGAConfig(
+    group_size=8, focal_ratio=0.2, probe_queries=8, local_blocks=2, sink_tokens=2, group_bias="log_size",
+    min_seq_len=0, backend="torch",
+)
+
+
+def decode_qkv(batch: int, length: int, seed: int):
+    """float64 query/key/value of one decode layer (the heads above), queries and keys of spread 2."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, DECODE_KV_HEADS * DECODE_GROUP, length, DECODE_HEAD_DIM, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(batch, DECODE_KV_HEADS, length, DECODE_HEAD_DIM, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(batch, DECODE_KV_HEADS, length, DECODE_HEAD_DIM, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None, expand=0):
+    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d].
+    `expand`: keep_full's expand_blocks (0, the base rule, unless a test is about expansion)."""
+    cache = cache if cache is not None else DGACache(mode=mode, refresh_every=every, expand_blocks=expand, dense_share=None)
+    t, outs = 0, []
+    for size in [prompt_len, *steps]:
+        key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
+        step_mask = None if mask is None else mask[:, : t + size]
+        outs.append(key._dga_state.attend(q[:, :, t : t + size], key, value, step_mask, cfg, DECODE_SCALE, dense=dense))
+        t += size
+    return torch.cat(outs, dim=2), cache
+
+
+def decode_reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False, expand=0):
+    """What `run_cache` must output: the decoding transcription (dga_hf.ops.naive.naive_decode) per row and kv head."""
+    fed = prompt_len + sum(steps)
+    q, k, v = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed]
+    out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(DECODE_KV_HEADS):
+            out[b, h * DECODE_GROUP : (h + 1) * DECODE_GROUP] = naive_decode(
+                q[b, h * DECODE_GROUP : (h + 1) * DECODE_GROUP], k[b, h], v[b, h], cfg, DECODE_SCALE, prompt_len, every, mode, steps, dense, expand
+            )
+    return out

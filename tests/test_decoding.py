@@ -22,61 +22,22 @@ from transformers import (
 )
 
 import dga_hf
-from tiny_archs import ARCHS
-
 from dga_hf import DecodingConfig, DGACache, DGAConfig
 from dga_hf.decoding import DGADecodeState, dense_cache, refresh_interval, steps
 from dga_hf.decoding.storage import CompactStorage
 from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
 from dga_hf.rule import focal_budget, focal_count
+from helpers import (
+    ARCHS, DECODE_CFG, DECODE_SCALE, VOCAB, decode_qkv, decode_reference, left_pad, make_model, random_ids, run_cache,
+)
+from helpers import DECODE_GROUP as G, DECODE_HEAD_DIM as D, DECODE_KV_HEADS as H
 
 # ------------------------------------------------------------------------------------------------ state level
 
-H, G, D = 2, 2, 8
-SCALE = D**-0.5
-CFG = DGAConfig(
-    group_size=8, focal_ratio=0.2, probe_queries=8, local_blocks=2, sink_tokens=2, group_bias="log_size",
-    min_seq_len=0, backend="torch",
-)
-
-
-def qkv(batch: int, length: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, H * G, length, D, generator=g, dtype=torch.float64) * 2
-    k = torch.randn(batch, H, length, D, generator=g, dtype=torch.float64) * 2
-    v = torch.randn(batch, H, length, D, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None, expand=0):
-    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d].
-    `expand`: keep_full's expand_blocks (0, the base rule, unless a test is about expansion)."""
-    cache = cache if cache is not None else DGACache(mode=mode, refresh_every=every, expand_blocks=expand, dense_share=None)
-    t, outs = 0, []
-    for size in [prompt_len, *steps]:
-        key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
-        step_mask = None if mask is None else mask[:, : t + size]
-        outs.append(key._dga_state.attend(q[:, :, t : t + size], key, value, step_mask, cfg, SCALE, dense=dense))
-        t += size
-    return torch.cat(outs, dim=2), cache
-
-
-def reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False, expand=0):
-    fed = prompt_len + sum(steps)
-    q, k, v = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed]
-    out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
-    for b in range(q.shape[0]):
-        for h in range(H):
-            out[b, h * G : (h + 1) * G] = naive_decode(
-                q[b, h * G : (h + 1) * G], k[b, h], v[b, h], cfg, SCALE, prompt_len, every, mode, steps, dense, expand
-            )
-    return out
-
-
 VARIANTS = {
-    "sinks-logbias-2local": CFG,
-    "one-local-block": CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none"),
-    "three-local-blocks": CFG.replace(local_blocks=3, group_size=4, focal_ratio=0.15),
+    "sinks-logbias-2local": DECODE_CFG,
+    "one-local-block": DECODE_CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none"),
+    "three-local-blocks": DECODE_CFG.replace(local_blocks=3, group_size=4, focal_ratio=0.15),
 }
 
 
@@ -85,10 +46,10 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_steps_match_the_transcription(mode, expand, every, variant):
     cfg = VARIANTS[variant]
-    q, k, v = qkv(1, 110, seed=1)
+    q, k, v = decode_qkv(1, 110, seed=1)
     steps = [1] * 40
     out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, expand=expand)
-    expected = reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    expected = decode_reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -120,15 +81,15 @@ def test_selection_threshold_matches_a_stable_ranking_with_ties(in_position_orde
 def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token():
     """Guards the test above (expansion really happens), and its limit: expanding every old block reads
     every non-focal old token raw (the focal ones are raw anyway), so a decode step is dense attention."""
-    q, k, v = qkv(1, 110, seed=1)
-    base, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9)
-    expanded, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9, expand=3)
+    q, k, v = decode_qkv(1, 110, seed=1)
+    base, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9)
+    expanded, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9, expand=3)
     assert (expanded[:, :, 70:] - base[:, :, 70:]).abs().max() > 1e-3
     torch.testing.assert_close(expanded[:, :, :70], base[:, :, :70], rtol=0, atol=0)  # the prefill is not touched
     from dga_hf.ops.dense import dense_attention
 
-    everything, _ = run_cache(q, k, v, CFG, 70, [1] * 40, "keep_full", 9, expand=100)
-    torch.testing.assert_close(everything[:, :, 70:], dense_attention(q, k, v, scale=SCALE)[:, :, 70:], rtol=0, atol=1e-12)
+    everything, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9, expand=100)
+    torch.testing.assert_close(everything[:, :, 70:], dense_attention(q, k, v, scale=DECODE_SCALE)[:, :, 70:], rtol=0, atol=1e-12)
 
 
 class ArchiveSteps:
@@ -165,20 +126,20 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
     continuation the estimate falls below the share, so both kinds occur; chunks never take the dense path."""
     from dga_hf.ops.dense import dense_attention
 
-    q, k, v = qkv(2, 260, seed=8)
+    q, k, v = decode_qkv(2, 260, seed=8)
     mask = torch.ones(2, 260, dtype=torch.bool)
     if padded:
         mask[1, :9] = False
     steps = [1] * 30 + [7] + [1] * 120
     counted = ArchiveSteps(monkeypatch)
     cache = DGACache(mode="keep_full", refresh_every=9, expand_blocks=2, dense_share=0.6)
-    out, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9, mask=mask, cache=cache, expand=2)
-    base, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9, mask=mask, expand=2)
+    out, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", 9, mask=mask, cache=cache, expand=2)
+    base, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", 9, mask=mask, expand=2)
     fed = 70 + sum(steps)
-    dense = dense_attention(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], scale=SCALE, padding_mask=mask[:, :fed])
+    dense = dense_attention(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], scale=DECODE_SCALE, padding_mask=mask[:, :fed])
     kinds = counted.dense[1:]  # the prefill is never an archive step
     assert any(kinds) and not all(kinds) and not counted.dense[0] and not kinds[30]  # kinds[30]: the chunk
-    m, n, expand = CFG.group_size, CFG.local_blocks, 2
+    m, n, expand = DECODE_CFG.group_size, DECODE_CFG.local_blocks, 2
     for new, focal_slots, decision in counted.decisions:  # the rule as docs/decoding.md writes it
         old = max(0, (max(new) - 1) // m - n + 1)
         assert decision == (focal_slots + old + min(expand, old) * m + n * m >= 0.6 * min(new))
@@ -193,17 +154,17 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
 def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
     """keep_full, no refresh: every position (prompt and decoded) gets the spec's output for F fixed at
     the prefill's selection; the prompt part is the spec's prefill output."""
-    q, k, v = qkv(1, 120, seed=2)
-    out, cache = run_cache(q, k, v, CFG, 64, [1] * 56, "keep_full", None)
-    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], CFG, scale=SCALE))
+    q, k, v = decode_qkv(1, 120, seed=2)
+    out, cache = run_cache(q, k, v, DECODE_CFG, 64, [1] * 56, "keep_full", None)
+    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], DECODE_CFG, scale=DECODE_SCALE))
     buffers = cache.layers[0].state.buffers
     for h in range(H):
         focal = set(buffers.focal_pos[0, h, : buffers.focal_hi].tolist())
-        assert len(focal) == focal_count(64, CFG.focal_ratio) and max(focal) < 64  # the prefill's F
+        assert len(focal) == focal_count(64, DECODE_CFG.focal_ratio) and max(focal) < 64  # the prefill's F
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
         for i in range(120):
-            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, CFG, SCALE)
+            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, DECODE_CFG, DECODE_SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
 
 
@@ -214,13 +175,13 @@ def test_prefill_runs_the_dispatch_of_dga_attention():
     from dga_hf.ops.dispatch import dga_attention
     from dga_hf.ops.layout import build_layout, compact_padding
 
-    q, k, v = qkv(2, 90, seed=12)
+    q, k, v = decode_qkv(2, 90, seed=12)
     mask = torch.ones(2, 90, dtype=torch.bool)
     mask[1, :17] = False
-    out, cache = run_cache(q, k, v, CFG, 90, [], "keep_full", None, mask=mask)
-    torch.testing.assert_close(out, dga_attention(q, k, v, CFG, scale=SCALE, padding_mask=mask), rtol=0, atol=0)
+    out, cache = run_cache(q, k, v, DECODE_CFG, 90, [], "keep_full", None, mask=mask)
+    torch.testing.assert_close(out, dga_attention(q, k, v, DECODE_CFG, scale=DECODE_SCALE, padding_mask=mask), rtol=0, atol=0)
     qc, kc, vc, lengths, _ = compact_padding(q, k, v, mask)
-    layout = build_layout(qc.view(2, H, G, 90, D), kc, vc, lengths, CFG, SCALE)
+    layout = build_layout(qc.view(2, H, G, 90, D), kc, vc, lengths, DECODE_CFG, DECODE_SCALE)
     buffers = cache.layers[0].state.buffers
     for b in range(2):
         for h in range(H):
@@ -232,13 +193,13 @@ def test_packed_workspace_follows_its_aliasing_rule():
     """dga_hf/decoding/buffers.py: after a one-token PyTorch step the focal, aggregate and ring buffers are
     views of the workspace, so the next token's in-place ring write lands in it; a chunk assigns a new ring
     (the workspace is stale) and the next one-token step packs a new workspace."""
-    q, k, v = qkv(1, 100, seed=13)
-    _, cache = run_cache(q, k, v, CFG, 70, [1], "keep_full", None, expand=2)
+    q, k, v = decode_qkv(1, 100, seed=13)
+    _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1], "keep_full", None, expand=2)
     buffers = cache.layers[0].state.buffers
 
     def feed(t, size):
         key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
-        key._dga_state.attend(q[:, :, t : t + size], key, value, None, CFG, SCALE)
+        key._dga_state.attend(q[:, :, t : t + size], key, value, None, DECODE_CFG, DECODE_SCALE)
 
     def views_of_workspace():
         return [getattr(buffers, name).untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
@@ -249,7 +210,7 @@ def test_packed_workspace_follows_its_aliasing_rule():
     assert all(views_of_workspace())
     feed(71, 1)
     assert buffers.ws_k is workspace and all(views_of_workspace())
-    torch.testing.assert_close(buffers.ring_k[0, :, 71 % (CFG.group_size * CFG.local_blocks)], k[0, :, 71], rtol=0, atol=0)
+    torch.testing.assert_close(buffers.ring_k[0, :, 71 % (DECODE_CFG.group_size * DECODE_CFG.local_blocks)], k[0, :, 71], rtol=0, atol=0)
     feed(72, 5)
     assert not views_of_workspace()[2]  # the chunk's ring is a new tensor
     feed(77, 1)
@@ -258,73 +219,73 @@ def test_packed_workspace_follows_its_aliasing_rule():
 
 def test_refresh_schedule_and_default_interval():
     assert refresh_interval(16) == 18 and refresh_interval(8) == 9 and refresh_interval(1) == 2
-    q, k, v = qkv(1, 130, seed=3)
-    _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto")
+    q, k, v = decode_qkv(1, 130, seed=3)
+    _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1] * 20, "keep_full", "auto")
     assert cache.layers[0].state.settings.refresh_every == 9 and cache.layers[0].state.since_refresh == 20 - 18
     assert refresh_interval(16, 2048) == 256 and refresh_interval(16, 64) == 18  # with block expansion
-    _, cache = run_cache(q, k, v, CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
-    assert cache.layers[0].state.settings.refresh_every == max(9, CFG.group_size * CFG.local_blocks // 8)
+    _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
+    assert cache.layers[0].state.settings.refresh_every == max(9, DECODE_CFG.group_size * DECODE_CFG.local_blocks // 8)
 
 
 @pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
 @pytest.mark.parametrize("every", [None, 9])
 def test_chunked_steps_match_the_transcription(mode, expand, every):
     """Chunks never expand blocks; the one-token steps between them do."""
-    q, k, v = qkv(1, 140, seed=4)
+    q, k, v = decode_qkv(1, 140, seed=4)
     steps = [5, 30, 1, 1, 12, 1, 1]
-    out, _ = run_cache(q, k, v, CFG, 70, steps, mode, every, expand=expand)
+    out, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, mode, every, expand=expand)
     assert out.shape[2] == 70 + sum(steps)
-    expected = reference(q, k, v, CFG, 70, steps, mode, every, expand=expand)
+    expected = decode_reference(q, k, v, DECODE_CFG, 70, steps, mode, every, expand=expand)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 def test_long_chunk_is_tiled_like_a_short_one(monkeypatch):
-    q, k, v = qkv(1, 200, seed=5)
-    whole, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
+    q, k, v = decode_qkv(1, 200, seed=5)
+    whole, _ = run_cache(q, k, v, DECODE_CFG, 40, [150, 1], "compact", 9)
     monkeypatch.setattr(steps, "QUERY_TILE", 16)
-    tiled, _ = run_cache(q, k, v, CFG, 40, [150, 1], "compact", 9)
+    tiled, _ = run_cache(q, k, v, DECODE_CFG, 40, [150, 1], "compact", 9)
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-12)
-    torch.testing.assert_close(whole, reference(q, k, v, CFG, 40, [150, 1], "compact", 9), rtol=0, atol=1e-12)
+    torch.testing.assert_close(whole, decode_reference(q, k, v, DECODE_CFG, 40, [150, 1], "compact", 9), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["keep_full", "compact"])
 def test_short_prompt_decodes_densely_then_switches_at_a_refresh(mode):
-    cfg = CFG.replace(min_seq_len=90)
-    q, k, v = qkv(1, 140, seed=6)
+    cfg = DECODE_CFG.replace(min_seq_len=90)
+    q, k, v = decode_qkv(1, 140, seed=6)
     steps = [1] * 70
     out, cache = run_cache(q, k, v, cfg, 70, steps, mode, 9)
-    torch.testing.assert_close(out, reference(q, k, v, cfg, 70, steps, mode, 9), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, decode_reference(q, k, v, cfg, 70, steps, mode, 9), rtol=0, atol=1e-12)
     state = cache.layers[0].state
     last_refresh = focal_budget(133, cfg.focal_ratio, cfg.sink_tokens)  # last refresh: t = 133
     assert state.rows.dense == [False] and state.buffers.focal_hi == last_refresh
     # before 90 tokens the output is dense attention
     from dga_hf.ops.dense import dense_attention
 
-    dense = dense_attention(q[:, :, :90], k[:, :, :90], v[:, :, :90], scale=SCALE)
+    dense = dense_attention(q[:, :, :90], k[:, :, :90], v[:, :, :90], scale=DECODE_SCALE)
     torch.testing.assert_close(out[:, :, :90], dense, rtol=0, atol=1e-12)
     # with refreshing off the row stays dense for good
     out, _ = run_cache(q, k, v, cfg, 70, steps, mode, None)
-    torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, dense_attention(q, k, v, scale=DECODE_SCALE), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["keep_full", "compact"])
 def test_dense_layer_is_dense_attention(mode):
     from dga_hf.ops.dense import dense_attention
 
-    q, k, v = qkv(1, 100, seed=7)
-    out, cache = run_cache(q, k, v, CFG, 60, [1] * 20 + [20], mode, 9, dense=True)
-    torch.testing.assert_close(out, dense_attention(q, k, v, scale=SCALE), rtol=0, atol=1e-12)
+    q, k, v = decode_qkv(1, 100, seed=7)
+    out, cache = run_cache(q, k, v, DECODE_CFG, 60, [1] * 20 + [20], mode, 9, dense=True)
+    torch.testing.assert_close(out, dense_attention(q, k, v, scale=DECODE_SCALE), rtol=0, atol=1e-12)
     assert isinstance(cache.layers[0].state.storage, CompactStorage)  # nothing to re-select: no archive
 
 
 def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
-    q, k, v = qkv(1, 160, seed=8)
+    q, k, v = decode_qkv(1, 160, seed=8)
     steps = [1] * 60 + [30]
-    full, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", None)
-    compact, _ = run_cache(q, k, v, CFG, 70, steps, "compact", None)
+    full, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", None)
+    compact, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "compact", None)
     torch.testing.assert_close(compact, full, rtol=0, atol=1e-12)
-    full, _ = run_cache(q, k, v, CFG, 70, steps, "keep_full", 9)
-    compact, _ = run_cache(q, k, v, CFG, 70, steps, "compact", 9)
+    full, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", 9)
+    compact, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "compact", 9)
     assert (full - compact).abs().max() > 1e-3  # the refreshes choose among other candidates
 
 
@@ -332,8 +293,8 @@ def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
 def test_left_padded_batch_equals_rows_alone(mode, expand):
     """Rows of different lengths: with expansion, the shorter rows have fewer old blocks than the longest
     (some of the E chosen blocks are unusable for them)."""
-    cfg = CFG.replace(min_seq_len=50)
-    q, k, v = qkv(3, 150, seed=9)
+    cfg = DECODE_CFG.replace(min_seq_len=50)
+    q, k, v = decode_qkv(3, 150, seed=9)
     mask = torch.ones(3, 150, dtype=torch.bool)
     mask[1, :23] = False
     mask[2, :40] = False  # 30 real prompt tokens < min_seq_len: dense until a refresh
@@ -348,23 +309,23 @@ def test_left_padded_batch_equals_rows_alone(mode, expand):
 
 def test_padded_new_tokens_are_skipped():
     """A step whose new token is padding for one row leaves that row's state as it was."""
-    q, k, v = qkv(2, 100, seed=10)
+    q, k, v = decode_qkv(2, 100, seed=10)
     mask = torch.ones(2, 100, dtype=torch.bool)
     mask[1, 80] = False  # row 1 gets padding at the 11th decode step
-    out, _ = run_cache(q, k, v, CFG, 70, [1] * 30, "compact", 9, mask=mask)
+    out, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 30, "compact", 9, mask=mask)
     assert out[1, :, 80].abs().max() == 0
     keep = torch.cat([torch.arange(80), torch.arange(81, 100)])
-    alone, _ = run_cache(q[1:, :, keep], k[1:, :, keep], v[1:, :, keep], CFG, 70, [1] * 29, "compact", 9)
+    alone, _ = run_cache(q[1:, :, keep], k[1:, :, keep], v[1:, :, keep], DECODE_CFG, 70, [1] * 29, "compact", 9)
     torch.testing.assert_close(out[1:, :, keep][:, :, :80], alone[:, :, :80], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["compact", "keep_full"])
 def test_bfloat16_runs_and_stays_close(mode):
     """bf16 caches, one-token steps and a chunk (its SDPA and additive mask in bf16), against float64."""
-    q, k, v = qkv(1, 120, seed=11)
+    q, k, v = decode_qkv(1, 120, seed=11)
     steps = [1] * 20 + [15] + [1] * 15
-    ref, _ = run_cache(q, k, v, CFG, 70, steps, mode, 9)
-    low, _ = run_cache(q.bfloat16(), k.bfloat16(), v.bfloat16(), CFG, 70, steps, mode, 9)
+    ref, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, mode, 9)
+    low, _ = run_cache(q.bfloat16(), k.bfloat16(), v.bfloat16(), DECODE_CFG, 70, steps, mode, 9)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     error = (low.double() - ref).abs()
     assert error.mean() < 0.008 and error.max() < 0.08  # measured: mean 0.0025, max 0.03 (bf16 rounds at 2^-8)
@@ -402,13 +363,7 @@ def test_compact_memory_and_keys_read():
 
 # ------------------------------------------------------------------------------------------------ real models
 
-VOCAB = 128
-COMMON = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    initializer_range=0.2,
-)
-SPARSE = DGAConfig(group_size=8, focal_ratio=0.1, probe_queries=8, local_blocks=2, sink_tokens=1, min_seq_len=0, backend="torch")
+SPARSE_DECODING = DGAConfig(group_size=8, focal_ratio=0.1, probe_queries=8, local_blocks=2, sink_tokens=1, min_seq_len=0, backend="torch")
 
 
 # transformers 5 renamed `past_key_values` to `cache` (forward/generate argument and output field)
@@ -419,24 +374,9 @@ def cache_of(output):
     return getattr(output, CACHE)
 
 
-def make_model(arch: str, seed: int = 0):
-    config_class, model_class, extra = ARCHS[arch]
-    torch.manual_seed(seed)
-    return model_class(config_class(**{**COMMON, **extra})).eval()
-
-
-def random_ids(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = row
-        mask[b, width - len(row) :] = 1
-    return ids, mask
+def make_decoding_model(arch: str, seed: int = 0):
+    """The tiny model of helpers with room for the decoding tests' lengths."""
+    return make_model(arch, seed, max_position_embeddings=1024)
 
 
 class Recorder:
@@ -459,7 +399,7 @@ class Recorder:
 def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, monkeypatch):
     """Prompt, a chunk, then tokens one by one (teacher forcing): each layer's outputs equal the decode
     rule applied to the queries/keys/values that layer saw (RoPE positions from the cache length)."""
-    model = dga_hf.patch(make_model(arch).double(), SPARSE)
+    model = dga_hf.patch(make_decoding_model(arch).double(), SPARSE_DECODING)
     recorder = Recorder(monkeypatch)
     ids = random_ids(1, 100, seed=13)
     expand = 2 if mode == "keep_full" else 0
@@ -477,15 +417,15 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
         group = q.shape[1] // k.shape[1]
         for h in range(k.shape[1]):
             heads = slice(h * group, (h + 1) * group)
-            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE, calls[0][4], 70, 5, mode, steps, expand=expand)
+            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE_DECODING, calls[0][4], 70, 5, mode, steps, expand=expand)
             torch.testing.assert_close(out[0, heads], expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_generate_greedy_left_padded_equals_rows_alone(arch):
-    model = dga_hf.enable_decoding(dga_hf.patch(make_model(arch), SPARSE))
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model(arch), SPARSE_DECODING))
     rows = [random_ids(120, seed=14), random_ids(90, seed=15)]
-    ids, mask = left_pad(rows)
+    ids, mask, _ = left_pad(rows)
     new = 24  # > one refresh interval
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     assert isinstance(cache_of(out), DGACache) and cache_of(out).options.mode == "keep_full"
@@ -497,8 +437,8 @@ def test_generate_greedy_left_padded_equals_rows_alone(arch):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_generate_sampling_compact(arch):
-    model = dga_hf.enable_decoding(dga_hf.patch(make_model(arch), SPARSE), mode="compact")
-    ids, mask = left_pad([random_ids(100, seed=16), random_ids(80, seed=17)])
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model(arch), SPARSE_DECODING), mode="compact")
+    ids, mask, _ = left_pad([random_ids(100, seed=16), random_ids(80, seed=17)])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=0, return_dict_in_generate=True)
     torch.manual_seed(11)
     first = model.generate(**kwargs)
@@ -511,11 +451,11 @@ def test_generate_sampling_compact(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_exact_settings_decode_like_dense(arch):
     """focal_ratio=1: DGA is dense attention, in prefill and in every decoding step."""
-    model = make_model(arch)
-    ids, mask = left_pad([random_ids(60, seed=18), random_ids(45, seed=19)])
+    model = make_decoding_model(arch)
+    ids, mask, _ = left_pad([random_ids(60, seed=18), random_ids(45, seed=19)])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
     dense = model.generate(**kwargs)
-    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE.replace(focal_ratio=1.0)), mode="compact", refresh_every=3)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(focal_ratio=1.0)), mode="compact", refresh_every=3)
     patched = model.generate(**kwargs)
     assert isinstance(cache_of(patched), DGACache)
     assert torch.equal(patched.sequences, dense.sequences)
@@ -524,7 +464,7 @@ def test_exact_settings_decode_like_dense(arch):
 
 
 def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
-    model = dga_hf.patch(make_model("llama"), SPARSE)
+    model = dga_hf.patch(make_decoding_model("llama"), SPARSE_DECODING)
     ids = random_ids(1, 40, seed=20)
     kwargs = dict(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache  # decoding with DGA is opt-in
@@ -538,7 +478,7 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
     dga_hf.enable_decoding(model, mode="compact")
     assert dga_hf.decoding.decoding_options(model) == DecodingConfig(mode="compact")
-    dga_hf.patch(model, SPARSE.replace(local_blocks=1))  # patching again keeps the decoding options
+    dga_hf.patch(model, SPARSE_DECODING.replace(local_blocks=1))  # patching again keeps the decoding options
     assert cache_of(model.generate(**kwargs)).options.mode == "compact"
     assert dga_hf.decoding.cache_for(model).options.mode == "compact"
     dga_hf.unpatch(model)
@@ -551,12 +491,12 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     with pytest.raises(ValueError, match=r"dense_share=0.5 needs mode='keep_full'"):
         dga_hf.enable_decoding(model, mode="compact", dense_share=0.5)
     assert "_prepare_cache_for_generation" not in model.__dict__  # a rejected option installs nothing
-    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
     assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
 
 
 def test_static_cache_and_beam_search():
-    model = dga_hf.enable_decoding(dga_hf.patch(make_model("llama"), SPARSE))
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model("llama"), SPARSE_DECODING))
     ids = random_ids(2, 50, seed=21)
     with pytest.raises(ValueError, match="DynamicCache"):  # left alone by the hook: still refused
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
@@ -565,7 +505,7 @@ def test_static_cache_and_beam_search():
 
 
 def test_unpatched_model_with_a_dga_cache_fails_clearly():
-    model = make_model("llama")
+    model = make_decoding_model("llama")
     cache = DGACache(model)
     ids = random_ids(1, 30, seed=22)
     with torch.no_grad():
@@ -576,14 +516,14 @@ def test_unpatched_model_with_a_dga_cache_fails_clearly():
 
 def test_dense_layers_and_short_prompts_in_a_model():
     """A dense layer decodes densely; a prompt below min_seq_len decodes densely until a refresh."""
-    model = make_model("llama")
+    model = make_decoding_model("llama")
     ids = random_ids(1, 60, seed=23)
     kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
     dense = model.generate(**kwargs)
-    dga_hf.patch(model, SPARSE.replace(dense_layers=[0, 1]))
+    dga_hf.patch(model, SPARSE_DECODING.replace(dense_layers=[0, 1]))
     patched = model.generate(**kwargs)
     assert torch.equal(patched.sequences, dense.sequences)
-    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE.replace(min_seq_len=1000)), refresh_every=None)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(min_seq_len=1000)), refresh_every=None)
     patched = model.generate(**kwargs)
     assert torch.equal(patched.sequences, dense.sequences)
     for a, b in zip(patched.scores, dense.scores):
@@ -594,7 +534,7 @@ def test_attention_step_benchmark_runs_on_cpu():
     """The GPU benchmark's decoding table (`python -m dga_hf.bench.decoding --attention-step`), tiny."""
     from dga_hf.bench.decoding import attention_step, attention_step_markdown
 
-    rows = attention_step([300], SPARSE, device="cpu", steps=3, q_heads=4, kv_heads=2, head_dim=16)
+    rows = attention_step([300], SPARSE_DECODING, device="cpu", steps=3, q_heads=4, kv_heads=2, head_dim=16)
     assert [(r["cache"], r["backend"]) for r in rows] == [
         ("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "torch"), ("compact", "torch")]
     assert all(r["median_ms"] > 0 for r in rows) and max(r["speedup_vs_dense"] for r in rows[:2]) == 1.0
@@ -606,7 +546,7 @@ def test_interleaved_speed_benchmark_decodes_each_cache_greedily():
     greedy continuation: the tokens equal generate()'s with that cache."""
     from dga_hf.bench.decoding import decode
 
-    model = dga_hf.patch(make_model("llama"), SPARSE)
+    model = dga_hf.patch(make_decoding_model("llama"), SPARSE_DECODING)
     prompt = random_ids(90, seed=4).tolist()
     caches = {"dense": dense_cache(model), "compact": DGACache(model, mode="compact")}
     result = decode(model, prompt, 12, caches)
@@ -622,7 +562,7 @@ def test_static_cache_baseline_of_the_speed_benchmark_decodes_like_a_dynamic_cac
     max_batch_size) decodes the same greedy tokens as a DynamicCache."""
     from dga_hf.bench.decoding import decode, static_cache
 
-    model = make_model("llama")
+    model = make_decoding_model("llama")
     prompt = random_ids(40, seed=6).tolist()
     result = decode(model, prompt, 10, {"static": static_cache(model, 60), "dense": dense_cache(model)})
     assert result["static"]["tokens"] == result["dense"]["tokens"]

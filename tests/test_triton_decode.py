@@ -1,12 +1,12 @@
 """The Triton kernels of a DGA decoding step (dga_hf/ops/triton_decode.py).
 
 A DGACache whose config has ``backend="triton"`` runs its one-token steps in these kernels. They are checked
-step by step against the float64 transcription of the decode rule (test_decoding.naive_decode: refreshes,
+step by step against the float64 transcription of the decode rule (dga_hf.ops.naive.naive_decode: refreshes,
 block expansion, compact and keep_full, rows still dense) and, where the transcription's fixed head
 layout does not fit (GQA 1/3/4/8, head dims 64/80/96/128, left padding, bf16), against the PyTorch path of
 the same cache, which test_decoding checks against the transcription.
 
-Devices as in test_triton_backend.py (imported from there): ``cpu`` runs the kernels in Triton's
+Devices as tests/helpers.py sets them up: ``cpu`` runs the kernels in Triton's
 interpreter, ``cuda`` the compiled kernels. The chunks are made small (16 keys, one dot per program) so
 that at these lengths every stream spans one or more chunks and some chunks end part-way.
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-# test_triton_backend sets TRITON_INTERPRET on a CPU-only machine before triton is imported, and skips
-# the module when triton is missing; import it first.
-from test_triton_backend import DEVICES, INTERPRET  # noqa: I001
+from helpers import DECODE_CFG, DEVICES, INTERPRET, decode_qkv, decode_reference, run_cache
 
-from dga_hf import DGAConfig
-from dga_hf.ops import triton_decode
-from test_decoding import CFG, qkv, reference, run_cache
+pytest.importorskip("triton", reason="triton is not installed")
+
+from dga_hf import DGAConfig  # noqa: E402
+from dga_hf.ops import triton_decode  # noqa: E402
 
 
 @pytest.fixture
@@ -48,17 +47,17 @@ def _on(device, *tensors):
 @pytest.mark.parametrize(
     "mode,expand,every,cfg",
     [
-        ("keep_full", 3, 5, CFG),
-        ("keep_full", 0, None, CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none")),
-        ("compact", 0, 5, CFG),
-        ("keep_full", 2, 4, CFG.replace(group_size=4, local_blocks=3, focal_ratio=0.15, min_seq_len=76)),
+        ("keep_full", 3, 5, DECODE_CFG),
+        ("keep_full", 0, None, DECODE_CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none")),
+        ("compact", 0, 5, DECODE_CFG),
+        ("keep_full", 2, 4, DECODE_CFG.replace(group_size=4, local_blocks=3, focal_ratio=0.15, min_seq_len=76)),
     ],
     ids=["keep_full-expand-refresh", "keep_full-one-local-block", "compact-refresh", "m4-n3-dense-rows-switch"],
 )
 def test_steps_match_the_transcription(mode, expand, every, cfg, device, kernel_calls):
-    q, k, v = qkv(1, 86, seed=21)
+    q, k, v = decode_qkv(1, 86, seed=21)
     steps = [1] * 16
-    expected = reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    expected = decode_reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
     q, k, v = _on(device, q.float(), k.float(), v.float())
     out, cache = run_cache(q, k, v, cfg.replace(backend="triton"), 70, steps, mode, every, expand=expand)
     assert cache.layers[0].state.fused and len(kernel_calls) == len(steps)
@@ -121,16 +120,16 @@ def test_bfloat16_with_default_chunks_stays_close_to_float32(device, kernel_call
 def test_float64_and_chunked_steps_take_the_pytorch_path(kernel_calls):
     """The kernels have no float64 path and take one token per row: float64 caches and multi-token steps
     (chunked prefill) run the PyTorch streams, with the same results as a torch-backend cache."""
-    q, k, v = qkv(1, 100, seed=3)
-    cfg = CFG.replace(backend="triton")
+    q, k, v = decode_qkv(1, 100, seed=3)
+    cfg = DECODE_CFG.replace(backend="triton")
     out, cache = run_cache(q, k, v, cfg, 70, [1] * 5, "keep_full", 4, expand=2)
     assert not cache.layers[0].state.fused and not kernel_calls
-    expected, _ = run_cache(q, k, v, CFG, 70, [1] * 5, "keep_full", 4, expand=2)
+    expected, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 5, "keep_full", 4, expand=2)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     q, k, v = (x.float() for x in (q, k, v))
     chunked, cache = run_cache(q, k, v, cfg, 60, [12, 1], "compact", None)
     assert cache.layers[0].state.fused and len(kernel_calls) == 1  # only the one-token step
-    expected, _ = run_cache(q, k, v, CFG, 60, [12, 1], "compact", None)
+    expected, _ = run_cache(q, k, v, DECODE_CFG, 60, [12, 1], "compact", None)
     torch.testing.assert_close(chunked, expected, atol=2e-5, rtol=1e-5)
 
 
