@@ -1,7 +1,7 @@
 """`DGAConfig`: the settings of Dynamic Group Attention, validated on construction.
 
-The meaning of every field is defined in `DGA_SPEC.md` (shipped in the README's "Semantics" section).
-Named presets live as JSON files in `configs/` (installed as `dga_hf.configs`).
+The meaning of every field is defined in docs/spec.md. Named presets live as JSON files in `configs/`
+(installed as `dga_hf.configs`).
 """
 
 from __future__ import annotations
@@ -9,33 +9,47 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
+
+import numpy as np
 
 from . import rule
 
 GROUP_BIASES = ("none", "log_size")
 BACKENDS = ("auto", "torch", "triton", "naive")
 DEFAULT_PRESET = "default"
+# The largest value of an integer setting. Sequences never come near it, the dispatch bounds every
+# length-like setting by the sequence anyway (`DGAConfig.for_length`), and products of two settings
+# (local_blocks * group_size) stay exact in the int64 position arithmetic of the kernels.
+MAX_INT_SETTING = 2**31 - 1
+_INT_FIELD_MINIMA = {"group_size": 1, "probe_queries": 1, "local_blocks": 1, "sink_tokens": 0, "min_seq_len": 0}
 
 
 @dataclass(frozen=True)
 class DGAConfig:
-    """Settings of Dynamic Group Attention.
+    """Settings of Dynamic Group Attention (the meaning of each field: docs/spec.md).
 
     Attributes:
-        group_size: tokens per group (block), ``m`` in the paper. ``>= 1``.
+        group_size: tokens per group (block), ``m`` in the paper. Integer in [1, 2**31 - 1].
         focal_ratio: share of tokens kept individually, ``gamma``. ``0 < focal_ratio <= 1``.
-        probe_queries: the last ``r`` queries used to score token importance. ``>= 1``.
+        probe_queries: the last ``r`` queries used to score token importance. Integer in [1, 2**31 - 1].
         local_blocks: a query sees the raw tokens of its own block and the ``local_blocks - 1`` blocks
-            before it. ``>= 1``.
-        sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). ``>= 0``.
+            before it. Integer in [1, 2**31 - 1].
+        sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). Integer
+            in [0, 2**31 - 1].
         group_bias: ``"none"``, or ``"log_size"`` to add ``log(members)`` to an aggregate's logit.
-        min_seq_len: sequences shorter than this use plain dense causal attention. ``>= 0``.
+        min_seq_len: sequences shorter than this use plain dense causal attention. Integer in
+            [0, 2**31 - 1].
         dense_layers: indices of layers that always use dense attention.
         backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"``, ``"triton"``
             or ``"naive"`` (the float64 reference, for tests only).
+
+    Integers may be numpy integers and ``focal_ratio`` a numpy float (they come from sweeps); they are
+    stored as Python ``int``/``float``. Length-like settings larger than a sequence are allowed: on a
+    sequence they act as their bounded equivalents (`for_length`).
     """
 
     group_size: int = 16
@@ -49,31 +63,28 @@ class DGAConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_int("group_size", self.group_size, minimum=1)
-        _check_int("probe_queries", self.probe_queries, minimum=1)
-        _check_int("local_blocks", self.local_blocks, minimum=1)
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        _check_int("min_seq_len", self.min_seq_len, minimum=0)
+        for name, minimum in _INT_FIELD_MINIMA.items():
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum=minimum))
         ratio = self.focal_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
+        if not _is_real(ratio) or not (0.0 < ratio <= 1.0):
             raise ValueError(f"DGAConfig.focal_ratio={ratio!r} is invalid: allowed range is 0 < focal_ratio <= 1")
-        object.__setattr__(self, "focal_ratio", float(ratio))
-        if self.group_bias not in GROUP_BIASES:
-            raise ValueError(f"DGAConfig.group_bias={self.group_bias!r} is invalid: allowed values are {GROUP_BIASES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DGAConfig.backend={self.backend!r} is invalid: allowed values are {BACKENDS}")
+        object.__setattr__(self, "focal_ratio", _as_float(ratio))
+        for name, allowed in (("group_bias", GROUP_BIASES), ("backend", BACKENDS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"DGAConfig.{name}={value!r} is invalid: allowed values are {allowed}")
+            object.__setattr__(self, name, str(value))
         layers = self.dense_layers
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
             raise ValueError(
                 f"DGAConfig.dense_layers={layers!r} is invalid: allowed values are a list of layer indices >= 0"
             )
         layers = tuple(layers)
-        for index in layers:
-            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                raise ValueError(
-                    f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
-                )
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        if not all(_is_integer(index) and index >= 0 for index in layers):
+            raise ValueError(
+                f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
+            )
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(index) for index in layers})))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -82,6 +93,8 @@ class DGAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DGAConfig":
+        """``DGAConfig(**data)``: fields left out take the defaults (the paper's values); unknown names
+        are refused."""
         return _from_fields(cls, data)
 
     @classmethod
@@ -95,6 +108,25 @@ class DGAConfig:
 
     def replace(self, **changes: Any) -> "DGAConfig":
         return dataclasses.replace(self, **changes)
+
+    def for_length(self, seq_len: int) -> "DGAConfig":
+        """The settings that compute the same function (docs/spec.md) on every sequence of at most `seq_len`
+        tokens, each length-like field at most what such a sequence can use: one block of `seq_len` tokens
+        already holds them all (group_size), every block is local once the window spans all blocks
+        (local_blocks), and sink_tokens, probe_queries and min_seq_len count positions. The dispatch calls
+        it once per call, so no backend sizes a buffer by a setting: memory follows the sequence."""
+        length = max(int(seq_len), 1)
+        group_size = min(self.group_size, length)
+        bounded = {
+            "group_size": group_size,
+            "local_blocks": min(self.local_blocks, rule.block_of(length - 1, group_size) + 1),
+            "sink_tokens": min(self.sink_tokens, length),
+            "probe_queries": min(self.probe_queries, length),
+            "min_seq_len": min(self.min_seq_len, length + 1),
+        }
+        if all(getattr(self, name) == value for name, value in bounded.items()):
+            return self
+        return dataclasses.replace(self, **bounded)
 
     def keys_per_query_share(self, seq_len: int) -> float:
         """Average share of dense attention's keys a query reads at ``seq_len`` (the spec's cost formula,
@@ -115,6 +147,10 @@ class DGAConfig:
 
 def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
     """cls(**data), refusing names that are not its fields (a misspelt setting must not be dropped)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"{cls.__name__}.from_dict expected a mapping of field names to values, got {type(data).__name__} {data!r}"
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -122,9 +158,32 @@ def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**dict(data))
 
 
-def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed range is an integer >= {minimum}")
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer; never a bool (an int subclass, but not a sensible count) or an integral float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A Python or numpy real number; never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float:
+    """A real number as a Python float; a numpy float narrower than float64 by its shortest decimal, the value
+    that was written (np.float32(0.1) -> 0.1, not 0.10000000149011612, which buys one more focal token at 30
+    tokens)."""
+    if isinstance(value, np.floating) and np.finfo(value.dtype).bits < 64:
+        return float(str(value))
+    return float(value)
+
+
+def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> int:
+    """`value` as a Python int, or a ValueError naming the field, the value and the allowed range."""
+    if not _is_integer(value) or not minimum <= value <= MAX_INT_SETTING:
+        raise ValueError(
+            f"{owner}.{name}={value!r} is invalid: allowed range is an integer >= {minimum} and <= {MAX_INT_SETTING}"
+        )
+    return int(value)
 
 
 DECODING_MODES = ("keep_full", "compact")
@@ -167,9 +226,13 @@ class DecodingConfig:
         if self.mode not in DECODING_MODES:
             raise ValueError(f"DecodingConfig.mode={self.mode!r} is invalid: allowed values are {DECODING_MODES}")
         if self.refresh_every not in ("auto", None):
-            _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
+            object.__setattr__(
+                self, "refresh_every", _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
+            )
         if self.expand_blocks != "auto":
-            _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
+            object.__setattr__(
+                self, "expand_blocks", _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
+            )
             if self.expand_blocks and self.mode != "keep_full":
                 raise ValueError(
                     f"DecodingConfig.expand_blocks={self.expand_blocks} needs mode='keep_full': mode={self.mode!r} "
@@ -177,7 +240,7 @@ class DecodingConfig:
                 )
         share = self.dense_share
         if share not in ("auto", None):
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            if not _is_real(share) or not 0 < share <= 1:
                 raise ValueError(
                     f"DecodingConfig.dense_share={share!r} is invalid: allowed values are 'auto', None (never) "
                     "or a number in (0, 1]"
@@ -187,7 +250,7 @@ class DecodingConfig:
                     f"DecodingConfig.dense_share={share} needs mode='keep_full': mode={self.mode!r} keeps no "
                     "archive to read"
                 )
-            object.__setattr__(self, "dense_share", float(share))
+            object.__setattr__(self, "dense_share", _as_float(share))
 
     @property
     def expanded_blocks(self) -> int:
