@@ -84,3 +84,153 @@ def test_from_dict_refuses_what_is_not_a_mapping(data):
     name = type(data).__name__
     with pytest.raises(TypeError, match=rf"DGAConfig\.from_dict expected a mapping of field names to values, got {name}"):
         DGAConfig.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------------ the operator
+
+SPARSE = DGAConfig(group_size=4, focal_ratio=0.25, probe_queries=6, local_blocks=1, sink_tokens=1)
+DENSE_PATH = SPARSE.replace(min_seq_len=1000)  # dga_attention's dense fallback (L < min_seq_len)
+
+
+def _qkv(batch=2, q_heads=4, kv_heads=2, seq_len=20, dim=8, *, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, seq_len, dim, generator=gen, dtype=dtype) for heads in (q_heads, kv_heads, kv_heads))
+
+
+def _left_padding(batch=2, seq_len=20):
+    mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    mask[1, :7] = False
+    return mask
+
+
+@pytest.mark.parametrize("config", [SPARSE, DENSE_PATH], ids=["dga", "dense path"])
+def test_padding_mask_is_bool_or_0_1_and_an_additive_mask_is_refused(config):
+    """Item 1: an additive float mask (0 real / -inf padded) was read as bool and inverted, silently."""
+    from dga_hf import dense_attention, dga_attention, naive_dga_attention
+
+    q, k, v = _qkv()
+    mask = _left_padding()
+    expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
+    for as_numbers in (mask.long(), mask.float(), mask.to(torch.float16)):
+        torch.testing.assert_close(dga_attention(q, k, v, config, padding_mask=as_numbers), expected, atol=1e-12, rtol=1e-12)
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    for bad in (additive, additive.float(), mask.long() * 2, torch.full(mask.shape, math.nan)):
+        with pytest.raises(ValueError, match=r"padding_mask must be bool or 0/1 \(True/1 = real token\); got torch\.(float|int)"):
+            dga_attention(q, k, v, config, padding_mask=bad)
+        with pytest.raises(ValueError, match=r"padding_mask must be bool or 0/1"):
+            dense_attention(q, k, v, padding_mask=bad)
+    with pytest.raises(ValueError, match=r"additive mask .*pass `additive_mask == 0`"):
+        dga_attention(q, k, v, config, padding_mask=additive)
+
+
+@pytest.mark.parametrize("config", [SPARSE, DENSE_PATH], ids=["dga", "dense path"])
+@pytest.mark.parametrize("dtypes", [(torch.int64,) * 3, (torch.int32,) * 3, (torch.bool,) * 3, (torch.complex64,) * 3])
+def test_non_floating_inputs_are_refused(config, dtypes):
+    """Item 4: int64 q/k/v returned an int64 output truncated from float (SDPA raises)."""
+    from dga_hf import dense_attention, dga_attention
+
+    q, k, v = (x.to(dtype) for x, dtype in zip(_qkv(), dtypes))
+    name = str(dtypes[0]).removeprefix("torch.")
+    message = rf"query, key and value must share one floating dtype \(float16, bfloat16, float32, float64\); got query {name}, key {name}, value {name}"
+    with pytest.raises(TypeError, match=message):
+        dga_attention(q, k, v, config)
+    with pytest.raises(TypeError, match=message):
+        dense_attention(q, k, v)
+
+
+@pytest.mark.parametrize("config", [SPARSE, DENSE_PATH], ids=["dga", "dense path"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64, torch.float64), (torch.float64, torch.float64, torch.bfloat16)])
+def test_mixed_dtypes_are_refused_on_both_paths(config, dtypes):
+    """Item 5: mixed dtypes were accepted on the DGA path and refused (by SDPA) on the dense path."""
+    from dga_hf import dense_attention, dga_attention
+
+    q, k, v = (x.to(dtype) for x, dtype in zip(_qkv(), dtypes))
+    message = r"query, key and value must share one floating dtype .*; got query float\d+, key \w+, value \w+"
+    with pytest.raises(TypeError, match=message):
+        dga_attention(q, k, v, config)
+    with pytest.raises(TypeError, match=message):
+        dense_attention(q, k, v)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, -3.0])
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_fallback_agrees_with_dga_for_scale_at_most_zero(scale, padded):
+    """Item 6: the dense fallback returned NaN for scale <= 0 (PyTorch's fused causal SDPA on the CPU)."""
+    from dga_hf import dense_attention, dga_attention, naive_dga_attention
+
+    q, k, v = _qkv()
+    mask = _left_padding() if padded else None
+    expected = naive_dga_attention(q, k, v, DENSE_PATH, scale=scale, padding_mask=mask)
+    torch.testing.assert_close(dga_attention(q, k, v, DENSE_PATH, scale=scale, padding_mask=mask), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dense_attention(q, k, v, scale=scale, padding_mask=mask), expected, atol=1e-12, rtol=1e-12)
+    exact = SPARSE.replace(local_blocks=5)  # exact settings: the DGA path is dense attention too
+    torch.testing.assert_close(dga_attention(q, k, v, exact, scale=scale, padding_mask=mask), expected, atol=1e-12, rtol=1e-12)
+    # one decoding step (the last query over every key) agrees as well
+    step = dense_attention(q[:, :, -1:], k, v, scale=scale, padding_mask=mask)
+    torch.testing.assert_close(step, expected[:, :, -1:], atol=1e-12, rtol=1e-12)
+    for bad in (math.nan, math.inf, "0.5", True):
+        with pytest.raises(ValueError, match=r"scale=.* is invalid: allowed values are None \(1/sqrt\(head_dim\)\) or a finite real number"):
+            dga_attention(q, k, v, SPARSE, scale=bad)
+
+
+def test_every_config_form_patch_takes_is_accepted():
+    """Item 10: dga_attention(q, k, v, None | dict | "paper") raised AttributeError."""
+    from dga_hf import dga_attention, naive_dga_attention
+
+    q, k, v = _qkv(seq_len=40)
+    default = DGAConfig.preset("default").replace(min_seq_len=0, local_blocks=2)
+    cases = [(None, DGAConfig.preset("default")), ("paper", DGAConfig.preset("paper")),
+             (default.to_dict(), default), ({"group_size": 4, "local_blocks": 2}, DGAConfig(group_size=4, local_blocks=2))]
+    for given, meant in cases:
+        torch.testing.assert_close(dga_attention(q, k, v, given), naive_dga_attention(q, k, v, meant), atol=1e-12, rtol=1e-12)
+    for bad in (3, 0.5, ["paper"]):
+        with pytest.raises(TypeError, match=rf"expected a DGAConfig, a dict or a preset name, got {type(bad).__name__}"):
+            dga_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match=r"unknown DGA preset 'fast'"):
+        dga_attention(q, k, v, "fast")
+
+
+def test_batch_mismatch_names_the_query():
+    """Item 11: the message named only key and value (which matched)."""
+    from dga_hf import dense_attention, dga_attention
+
+    q, k, v = _qkv()
+    message = r"query, key and value must have the same batch size \(dim 0\); got query \(2, 4, 20, 8\), key \(1, 2, 20, 8\), value \(1, 2, 20, 8\)"
+    with pytest.raises(ValueError, match=message):
+        dga_attention(q, k[:1], v[:1], SPARSE)
+    with pytest.raises(ValueError, match=message):
+        dense_attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"key and value must have the same heads and length .*value \(2, 1, 20, 8\)"):
+        dga_attention(q, k, v[:, :1], SPARSE)
+
+
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
+    """Item 12: backend="triton" without Triton installed raised ModuleNotFoundError."""
+    import importlib.util
+
+    from dga_hf import dga_attention
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else find_spec(name, *args))
+    q, k, v = _qkv(dtype=torch.float32)
+    message = r"backend='triton' needs the Triton package, which is not installed \(device cpu\): install it with `pip install dga-hf\[triton\]`"
+    with pytest.raises(ValueError, match=message):
+        dga_attention(q, k, v, SPARSE, backend="triton")
+    with pytest.raises(ValueError, match=message):
+        dga_attention(q, k, v, SPARSE.replace(backend="triton"))
+    # "auto" does not need it
+    torch.testing.assert_close(dga_attention(q, k, v, SPARSE), dga_attention(q, k, v, SPARSE, backend="torch"))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 0, 8), (0, 4, 2, 9, 8)], ids=["no positions", "no rows"])
+def test_empty_inputs_give_empty_outputs(shape):
+    """The PyTorch backend raised on an empty sequence or batch (found by the fuzz test); the reference and
+    dense attention return an empty output."""
+    from dga_hf import dense_attention, dga_attention, naive_dga_attention
+
+    q, k, v = _qkv(*shape)
+    expected = naive_dga_attention(q, k, v, SPARSE)
+    for backend in ("torch", "naive"):
+        out = dga_attention(q, k, v, SPARSE, backend=backend)
+        assert out.shape == expected.shape == q.shape and out.dtype == q.dtype
+    assert dense_attention(q, k, v).shape == q.shape

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any, Mapping
 
 import torch
 
-from ..config import BACKENDS, DGAConfig
+from ..config import BACKENDS, DGAConfig, resolve_config
 from . import autograd, torch_backend
 from .dense import dense_attention
+from .inputs import boolean_padding_mask, check_attention_inputs, checked_scale
 from .layout import build_layout, compact_padding, compute_dtype, uncompact
 from .naive import naive_dga_attention
 
@@ -32,6 +34,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         raise ValueError(f"backend={requested!r} is invalid: allowed values are {BACKENDS}")
     if requested == "auto":
         return "triton" if _triton_usable(device) else "torch"
+    if requested == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            f"backend='triton' needs the Triton package, which is not installed (device {device}): install it with "
+            "`pip install dga-hf[triton]` (or `pip install triton`; Linux with an NVIDIA GPU, or the CPU under "
+            "TRITON_INTERPRET=1), or use backend='torch' or 'auto'"
+        )
     return requested
 
 
@@ -39,29 +47,50 @@ def dga_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    config: DGAConfig,
+    config: DGAConfig | Mapping[str, Any] | str | None,
     *,
     scale: float | None = None,
     backend: str = "auto",
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal Dynamic Group Attention over a whole sequence (prefill), as defined in DGA_SPEC.md.
+    """Causal Dynamic Group Attention over a whole sequence (prefill), as defined in docs/spec.md.
 
     Args:
-        query: [B, Hq, L, d]; key, value: [B, Hkv, L, d] with Hq a multiple of Hkv (GQA, no copy).
-        config: the DGA settings.
-        scale: softmax scale, default ``1/sqrt(d)``.
+        query: [B, Hq, L, d]; key: [B, Hkv, L, d]; value: [B, Hkv, L, dv], Hq a multiple of Hkv (GQA, no
+            copy); one dtype (float16, bfloat16, float32 or float64) and one device.
+        config: the DGA settings, in any form `patch` takes: a `DGAConfig`, a dict of its fields, a preset
+            name, or None for the shipped default (`dga_hf.config.resolve_config`).
+        scale: softmax scale, default ``1/sqrt(d)``; any finite number.
         backend: "auto" defers to ``config.backend``; "torch", "triton" or "naive" force one.
-        padding_mask: optional [B, L] bool, True for real tokens. Each row gets the result of its own
-            unpadded sequence; padded query positions return zeros.
+        padding_mask: optional [B, L], bool or 0/1 (True/1 = real token; an additive 0/-inf mask is
+            refused). Each row gets the result of its own unpadded sequence; padded query positions
+            return zeros.
 
-    Returns: [B, Hq, L, d] in the dtype of ``query``.
+    Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
-    _check_shapes(query, key, value, padding_mask)
+    settings = resolve_config(config)
+    check_attention_inputs(query, key, value, prefill=True)
+    batch, q_heads, seq_len, head_dim = query.shape
+    padding_mask = boolean_padding_mask(padding_mask, batch, seq_len)
+    scale = checked_scale(scale, head_dim)
+    chosen = resolve_backend(settings.backend if backend == "auto" else backend, query.device)
+    if query.numel() == 0 or value.numel() == 0:
+        return query.new_zeros(batch, q_heads, seq_len, value.shape[-1])
+    return _prefill(query, key, value, settings, scale, chosen, padding_mask)
+
+
+def _prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: DGAConfig,
+    scale: float,
+    chosen: str,
+    padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`dga_attention` on validated inputs."""
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    chosen = resolve_backend(config.backend if backend == "auto" else backend, query.device)
     if chosen == "naive":
         return naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
 
@@ -80,23 +109,3 @@ def dga_attention(
         out = autograd.attend(torch_backend, q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
     out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order)
     return out.to(query.dtype)
-
-
-def _check_shapes(query, key, value, padding_mask) -> None:
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"dga_attention expects 4-D query/key/value [B, H, L, d], got {tuple(query.shape)}, "
-            f"{tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"batch/head/length of key {tuple(key.shape)} and value {tuple(value.shape)} must match")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(
-            f"dga_attention computes prefill (q_len == kv_len); got q_len={query.shape[2]}, kv_len={key.shape[2]}"
-        )
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
-    if padding_mask is not None and tuple(padding_mask.shape) != (query.shape[0], query.shape[2]):
-        raise ValueError(f"padding_mask must be [B, L] = {(query.shape[0], query.shape[2])}, got {tuple(padding_mask.shape)}")
