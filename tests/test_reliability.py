@@ -234,3 +234,62 @@ def test_empty_inputs_give_empty_outputs(shape):
         out = dga_attention(q, k, v, SPARSE, backend=backend)
         assert out.shape == expected.shape == q.shape and out.dtype == q.dtype
     assert dense_attention(q, k, v).shape == q.shape
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The tensors an operator creates, counted at every aten op: the largest and the sum of their sizes
+    (views and in-place results excluded). Deterministic, unlike the resident set size."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.nbytes)
+                    self.total += tensor.nbytes
+        return out
+
+
+def _allocations(q, k, v, config, *, train: bool) -> _Allocations:
+    from dga_hf import dga_attention
+
+    inputs = [x.detach().requires_grad_(train) for x in (q, k, v)]
+    with _Allocations() as allocations, torch.set_grad_enabled(train):
+        out = dga_attention(*inputs, config, backend="torch", padding_mask=_left_padding(2, q.shape[2]))
+        if train:
+            out.sum().backward()
+    return allocations
+
+
+HUGE = {
+    "group_size 2**20": {"group_size": 2**20},
+    "group_size": {"group_size": LARGEST},
+    "local_blocks": {"local_blocks": LARGEST},
+    "probe_queries": {"probe_queries": LARGEST},
+    "sink_tokens": {"sink_tokens": LARGEST},
+    "min_seq_len": {"min_seq_len": LARGEST},
+    "all": {name: LARGEST for name in INT_FIELDS},
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("settings", HUGE.values(), ids=HUGE.keys())
+def test_memory_follows_the_sequence_not_the_settings(settings, train):
+    """Item 2: group_size=2**20 on 40 tokens allocated +552 MiB, 2**31 tried 512 GiB. Settings beyond the
+    sequence now allocate exactly what their bounded equivalents do, and give the reference's output."""
+    from dga_hf import dga_attention, naive_dga_attention
+
+    q, k, v = _qkv(seq_len=40, dtype=torch.float32)
+    config = SPARSE.replace(**settings)
+    huge = _allocations(q, k, v, config, train=train)
+    bounded = _allocations(q, k, v, config.for_length(40), train=train)
+    assert (huge.largest, huge.total) == (bounded.largest, bounded.total)
+    # and a bound in the sequence alone: no tensor larger than 8 float64 copies of the 40 x 40 scores per head
+    assert huge.largest <= 8 * 2 * 4 * 40 * 40 * 8
+    mask = _left_padding(2, 40)
+    expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
+    torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch", padding_mask=mask).double(), expected, atol=2e-5, rtol=2e-5)

@@ -66,6 +66,9 @@ def dga_attention(
             refused). Each row gets the result of its own unpadded sequence; padded query positions
             return zeros.
 
+    Settings longer than the sequence act as their bounded equivalents (`DGAConfig.for_length`), so
+    memory follows the sequence.
+
     Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
     settings = resolve_config(config)
@@ -76,7 +79,7 @@ def dga_attention(
     chosen = resolve_backend(settings.backend if backend == "auto" else backend, query.device)
     if query.numel() == 0 or value.numel() == 0:
         return query.new_zeros(batch, q_heads, seq_len, value.shape[-1])
-    return _prefill(query, key, value, settings, scale, chosen, padding_mask)
+    return _prefill(query, key, value, settings.for_length(seq_len), scale, chosen, padding_mask)
 
 
 def _prefill(
@@ -88,7 +91,7 @@ def _prefill(
     chosen: str,
     padding_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`dga_attention` on validated inputs."""
+    """`dga_attention` on validated inputs with settings bounded by the sequence."""
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if chosen == "naive":
