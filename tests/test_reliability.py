@@ -293,3 +293,63 @@ def test_memory_follows_the_sequence_not_the_settings(settings, train):
     mask = _left_padding(2, 40)
     expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
     torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch", padding_mask=mask).double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def _paths() -> list:
+    """(backend, train) pairs that run here (the naive reference has one path): Triton's kernels run on CPU
+    tensors only under its interpreter."""
+    import importlib.util
+    import os
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    no_triton = pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None or not interpreted,
+        reason="Triton's kernels run on CPU tensors only under TRITON_INTERPRET=1 (make test sets it)",
+    )
+    return [
+        pytest.param("torch", False, id="torch-inference"),
+        pytest.param("torch", True, id="torch-training"),
+        pytest.param("naive", False, id="naive"),
+        pytest.param("triton", False, id="triton-inference", marks=no_triton),
+        pytest.param("triton", True, id="triton-training", marks=no_triton),
+    ]
+
+
+@pytest.mark.parametrize("backend, train", _paths())
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["key", "value", "query"])
+def test_a_non_finite_input_reaches_only_the_queries_that_read_it(where, bad, backend, train):
+    """Item 3: a NaN key at position 5 made queries 0-4 of its kv head NaN (SDPA keeps them finite). The
+    rule (dga_attention's docstring): the outputs that read a non-finite element are NaN (of a key or value
+    at j: every query at or after j of its kv head; of a query: that query); everything else reads the
+    element as 0, selection included."""
+    from dga_hf import dga_attention
+
+    q, k, v = _qkv(seq_len=24, dtype=torch.float32)
+    mask = _left_padding(2, 24)  # row 1: positions 0-6 are padding
+    tensors = {"query": q, "key": k, "value": v}
+    head, row, position = 1, 1, 12  # query head 1 reads kv head 0 (two query heads per kv head)
+    poisoned = {name: x.clone() for name, x in tensors.items()}
+    zeroed = {name: x.clone() for name, x in tensors.items()}
+    index = (row, head if where == "query" else head // 2, position, 3)
+    poisoned[where][index], zeroed[where][index] = bad, 0.0
+
+    def run(inputs):
+        inputs = [x.detach().requires_grad_(train) for x in (inputs["query"], inputs["key"], inputs["value"])]
+        with torch.set_grad_enabled(train):
+            return dga_attention(*inputs, SPARSE, backend=backend, padding_mask=mask).detach()
+
+    out, expected = run(poisoned), run(zeroed)
+    nan = torch.zeros_like(out, dtype=torch.bool)
+    if where == "query":
+        nan[row, head, position] = True
+    else:
+        nan[row, 0:2, position:] = True  # both query heads of kv head 0
+    assert torch.isnan(out).equal(nan)
+    torch.testing.assert_close(out[~nan], expected[~nan], atol=0, rtol=0)
+    # the queries before the position agree with dense attention's behaviour for a non-finite key: finite
+    assert torch.isfinite(out[row, :, :position]).all()
+    # in a padded position the value is never read: no NaN anywhere
+    padded = {name: x.clone() for name, x in tensors.items()}
+    padded[where][(row,) + index[1:2] + (3, 3)] = bad
+    torch.testing.assert_close(run(padded), run(tensors), atol=0, rtol=0)

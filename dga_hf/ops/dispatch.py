@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any, Mapping
 
 import torch
@@ -67,7 +68,12 @@ def dga_attention(
             return zeros.
 
     Settings longer than the sequence act as their bounded equivalents (`DGAConfig.for_length`), so
-    memory follows the sequence.
+    memory follows the sequence. Non-finite inputs (outside docs/spec.md) are defined as dense attention
+    treats a key: a non-finite element of query i, or of key or value j (a real, not padded, position)
+    makes NaN exactly the outputs that read it: query i's own, and those of every query at or after j of
+    that key/value head (each reads j raw or inside its block's aggregate). Everything else, selection
+    and aggregates included, reads such elements as 0, so earlier queries are finite: causality holds
+    for every input.
 
     Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
@@ -79,7 +85,34 @@ def dga_attention(
     chosen = resolve_backend(settings.backend if backend == "auto" else backend, query.device)
     if query.numel() == 0 or value.numel() == 0:
         return query.new_zeros(batch, q_heads, seq_len, value.shape[-1])
-    return _prefill(query, key, value, settings.for_length(seq_len), scale, chosen, padding_mask)
+    query, key, value, unreadable = _read_non_finite_as_zero(query, key, value, padding_mask)
+    out = _prefill(query, key, value, settings.for_length(seq_len), scale, chosen, padding_mask)
+    return out if unreadable is None else out.masked_fill(unreadable.unsqueeze(-1), math.nan)
+
+
+def _read_non_finite_as_zero(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inputs with their non-finite elements replaced by 0, and the [B, Hq, L] outputs that read one (the
+    rule in `dga_attention`'s docstring), None when every element is finite (the common case: one check)."""
+    if bool(torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()):
+        return query, key, value, None
+    batch, q_heads, seq_len, _ = query.shape
+    kv_heads = key.shape[1]
+    real = torch.ones(batch, seq_len, dtype=torch.bool, device=query.device) if padding_mask is None else padding_mask
+    finite_query, finite_key, finite_value = torch.isfinite(query), torch.isfinite(key), torch.isfinite(value)
+    positions = torch.arange(seq_len, device=query.device)
+    bad_key = ~(finite_key.all(-1) & finite_value.all(-1)) & real[:, None, :]  # [B, Hkv, L]
+    first_bad = torch.where(bad_key, positions, seq_len).amin(-1, keepdim=True)  # [B, Hkv, 1]
+    reads_bad_key = (positions >= first_bad).repeat_interleave(q_heads // kv_heads, dim=1)  # [B, Hq, L]
+    unreadable = (reads_bad_key | ~finite_query.all(-1)) & real[:, None, :]
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return (
+        torch.where(finite_query, query, zero),
+        torch.where(finite_key, key, zero),
+        torch.where(finite_value, value, zero),
+        unreadable,
+    )
 
 
 def _prefill(
@@ -91,7 +124,7 @@ def _prefill(
     chosen: str,
     padding_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`dga_attention` on validated inputs with settings bounded by the sequence."""
+    """`dga_attention` on validated, finite inputs with settings bounded by the sequence."""
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if chosen == "naive":
