@@ -32,6 +32,14 @@ _INT_FIELD_MINIMA = {"group_size": 1, "probe_queries": 1, "local_blocks": 1, "si
 class DGAConfig:
     """Settings of Dynamic Group Attention (the meaning of each field: docs/spec.md).
 
+    The field defaults are the paper's settings: ``DGAConfig() == DGAConfig.preset("paper")``, and fields
+    left out of ``DGAConfig(...)`` or of a settings dict take the paper's values. The shipped default,
+    ``DGAConfig.preset("default")`` (configs/default.json, chosen by measurement), is what a model gets when
+    it is given no settings at all: ``patch(model)``, ``patch(model, None)``, ``from_pretrained(...,
+    attn_implementation="dga")`` without a ``"dga"`` entry or with ``"dga": null``, and
+    ``dga_attention(q, k, v, None)``. An empty settings dict (``{}``, ``"dga": {}``) says neither and is
+    refused (`resolve_config`), so the two cannot be mixed up by accident.
+
     Attributes:
         group_size: tokens per group (block), ``m`` in the paper. Integer in [1, 2**31 - 1].
         focal_ratio: share of tokens kept individually, ``gamma``. ``0 < focal_ratio <= 1``.
@@ -290,14 +298,74 @@ def preset_names() -> list[str]:
 
 
 def resolve_config(value: "DGAConfig | Mapping[str, Any] | str | None") -> DGAConfig:
-    """A `DGAConfig` from a config, a dict (as stored in ``model.config.dga``), a preset name, or None
-    (the shipped default)."""
+    """The settings that `patch`, a model's ``config.dga`` (config.json's ``"dga"`` entry) and `dga_attention`
+    accept: a `DGAConfig`; a dict of its fields (left-out fields take the paper's values, as in
+    ``DGAConfig(**fields)``); a preset name; or None for the shipped default (configs/default.json). An empty
+    dict is refused: it would read as "the default" but give the paper's values (see `DGAConfig`)."""
     if value is None:
         return DGAConfig.preset(DEFAULT_PRESET)
     if isinstance(value, DGAConfig):
         return value
+    if isinstance(value, StoredDGAConfig):
+        return value.config
     if isinstance(value, str):
         return DGAConfig.preset(value)
     if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(
+                "DGA settings {} set no field: pass None (in config.json null, or no \"dga\" entry) for the shipped "
+                f"default ({DEFAULT_PRESET!r}, configs/{DEFAULT_PRESET}.json), a preset name {preset_names()}, or the "
+                "fields to set (fields left out take DGAConfig's defaults, the paper's values)"
+            )
         return DGAConfig.from_dict(value)
-    raise TypeError(f"expected a DGAConfig, a dict or a preset name, got {type(value).__name__}")
+    raise TypeError(
+        f"expected a DGAConfig, a dict or a preset name, got {type(value).__name__} ({value!r}); None means the "
+        "shipped default"
+    )
+
+
+class StoredDGAConfig(dict):
+    """A `DGAConfig` as a model keeps it in ``config.dga``: the dict of its fields (what `save_pretrained`
+    writes to config.json) carrying the validated `DGAConfig` in ``.config``, so that the attention reads the
+    settings without parsing them on every call. `patch` and loading with ``attn_implementation="dga"``
+    store it. A change in place is validated at once (`resolve_config`'s errors) and keeps ``.config`` in
+    step; the dict always lists every field (a removed field comes back with its default)."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: DGAConfig) -> None:
+        super().__init__(config.to_dict())
+        self.config = config
+
+    def _change(name: str) -> Any:  # noqa: N805 - builds the methods below
+        apply = getattr(dict, name)
+
+        def change(self: "StoredDGAConfig", *args: Any, **kwargs: Any) -> Any:
+            changed = dict(self)
+            result = apply(changed, *args, **kwargs)  # on a copy first: an invalid change leaves self as it was
+            self.config = resolve_config(changed)
+            dict.clear(self)
+            dict.update(self, self.config.to_dict())
+            return self if result is changed else result
+
+        change.__name__ = name
+        return change
+
+    __setitem__ = _change("__setitem__")
+    __delitem__ = _change("__delitem__")
+    __ior__ = _change("__ior__")
+    update = _change("update")
+    pop = _change("pop")
+    popitem = _change("popitem")
+    setdefault = _change("setdefault")
+    clear = _change("clear")
+    del _change
+
+    def __reduce__(self) -> tuple[type, tuple[DGAConfig]]:
+        return StoredDGAConfig, (self.config,)
+
+    def __copy__(self) -> "StoredDGAConfig":
+        return StoredDGAConfig(self.config)
+
+    def __deepcopy__(self, memo: dict) -> "StoredDGAConfig":
+        return StoredDGAConfig(self.config)  # a DGAConfig is immutable: the copies share it
