@@ -549,3 +549,187 @@ def test_plain_load_of_a_saved_dga_model_warns(tmp_path):
         warnings.simplefilter("error")  # a model without DGA settings, or loaded with DGA, does not warn
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="dga")
         _tiny_llama()
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+# Hypothesis draws hostile settings and operator inputs; each case must give a clear error or the reference.
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dga_hf.config import BACKENDS, GROUP_BIASES  # noqa: E402
+
+_INT_VALUES = st.one_of(
+    st.integers(-3, 40),
+    st.integers(-3, 40).map(np.int64),
+    st.sampled_from([LARGEST, LARGEST + 1, 2**63, 10**30, -(2**63)]),
+    st.sampled_from([2.0, 16.5, np.float64(4.0), "4", None, True, np.bool_(False), [4], math.nan]),
+)
+_FIELD_VALUES = {
+    **dict.fromkeys(INT_FIELDS, _INT_VALUES),
+    "focal_ratio": st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.floats(0, 1).map(np.float32),
+        st.sampled_from([0, 1, True, "0.1", None, [0.1]]),
+    ),
+    "group_bias": st.sampled_from([*GROUP_BIASES, "LOG_SIZE", "", None, 1]),
+    "backend": st.sampled_from([*BACKENDS, "cuda", None]),
+    "dense_layers": st.one_of(
+        st.lists(st.one_of(st.integers(-2, 40), st.integers(0, 9).map(np.int32), st.sampled_from([1.0, "2", True, None]))),
+        st.sampled_from([3, "0,1", None, (0, 2)]),
+    ),
+}
+
+
+def _valid(name, value) -> bool:
+    """docs/spec.md's parameter table and README's Settings, transcribed independently of DGAConfig."""
+    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    if name in INT_FIELDS:
+        return is_int(value) and INT_FIELDS[name] <= value <= LARGEST
+    if name == "focal_ratio":
+        return isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and 0 < value <= 1
+    if name == "group_bias":
+        return value in GROUP_BIASES if isinstance(value, str) else False
+    if name == "backend":
+        return value in BACKENDS if isinstance(value, str) else False
+    return isinstance(value, (list, tuple)) and all(is_int(index) and index >= 0 for index in value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(sorted(_FIELD_VALUES)), st.none()).flatmap(
+    lambda keys: st.fixed_dictionaries({name: _FIELD_VALUES[name] for name in keys})
+))
+def test_fuzz_settings_are_refused_clearly_or_stored_exactly(fields):
+    invalid = [name for name, value in fields.items() if not _valid(name, value)]
+    if invalid:
+        with pytest.raises(ValueError) as error:
+            DGAConfig(**fields)
+        assert any(f"DGAConfig.{name}=" in str(error.value) for name in invalid), str(error.value)
+        assert "is invalid: allowed" in str(error.value)
+        return
+    config = DGAConfig(**fields)
+    for name, value in fields.items():
+        stored = getattr(config, name)
+        if name == "dense_layers":
+            assert stored == tuple(sorted({int(index) for index in value}))
+        elif name == "focal_ratio":
+            assert type(stored) is float and stored == pytest.approx(float(value), rel=1e-6)
+        else:
+            assert stored == value and type(stored) in (int, str)
+    assert DGAConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+_SIZES = st.one_of(st.integers(1, 12), st.sampled_from([40, 2**20, LARGEST]))
+_OPERATOR_SETTINGS = st.builds(
+    DGAConfig,
+    group_size=_SIZES,
+    focal_ratio=st.one_of(st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]), st.floats(0.01, 1.0)),
+    probe_queries=st.one_of(st.integers(1, 40), st.just(LARGEST)),
+    local_blocks=_SIZES,
+    sink_tokens=st.one_of(st.integers(0, 6), st.just(LARGEST)),
+    group_bias=st.sampled_from(GROUP_BIASES),
+    min_seq_len=st.one_of(st.just(0), st.integers(0, 40), st.just(LARGEST)),
+)
+_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@st.composite
+def _operator_case(draw):
+    """A whole call: shapes, dtypes, mask, non-finite values, scale, settings and backend; one case in four
+    has one fault (an invalid or mixed dtype, an additive or other non-0/1 mask, a non-finite scale)."""
+    fault = draw(st.sampled_from([None] * 12 + ["dtype", "mixed", "additive mask", "other mask", "scale"]))
+    batch, kv_heads, group = draw(st.integers(0, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    seq_len, dim, value_dim = draw(st.integers(0, 33)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from([torch.float64, torch.float64, torch.float32, torch.float32, torch.float16, torch.bfloat16]))
+    if fault == "dtype":
+        dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.bool, torch.complex64]))
+    value_dtype = draw(st.sampled_from([d for d in _TOLERANCE if d != dtype])) if fault == "mixed" else dtype
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    spread = draw(st.sampled_from([1.0, 1.0, 4.0]))
+    tensors = [spread * torch.randn(batch, heads, seq_len, d, generator=gen, dtype=torch.float64)
+               for heads, d in ((kv_heads * group, dim), (kv_heads, dim), (kv_heads, value_dim))]
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2])) if batch and seq_len else 0):  # non-finite values
+        which = draw(st.integers(0, 2))
+        index = tuple(draw(st.integers(0, size - 1)) for size in tensors[which].shape)
+        tensors[which][index] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    query, key = (x.to(dtype) for x in tensors[:2])
+    value = tensors[2].to(value_dtype)
+    real = torch.rand(batch, seq_len, generator=gen) < draw(st.sampled_from([0.5, 0.9, 1.0]))
+    mask_kind = draw(st.sampled_from(["none", "bool", "bool", "int", "float"]))
+    if fault in ("additive mask", "other mask"):
+        mask_kind = fault
+    mask = {
+        "none": None, "bool": real, "int": real.long(), "float": real.float(),
+        "additive mask": torch.zeros(batch, seq_len).masked_fill(~real, -math.inf),
+        "other mask": real.float() * 2 - 0.5,
+    }[mask_kind]
+    scale = math.nan if fault == "scale" else draw(st.sampled_from([None, None, 0.3, 1.0, 0.0, -0.7]))
+    return dict(
+        query=query, key=key, value=value, mask=mask, mask_kind=mask_kind, scale=scale,
+        config=draw(_OPERATOR_SETTINGS), as_dict=draw(st.booleans()), backend=draw(st.sampled_from(["torch", "naive"])),
+        train=draw(st.booleans()),
+    )
+
+
+def _expected_error(case):
+    """The refusal the case must meet (README "Where DGA runs"), or None."""
+    dtypes = {case["query"].dtype, case["key"].dtype, case["value"].dtype}
+    if len(dtypes) > 1 or not dtypes <= set(_TOLERANCE):
+        return TypeError, r"query, key and value must share one floating dtype"
+    mask = case["mask"]
+    if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):  # an additive mask with nothing padded is all 0: valid
+        return ValueError, r"padding_mask must be bool or 0/1"
+    if case["scale"] is not None and not math.isfinite(case["scale"]):
+        return ValueError, r"scale=nan is invalid"
+    return None
+
+
+def _reference(case):
+    """naive_dga_attention in float64 under dga_attention's documented rule for non-finite inputs."""
+    from dga_hf import naive_dga_attention
+
+    q, k, v = (x.double() for x in (case["query"], case["key"], case["value"]))
+    mask = case["mask"]
+    real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool) if mask is None else mask != 0
+    finite = [torch.isfinite(x) for x in (q, k, v)]
+    out = naive_dga_attention(*(torch.where(f, x, 0.0) for f, x in zip(finite, (q, k, v))), case["config"],
+                              scale=case["scale"], padding_mask=None if mask is None else real)
+    group = q.shape[1] // k.shape[1]
+    for b, head, position in (~finite[0].all(-1)).nonzero().tolist():
+        if real[b, position]:
+            out[b, head, position] = math.nan
+    bad_kv = ~(finite[1].all(-1) & finite[2].all(-1))
+    for b, kv_head, position in bad_kv.nonzero().tolist():
+        if real[b, position]:
+            later = real[b].clone()
+            later[:position] = False
+            out[b, kv_head * group : (kv_head + 1) * group, later] = math.nan
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=_operator_case())
+def test_fuzz_operator_gives_a_clear_error_or_the_reference(case):
+    """Shapes (empty included), dtypes (invalid and mixed included), masks (additive and other values
+    included), non-finite values, scales (<= 0 and NaN included), settings up to 2**31-1, config as a
+    DGAConfig or a dict, PyTorch (inference and training paths) and naive backends."""
+    from dga_hf import dga_attention
+
+    config = case["config"].to_dict() if case["as_dict"] else case["config"]
+    inputs = [case["query"], case["key"], case["value"]]
+    if case["train"] and case["query"].is_floating_point():
+        inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+
+    def call():
+        return dga_attention(*inputs, config, scale=case["scale"], backend=case["backend"], padding_mask=case["mask"])
+
+    expected_error = _expected_error(case)
+    event("refused" if expected_error else f"computed {case['backend']} {str(case['query'].dtype)[6:]}")
+    if expected_error is not None:
+        with pytest.raises(expected_error[0], match=expected_error[1]):
+            call()
+        return
+    out = call()
+    assert out.dtype == case["query"].dtype and out.shape == (*case["query"].shape[:3], case["value"].shape[-1])
+    expected = _reference(case)
+    tolerance = _TOLERANCE[case["query"].dtype]
+    torch.testing.assert_close(out.detach().double(), expected, atol=tolerance, rtol=tolerance, equal_nan=True)
