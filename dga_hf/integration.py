@@ -180,14 +180,14 @@ def _query_span(kwargs: dict[str, Any]) -> tuple[int | torch.Tensor | None, int 
     return None, None, 0
 
 
-def _require(condition: bool | torch.Tensor, message: str, details: Callable[[], str] = str) -> None:
+def _require(condition: bool | torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
     """Raise ValueError(message + details()) unless `condition`. A tensor condition under torch.compile is
     asserted inside the compiled graph instead (a RuntimeError with `message`), so the check stays without
     a data-dependent branch."""
     if isinstance(condition, torch.Tensor) and torch.compiler.is_compiling():
         torch._assert_async(condition, message)
     elif not bool(condition):
-        raise ValueError(message + details())
+        raise ValueError(message + (details() if details else ""))
 
 
 def _check_causal(
@@ -248,8 +248,17 @@ def _check_models_when_built() -> None:
     `_autoset_attn_implementation` on 4.53), where a class whose attention does not go through
     AttentionInterface is refused before it fails building its layers for "dga"; and `post_init` at its end,
     where the built model is checked (`_check_built_model`)."""
-    _check_after("_check_and_adjust_attn_implementation", lambda model, chosen: chosen == ATTN_NAME and _check_class(type(model)))
-    _check_after("_autoset_attn_implementation", lambda cls, config: config._attn_implementation == ATTN_NAME and _check_class(cls))
+
+    def requested(model: PreTrainedModel, implementation: str) -> None:
+        if implementation == ATTN_NAME:
+            _check_class(type(model))
+
+    def requested_on_4_53(model_class: type, config: PretrainedConfig) -> None:
+        if config._attn_implementation == ATTN_NAME:
+            _check_class(model_class)
+
+    _check_after("_check_and_adjust_attn_implementation", requested)
+    _check_after("_autoset_attn_implementation", requested_on_4_53)
     _check_after("post_init", lambda model, _: _check_built_model(model))
 
 
@@ -300,7 +309,7 @@ def _check_built_model(model: PreTrainedModel) -> None:
                 f"{type(model).__name__} was built with attn_implementation=\"dga\" and invalid DGA settings in its "
                 f"config (config.dga, config.json's \"dga\" entry): {error}"
             ) from None
-    shipped_default()
+    shipped_default()  # read the preset file now, not in a (possibly compiled) forward
 
 
 def _configs(model: PreTrainedModel) -> list[PretrainedConfig]:
