@@ -1,7 +1,7 @@
 """`DGAConfig`: the settings of Dynamic Group Attention, validated on construction.
 
-The meaning of every field is defined in `DGA_SPEC.md` (shipped in the README's "Semantics" section).
-Named presets live as JSON files in `configs/` (installed as `dga_hf.configs`).
+The meaning of every field is defined in docs/spec.md. Named presets live as JSON files in `configs/`
+(installed as `dga_hf.configs`).
 """
 
 from __future__ import annotations
@@ -9,33 +9,55 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
+
+import numpy as np
 
 from . import rule
 
 GROUP_BIASES = ("none", "log_size")
 BACKENDS = ("auto", "torch", "triton", "naive")
 DEFAULT_PRESET = "default"
+# The largest value of an integer setting. Sequences never come near it, the dispatch bounds every
+# length-like setting by the sequence anyway (`DGAConfig.for_length`), and products of two settings
+# (local_blocks * group_size) stay exact in the int64 position arithmetic of the kernels.
+MAX_INT_SETTING = 2**31 - 1
+_INT_FIELD_MINIMA = {"group_size": 1, "probe_queries": 1, "local_blocks": 1, "sink_tokens": 0, "min_seq_len": 0}
 
 
 @dataclass(frozen=True)
 class DGAConfig:
-    """Settings of Dynamic Group Attention.
+    """Settings of Dynamic Group Attention (the meaning of each field: docs/spec.md).
+
+    The field defaults are the paper's settings: ``DGAConfig() == DGAConfig.preset("paper")``, and fields
+    left out of ``DGAConfig(...)`` or of a settings dict take the paper's values. The shipped default,
+    ``DGAConfig.preset("default")`` (configs/default.json, chosen by measurement), is what a model gets when
+    it is given no settings at all: ``patch(model)``, ``patch(model, None)``, ``from_pretrained(...,
+    attn_implementation="dga")`` without a ``"dga"`` entry or with ``"dga": null``, and
+    ``dga_attention(q, k, v, None)``. An empty settings dict (``{}``, ``"dga": {}``) says neither and is
+    refused (`resolve_config`), so the two cannot be mixed up by accident.
 
     Attributes:
-        group_size: tokens per group (block), ``m`` in the paper. ``>= 1``.
+        group_size: tokens per group (block), ``m`` in the paper. Integer in [1, 2**31 - 1].
         focal_ratio: share of tokens kept individually, ``gamma``. ``0 < focal_ratio <= 1``.
-        probe_queries: the last ``r`` queries used to score token importance. ``>= 1``.
+        probe_queries: the last ``r`` queries used to score token importance. Integer in [1, 2**31 - 1].
         local_blocks: a query sees the raw tokens of its own block and the ``local_blocks - 1`` blocks
-            before it. ``>= 1``.
-        sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). ``>= 0``.
+            before it. Integer in [1, 2**31 - 1].
+        sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). Integer
+            in [0, 2**31 - 1].
         group_bias: ``"none"``, or ``"log_size"`` to add ``log(members)`` to an aggregate's logit.
-        min_seq_len: sequences shorter than this use plain dense causal attention. ``>= 0``.
+        min_seq_len: sequences shorter than this use plain dense causal attention. Integer in
+            [0, 2**31 - 1].
         dense_layers: indices of layers that always use dense attention.
         backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"``, ``"triton"``
             or ``"naive"`` (the float64 reference, for tests only).
+
+    Integers may be numpy integers and ``focal_ratio`` a numpy float (they come from sweeps); they are
+    stored as Python ``int``/``float``. Length-like settings larger than a sequence are allowed: on a
+    sequence they act as their bounded equivalents (`for_length`).
     """
 
     group_size: int = 16
@@ -49,31 +71,28 @@ class DGAConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_int("group_size", self.group_size, minimum=1)
-        _check_int("probe_queries", self.probe_queries, minimum=1)
-        _check_int("local_blocks", self.local_blocks, minimum=1)
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        _check_int("min_seq_len", self.min_seq_len, minimum=0)
+        for name, minimum in _INT_FIELD_MINIMA.items():
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum=minimum))
         ratio = self.focal_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
+        if not _is_real(ratio) or not (0.0 < ratio <= 1.0):
             raise ValueError(f"DGAConfig.focal_ratio={ratio!r} is invalid: allowed range is 0 < focal_ratio <= 1")
-        object.__setattr__(self, "focal_ratio", float(ratio))
-        if self.group_bias not in GROUP_BIASES:
-            raise ValueError(f"DGAConfig.group_bias={self.group_bias!r} is invalid: allowed values are {GROUP_BIASES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DGAConfig.backend={self.backend!r} is invalid: allowed values are {BACKENDS}")
+        object.__setattr__(self, "focal_ratio", _as_float(ratio))
+        for name, allowed in (("group_bias", GROUP_BIASES), ("backend", BACKENDS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"DGAConfig.{name}={value!r} is invalid: allowed values are {allowed}")
+            object.__setattr__(self, name, str(value))
         layers = self.dense_layers
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
             raise ValueError(
                 f"DGAConfig.dense_layers={layers!r} is invalid: allowed values are a list of layer indices >= 0"
             )
         layers = tuple(layers)
-        for index in layers:
-            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                raise ValueError(
-                    f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
-                )
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        if not all(_is_integer(index) and index >= 0 for index in layers):
+            raise ValueError(
+                f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
+            )
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(index) for index in layers})))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -82,6 +101,8 @@ class DGAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DGAConfig":
+        """``DGAConfig(**data)``: fields left out take the defaults (the paper's values); unknown names
+        are refused."""
         return _from_fields(cls, data)
 
     @classmethod
@@ -95,6 +116,25 @@ class DGAConfig:
 
     def replace(self, **changes: Any) -> "DGAConfig":
         return dataclasses.replace(self, **changes)
+
+    def for_length(self, seq_len: int) -> "DGAConfig":
+        """The settings that compute the same function (docs/spec.md) on every sequence of at most `seq_len`
+        tokens, each length-like field at most what such a sequence can use: one block of `seq_len` tokens
+        already holds them all (group_size), every block is local once the window spans all blocks
+        (local_blocks), and sink_tokens, probe_queries and min_seq_len count positions. The dispatch calls
+        it once per call, so no backend sizes a buffer by a setting: memory follows the sequence."""
+        length = max(int(seq_len), 1)
+        group_size = min(self.group_size, length)
+        bounded = {
+            "group_size": group_size,
+            "local_blocks": min(self.local_blocks, rule.block_of(length - 1, group_size) + 1),
+            "sink_tokens": min(self.sink_tokens, length),
+            "probe_queries": min(self.probe_queries, length),
+            "min_seq_len": min(self.min_seq_len, length + 1),
+        }
+        if all(getattr(self, name) == value for name, value in bounded.items()):
+            return self
+        return dataclasses.replace(self, **bounded)
 
     def keys_per_query_share(self, seq_len: int) -> float:
         """Average share of dense attention's keys a query reads at ``seq_len`` (the spec's cost formula,
@@ -115,6 +155,10 @@ class DGAConfig:
 
 def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
     """cls(**data), refusing names that are not its fields (a misspelt setting must not be dropped)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"{cls.__name__}.from_dict expected a mapping of field names to values, got {type(data).__name__} {data!r}"
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -122,9 +166,32 @@ def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**dict(data))
 
 
-def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed range is an integer >= {minimum}")
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer; never a bool (an int subclass, but not a sensible count) or an integral float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A Python or numpy real number; never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float:
+    """A real number as a Python float; a numpy float narrower than float64 by its shortest decimal, the value
+    that was written (np.float32(0.1) -> 0.1, not 0.10000000149011612, which buys one more focal token at 30
+    tokens)."""
+    if isinstance(value, np.floating) and np.finfo(value.dtype).bits < 64:
+        return float(str(value))
+    return float(value)
+
+
+def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig") -> int:
+    """`value` as a Python int, or a ValueError naming the field, the value and the allowed range."""
+    if not _is_integer(value) or not minimum <= value <= MAX_INT_SETTING:
+        raise ValueError(
+            f"{owner}.{name}={value!r} is invalid: allowed range is an integer >= {minimum} and <= {MAX_INT_SETTING}"
+        )
+    return int(value)
 
 
 DECODING_MODES = ("keep_full", "compact")
@@ -167,9 +234,13 @@ class DecodingConfig:
         if self.mode not in DECODING_MODES:
             raise ValueError(f"DecodingConfig.mode={self.mode!r} is invalid: allowed values are {DECODING_MODES}")
         if self.refresh_every not in ("auto", None):
-            _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
+            object.__setattr__(
+                self, "refresh_every", _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
+            )
         if self.expand_blocks != "auto":
-            _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
+            object.__setattr__(
+                self, "expand_blocks", _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
+            )
             if self.expand_blocks and self.mode != "keep_full":
                 raise ValueError(
                     f"DecodingConfig.expand_blocks={self.expand_blocks} needs mode='keep_full': mode={self.mode!r} "
@@ -177,7 +248,7 @@ class DecodingConfig:
                 )
         share = self.dense_share
         if share not in ("auto", None):
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            if not _is_real(share) or not 0 < share <= 1:
                 raise ValueError(
                     f"DecodingConfig.dense_share={share!r} is invalid: allowed values are 'auto', None (never) "
                     "or a number in (0, 1]"
@@ -187,7 +258,7 @@ class DecodingConfig:
                     f"DecodingConfig.dense_share={share} needs mode='keep_full': mode={self.mode!r} keeps no "
                     "archive to read"
                 )
-            object.__setattr__(self, "dense_share", float(share))
+            object.__setattr__(self, "dense_share", _as_float(share))
 
     @property
     def expanded_blocks(self) -> int:
@@ -230,14 +301,74 @@ def preset_names() -> list[str]:
 
 
 def resolve_config(value: "DGAConfig | Mapping[str, Any] | str | None") -> DGAConfig:
-    """A `DGAConfig` from a config, a dict (as stored in ``model.config.dga``), a preset name, or None
-    (the shipped default)."""
+    """The settings that `patch`, a model's ``config.dga`` (config.json's ``"dga"`` entry) and `dga_attention`
+    accept: a `DGAConfig`; a dict of its fields (left-out fields take the paper's values, as in
+    ``DGAConfig(**fields)``); a preset name; or None for the shipped default (configs/default.json). An empty
+    dict is refused: it would read as "the default" but give the paper's values (see `DGAConfig`)."""
     if value is None:
         return DGAConfig.preset(DEFAULT_PRESET)
     if isinstance(value, DGAConfig):
         return value
+    if isinstance(value, StoredDGAConfig):
+        return value.config
     if isinstance(value, str):
         return DGAConfig.preset(value)
     if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(
+                "DGA settings {} set no field: pass None (in config.json null, or no \"dga\" entry) for the shipped "
+                f"default ({DEFAULT_PRESET!r}, configs/{DEFAULT_PRESET}.json), a preset name {preset_names()}, or the "
+                "fields to set (fields left out take DGAConfig's defaults, the paper's values)"
+            )
         return DGAConfig.from_dict(value)
-    raise TypeError(f"expected a DGAConfig, a dict or a preset name, got {type(value).__name__}")
+    raise TypeError(
+        f"expected a DGAConfig, a dict or a preset name, got {type(value).__name__} ({value!r}); None means the "
+        "shipped default"
+    )
+
+
+class StoredDGAConfig(dict):
+    """A `DGAConfig` as a model keeps it in ``config.dga``: the dict of its fields (what `save_pretrained`
+    writes to config.json) carrying the validated `DGAConfig` in ``.config``, so that the attention reads the
+    settings without parsing them on every call. `patch` and loading with ``attn_implementation="dga"``
+    store it. A change in place is validated at once (`resolve_config`'s errors) and keeps ``.config`` in
+    step; the dict always lists every field (a removed field comes back with its default)."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: DGAConfig) -> None:
+        super().__init__(config.to_dict())
+        self.config = config
+
+    def _change(name: str) -> Any:  # noqa: N805 - builds the methods below
+        apply = getattr(dict, name)
+
+        def change(self: "StoredDGAConfig", *args: Any, **kwargs: Any) -> Any:
+            changed = dict(self)
+            result = apply(changed, *args, **kwargs)  # on a copy first: an invalid change leaves self as it was
+            self.config = resolve_config(changed)
+            dict.clear(self)
+            dict.update(self, self.config.to_dict())
+            return self if result is changed else result
+
+        change.__name__ = name
+        return change
+
+    __setitem__ = _change("__setitem__")
+    __delitem__ = _change("__delitem__")
+    __ior__ = _change("__ior__")
+    update = _change("update")
+    pop = _change("pop")
+    popitem = _change("popitem")
+    setdefault = _change("setdefault")
+    clear = _change("clear")
+    del _change
+
+    def __reduce__(self) -> tuple[type, tuple[DGAConfig]]:
+        return StoredDGAConfig, (self.config,)
+
+    def __copy__(self) -> "StoredDGAConfig":
+        return StoredDGAConfig(self.config)
+
+    def __deepcopy__(self, memo: dict) -> "StoredDGAConfig":
+        return StoredDGAConfig(self.config)  # a DGAConfig is immutable: the copies share it

@@ -177,7 +177,8 @@ def test_resolve_config_variants():
     assert resolve_config("paper") == DGAConfig.preset("paper")
     assert resolve_config(SAMPLE) is SAMPLE
     assert resolve_config(SAMPLE.to_dict()) == SAMPLE
-    assert resolve_config({}) == DGAConfig()
+    with pytest.raises(ValueError, match=r"DGA settings \{\} set no field"):  # one default: {} is neither
+        resolve_config({})
     with pytest.raises(ValueError, match="unknown DGA preset"):
         resolve_config("no-such-preset")
     with pytest.raises(ValueError, match="unknown fields"):

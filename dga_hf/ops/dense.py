@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .inputs import boolean_padding_mask, check_attention_inputs, checked_scale
+
 
 def dense_attention(
     query: torch.Tensor,
@@ -17,13 +19,20 @@ def dense_attention(
 ) -> torch.Tensor:
     """query [B, Hq, q_len, d], key/value [B, Hkv, kv_len, d]; the queries are the last q_len positions
     of the keys (prefill, chunked prefill and decoding with a dynamic cache). padding_mask [B, kv_len]
-    (True = real token). Padded query rows return zeros."""
+    (bool or 0/1, True/1 = real token). Padded query rows return zeros. Inputs are validated as by
+    `dga_attention` (`inputs.check_attention_inputs`); any finite scale, default 1/sqrt(d)."""
+    check_attention_inputs(query, key, value, prefill=False)
+    padding_mask = boolean_padding_mask(padding_mask, key.shape[0], key.shape[-2])
+    if scale is not None and checked_scale(scale, query.shape[-1]) <= 0:
+        # PyTorch's fused causal SDPA on the CPU returns NaN for a scale <= 0; the scale folded into the
+        # queries (SDPA scale 1) is the same function
+        query, scale = query * scale, 1.0
     q_len, kv_len = query.shape[-2], key.shape[-2]
     group = query.shape[1] // key.shape[1]
     if q_len == 1:  # a decoding step: every cached key is causally visible
         if padding_mask is None:
             return single_query_attention(query, key, value, scale=scale)
-        padding_mask = padding_mask.to(device=query.device, dtype=torch.bool)
+        padding_mask = padding_mask.to(device=query.device)
         out = single_query_attention(query, key, value, scale=scale, key_mask=padding_mask)
         # a padded query row may see no key at all (0/0 on some SDPA backends): it outputs zeros
         return torch.where(padding_mask[:, -1:, None, None], out, 0.0)
@@ -33,7 +42,7 @@ def dense_attention(
     allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]  # [q_len, kv_len]
     if padding_mask is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=group > 1)
-    padding_mask = padding_mask.to(device=query.device, dtype=torch.bool)
+    padding_mask = padding_mask.to(device=query.device)
     allowed = allowed[None, None] & padding_mask[:, None, None, :]
     real_query = padding_mask[:, kv_len - q_len :]
     # a padded query row sees its own slot so softmax stays finite; its output is then zeroed

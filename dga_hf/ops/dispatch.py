@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
-from ..config import BACKENDS, DGAConfig
+from ..config import BACKENDS, DGAConfig, resolve_config
 from . import autograd, torch_backend
 from .dense import dense_attention
+from .inputs import boolean_padding_mask, check_attention_inputs, checked_scale
 from .layout import build_layout, compact_padding, compute_dtype, uncompact
 from .naive import naive_dga_attention
 
@@ -33,6 +36,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         raise ValueError(f"backend={requested!r} is invalid: allowed values are {BACKENDS}")
     if requested == "auto":
         return "triton" if _triton_usable(device) else "torch"
+    if requested == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            f"backend='triton' needs the Triton package, which is not installed (device {device}): install it with "
+            "`pip install dga-hf[triton]` (or `pip install triton`; Linux with an NVIDIA GPU, or the CPU under "
+            "TRITON_INTERPRET=1), or use backend='torch' or 'auto'"
+        )
     return requested
 
 
@@ -40,27 +49,72 @@ def dga_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    config: DGAConfig,
+    config: DGAConfig | Mapping[str, Any] | str | None,
     *,
     scale: float | None = None,
     backend: str = "auto",
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal Dynamic Group Attention over a whole sequence (prefill), as defined in DGA_SPEC.md.
+    """Causal Dynamic Group Attention over a whole sequence (prefill), as defined in docs/spec.md.
 
     Args:
-        query: [B, Hq, L, d]; key, value: [B, Hkv, L, d] with Hq a multiple of Hkv (GQA, no copy).
-        config: the DGA settings.
-        scale: softmax scale, default ``1/sqrt(d)``.
+        query: [B, Hq, L, d]; key: [B, Hkv, L, d]; value: [B, Hkv, L, dv], Hq a multiple of Hkv (GQA, no
+            copy); one dtype (float16, bfloat16, float32 or float64) and one device.
+        config: the DGA settings, in any form `patch` takes: a `DGAConfig`, a dict of its fields, a preset
+            name, or None for the shipped default (`dga_hf.config.resolve_config`).
+        scale: softmax scale, default ``1/sqrt(d)``; any finite number.
         backend: "auto" defers to ``config.backend``; "torch", "triton" or "naive" force one.
-        padding_mask: optional [B, L] bool, True for real tokens. Each row gets the result of its own
-            unpadded sequence; padded query positions return zeros.
+        padding_mask: optional [B, L], bool or 0/1 (True/1 = real token; an additive 0/-inf mask is
+            refused). Each row gets the result of its own unpadded sequence; padded query positions
+            return zeros.
 
-    Returns: [B, Hq, L, d] in the dtype of ``query``.
+    Settings longer than the sequence act as their bounded equivalents (`DGAConfig.for_length`), so
+    memory follows the sequence. Non-finite inputs (outside docs/spec.md) are defined as dense attention
+    treats a key: a non-finite element of query i, or of key or value j (a real, not padded, position)
+    makes NaN exactly the outputs that read it: query i's own, and those of every query at or after j of
+    that key/value head (each reads j raw or inside its block's aggregate). Everything else, selection
+    and aggregates included, reads such elements as 0, so earlier queries are finite: causality holds
+    for every input.
+
+    Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
-    _check_shapes(query, key, value, padding_mask)
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    return prefill(query, key, value, config, scale=scale, backend=backend, padding_mask=padding_mask).output
+    settings = resolve_config(config)
+    check_attention_inputs(query, key, value, prefill=True)
+    batch, q_heads, seq_len, head_dim = query.shape
+    padding_mask = boolean_padding_mask(padding_mask, batch, seq_len)
+    scale = checked_scale(scale, head_dim)
+    if query.numel() == 0 or value.numel() == 0:
+        resolve_backend(settings.backend if backend == "auto" else backend, query.device)
+        return query.new_zeros(batch, q_heads, seq_len, value.shape[-1])
+    query, key, value, unreadable = _read_non_finite_as_zero(query, key, value, padding_mask)
+    out = prefill(query, key, value, settings.for_length(seq_len), scale=scale, backend=backend,
+                  padding_mask=padding_mask).output
+    return out if unreadable is None else out.masked_fill(unreadable.unsqueeze(-1), math.nan)
+
+
+def _read_non_finite_as_zero(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inputs with their non-finite elements replaced by 0, and the [B, Hq, L] outputs that read one (the
+    rule in `dga_attention`'s docstring), None when every element is finite (the common case: one check)."""
+    if bool(torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()):
+        return query, key, value, None
+    batch, q_heads, seq_len, _ = query.shape
+    kv_heads = key.shape[1]
+    real = torch.ones(batch, seq_len, dtype=torch.bool, device=query.device) if padding_mask is None else padding_mask
+    finite_query, finite_key, finite_value = torch.isfinite(query), torch.isfinite(key), torch.isfinite(value)
+    positions = torch.arange(seq_len, device=query.device)
+    bad_key = ~(finite_key.all(-1) & finite_value.all(-1)) & real[:, None, :]  # [B, Hkv, L]
+    first_bad = torch.where(bad_key, positions, seq_len).amin(-1, keepdim=True)  # [B, Hkv, 1]
+    reads_bad_key = (positions >= first_bad).repeat_interleave(q_heads // kv_heads, dim=1)  # [B, Hq, L]
+    unreadable = (reads_bad_key | ~finite_query.all(-1)) & real[:, None, :]
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return (
+        torch.where(finite_query, query, zero),
+        torch.where(finite_key, key, zero),
+        torch.where(finite_value, value, zero),
+        unreadable,
+    )
 
 
 @dataclass
@@ -116,23 +170,3 @@ def prefill(
             out = autograd.attend(torch_backend, q.to(dtype), k.to(dtype), v.to(dtype), layout, config, scale)
         out = uncompact(out.reshape(batch, q_heads, seq_len, -1), order).to(query.dtype)
     return Prefill(out, q, k, v, lengths, layout.focal, chosen)
-
-
-def _check_shapes(query, key, value, padding_mask) -> None:
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"dga_attention expects 4-D query/key/value [B, H, L, d], got {tuple(query.shape)}, "
-            f"{tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"batch/head/length of key {tuple(key.shape)} and value {tuple(value.shape)} must match")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(
-            f"dga_attention computes prefill (q_len == kv_len); got q_len={query.shape[2]}, kv_len={key.shape[2]}"
-        )
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
-    if padding_mask is not None and tuple(padding_mask.shape) != (query.shape[0], query.shape[2]):
-        raise ValueError(f"padding_mask must be [B, L] = {(query.shape[0], query.shape[2])}, got {tuple(padding_mask.shape)}")
