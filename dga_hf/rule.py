@@ -52,6 +52,14 @@ def is_old_block(block: Int, query_block: Int, local_blocks: int) -> Int:
     return block < first_local_block(query_block, local_blocks)
 
 
+def first_block_seeing_as_old(block: Int, local_blocks: int) -> Int:
+    """The first query block for which `block` is old, ``c + n``: the inverse of `first_local_block`
+    (``is_old_block(c, beta, n)`` iff ``beta >= first_block_seeing_as_old(c, n)``). Queries of blocks
+    ``c .. c + n - 1`` read the block's tokens raw, later ones its focal tokens and aggregate; a backward
+    pass that walks keys (not queries) needs it."""
+    return block + local_blocks
+
+
 def old_block_count(query_block: Int, local_blocks: int) -> Int:
     """How many blocks (0 .. count-1) are old for a query of `query_block`."""
     first = first_local_block(query_block, local_blocks)

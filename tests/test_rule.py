@@ -23,6 +23,7 @@ def test_visibility_matches_the_spec_wording(query_pos, key_pos, m, n):
     assert rule.reads_raw(key_pos, query_pos, m, n) == (key_pos <= query_pos and beta - c < n)
     assert rule.is_old_block(c, beta, n) == (c <= beta - n)
     assert rule.old_block_count(beta, n) == sum(1 for b in range(beta + 1) if b <= beta - n)
+    assert rule.is_old_block(c, beta, n) == (beta >= rule.first_block_seeing_as_old(c, n))
     assert rule.first_local_position(beta, m, n) == min(
         [j for j in range(query_pos + 1) if rule.reads_raw(j, query_pos, m, n)]
     )

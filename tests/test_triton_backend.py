@@ -25,7 +25,7 @@ from dga_hf.bench.attention_workload import LLAMA3_8B, executed_pairs, random_qk
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend, triton_plan  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
-from dga_hf.ops.triton_common import first_local_block  # noqa: E402
+from dga_hf.ops.triton_common import first_block_seeing_as_old, first_local_block  # noqa: E402
 from dga_hf.ops.triton_plan import tile_key_ranges  # noqa: E402
 
 
@@ -194,24 +194,27 @@ def test_cuda_long_rows_default_tiles(preset, dtype):
 
 # ------------------------------------------------------------------------------ the rule twin and the tile plan
 @triton.jit
-def _first_local_block_kernel(BLOCKS, OUT, COUNT, LOCAL_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+def _rule_twins_kernel(BLOCKS, FIRST_LOCAL, SEEING_OLD, COUNT, LOCAL_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < COUNT
     blocks = tl.load(BLOCKS + offs, mask=inside, other=0)
-    tl.store(OUT + offs, first_local_block(blocks, LOCAL_BLOCKS), mask=inside)
+    tl.store(FIRST_LOCAL + offs, first_local_block(blocks, LOCAL_BLOCKS), mask=inside)
+    tl.store(SEEING_OLD + offs, first_block_seeing_as_old(blocks, LOCAL_BLOCKS), mask=inside)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernels_first_local_block_is_the_rule(device):
-    """The kernels' one jit twin of the visibility rule computes `rule.first_local_block`."""
+def test_kernels_rule_twins_are_the_rule(device):
+    """The kernels' jit twins of the visibility rule compute `rule.first_local_block` and
+    `rule.first_block_seeing_as_old`."""
     gen = torch.Generator().manual_seed(0)
     blocks = torch.cat([torch.arange(-2, 3000), torch.randint(0, 2**24, (3000,), generator=gen)])
     blocks = blocks.to(device=device, dtype=torch.int32)
     for local_blocks in (1, 2, 3, 5, 8, 64, 128, 4096):
-        out = torch.full_like(blocks, -(2**31))
-        _first_local_block_kernel[(triton.cdiv(blocks.numel(), 1024),)](
-            blocks, out, blocks.numel(), LOCAL_BLOCKS=local_blocks, BLOCK=1024)
-        assert torch.equal(out, rule.first_local_block(blocks, local_blocks)), local_blocks
+        first_local, seeing_old = (torch.full_like(blocks, -(2**31)) for _ in range(2))
+        _rule_twins_kernel[(triton.cdiv(blocks.numel(), 1024),)](
+            blocks, first_local, seeing_old, blocks.numel(), LOCAL_BLOCKS=local_blocks, BLOCK=1024)
+        assert torch.equal(first_local, rule.first_local_block(blocks, local_blocks)), local_blocks
+        assert torch.equal(seeing_old, rule.first_block_seeing_as_old(blocks, local_blocks)), local_blocks
 
 
 @triton.jit

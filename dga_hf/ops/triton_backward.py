@@ -55,6 +55,7 @@ from .triton_common import (
     check_supported,
     dot,
     dot_precision,
+    first_block_seeing_as_old,
     first_local_block,
     is_float64,
     last_dim_contiguous,
@@ -354,24 +355,24 @@ def _kv_chunk(
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if STREAM == 0:
         kpos = tl.load(KPOS + bh64 * NKEYS + keys, mask=key_ok, other=L)  # sorted; unused slots hold L
-        q_lo = (tl.min(kpos, 0) // m + n) * m
-        q_full = (tl.max(kpos, 0) // m + n) * m
+        q_lo = first_block_seeing_as_old(tl.min(kpos, 0) // m, n) * m
+        q_full = first_block_seeing_as_old(tl.max(kpos, 0) // m, n) * m
         q_hi = length
     elif STREAM == 1:
         kpos = keys * m  # first position of the aggregated block
         bias = tl.load(BIAS + bh64 * NKEYS + keys, mask=key_ok, other=float("-inf"))
-        q_lo = (k0 + n) * m
-        q_full = (k0 + BLOCK_N - 1 + n) * m
+        q_lo = first_block_seeing_as_old(k0, n) * m
+        q_full = first_block_seeing_as_old(k0 + BLOCK_N - 1, n) * m
         q_hi = length
     else:
         kpos = keys
         q_lo = k0
         q_full = k0 + BLOCK_N - 1  # causal for every key of the chunk
-        q_hi = tl.minimum(((k0 + BLOCK_N - 1) // m + n) * m, length)
+        q_hi = tl.minimum(first_block_seeing_as_old((k0 + BLOCK_N - 1) // m, n) * m, length)
     num_tiles = tl.cdiv(tl.maximum(q_hi - q_lo, 0), BLOCK_M)
     t_full = tl.minimum(tl.cdiv(q_full - q_lo, BLOCK_M), num_tiles)
     if STREAM == 2:
-        full_hi = (k0 // m + n) * m  # inside the first key's window, so inside every key's (> q_lo)
+        full_hi = first_block_seeing_as_old(k0 // m, n) * m  # inside the first key's window, so inside every key's (> q_lo)
         t_end = tl.maximum(tl.minimum((full_hi - q_lo) // BLOCK_M, num_tiles), t_full)
     else:
         t_end = num_tiles  # old blocks stay visible to every later row

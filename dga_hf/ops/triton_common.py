@@ -1,4 +1,4 @@
-"""What every Triton kernel of DGA shares: the jit helpers of the online softmax, the one jit twin of the
+"""What every Triton kernel of DGA shares: the jit helpers of the online softmax, the jit twins of the
 visibility rule, the interpreter fix, and the precision and input checks of the launchers.
 
 The forward (`triton_forward`), backward (`triton_backward`) and decode (`triton_decode`) kernels import
@@ -6,8 +6,10 @@ from here and from `triton_plan` (the prefill tiles), never from each other.
 
 The rule. Kernels cannot call Python, so `first_local_block` below is the jit twin of
 `dga_hf.rule.first_local_block` (docs/spec.md: a query of block ``beta`` reads raw the blocks from
-``beta - n + 1``; blocks before are old); tests/test_triton_backend.py checks the two agree. Every kernel
-that needs the first raw block of a query calls it.
+``beta - n + 1``; blocks before are old), and `first_block_seeing_as_old` the twin of its key-major inverse
+(block ``c`` is old from query block ``c + n`` on, what the dk/dv kernel walks by);
+tests/test_triton_backend.py checks each against `dga_hf.rule`. Every kernel calls them instead of
+spelling the rule.
 
 Interpreter. On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` in the
 environment before triton is first imported). Importing this module patches one conversion of the
@@ -63,6 +65,13 @@ def first_local_block(query_block, LOCAL_BLOCKS: tl.constexpr):
     """The jit twin of `dga_hf.rule.first_local_block`: ``beta - n + 1``, the first block a query of
     block ``beta`` reads raw (may be negative: then every block)."""
     return query_block - (LOCAL_BLOCKS - 1)
+
+
+@triton.jit
+def first_block_seeing_as_old(block, LOCAL_BLOCKS: tl.constexpr):
+    """The jit twin of `dga_hf.rule.first_block_seeing_as_old`: ``c + n``, the first query block for which
+    block ``c`` is old (the key-major view of `first_local_block`, for the backward's dk/dv kernel)."""
+    return block + LOCAL_BLOCKS
 
 
 @triton.jit
