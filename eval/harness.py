@@ -8,8 +8,8 @@ samples, scores its share of them and gets everyone's results back, in sample or
 of one process. Results:
 
     results["tasks"][task] = {"spec", "lengths", "metrics": {name: {label, unit, higher_is_better, compare}},
-                              "results": {config: {length: {"metrics": {...}, "details": [...], "seconds"}
-                                                           or {"error": "..."}}}}
+                              "results": {config: {length: {"metrics": {...}, "details": [...], "seconds",
+                                                            "samples_per_process": [...]} or {"error": "..."}}}}
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def run_share(module, model, tokenizer, samples, task_spec: dict, progress) -> d
 
 def merge_shares(module, task_spec: dict, shares: list[dict]) -> dict:
     """A (configuration, length)'s cell from every process's share, in rank order: the first error, else the
-    details in sample order and the task's metrics of them; seconds: the slowest process's."""
+    details in sample order, the task's metrics of them and how many samples each process scored; seconds:
+    the slowest process's."""
     errors = [share["error"] for share in shares if "error" in share]
     if errors:
         return {"error": errors[0]}
@@ -132,7 +133,8 @@ def merge_shares(module, task_spec: dict, shares: list[dict]) -> dict:
         metrics = module.summarize(details, task_spec)
     except Exception:  # noqa: BLE001 - e.g. no samples at all
         return {"error": traceback.format_exc(limit=4)}
-    return {"metrics": metrics, "details": details, "seconds": round(max(share["seconds"] for share in shares), 2)}
+    return {"metrics": metrics, "details": details, "seconds": round(max(share["seconds"] for share in shares), 2),
+            "samples_per_process": [len(share["details"]) for share in shares]}
 
 
 def run_ruler_task(model, tokenizer, configs, task_spec: dict, lengths: list[int], seed: int, workdir: Path,

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,12 +53,9 @@ FINETUNE_ARGS = ["--dga", "paper", "--context-length", "96", "--max-steps", "4",
 
 
 def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch ARGS`, offline; the wall time in `.seconds`."""
+    """`accelerate launch ARGS`, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    began = time.perf_counter()
-    result = subprocess.run([*ACCELERATE_LAUNCH, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    result.seconds = time.perf_counter() - began
-    return result
+    return subprocess.run([*ACCELERATE_LAUNCH, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def expect_success(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -89,11 +85,9 @@ def finetune_runs(finetune_data) -> dict:
     root = finetune_data["root"]
     two = expect_success(launch(*TWO_PROCESSES, str(SCRIPTS / "dga-finetune"),
                                 *finetune_command(finetune_data, "--batch-size", "1", "--out", str(root / "two"))))
-    began = time.perf_counter()
     training.main(finetune_command(finetune_data, "--batch-size", "2", "--out", str(root / "one")))
-    one_seconds = time.perf_counter() - began
     logs = {name: json.loads((root / name / training.LOG_FILE).read_text()) for name in ("one", "two")}
-    return {"root": root, "two": two, "logs": logs, "seconds": {"two": two.seconds, "one": one_seconds}}
+    return {"root": root, "two": two, "logs": logs}
 
 
 def test_two_processes_train_like_one_process_with_the_same_global_batch(finetune_runs):
@@ -271,3 +265,207 @@ def test_shipped_accelerate_configurations_load():
     assert configs["fsdp"].fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # save_pretrained: a whole model
     assert [configs[f"deepspeed_zero{stage}"].deepspeed_config["zero_stage"] for stage in (2, 3)] == [2, 3]
     assert all(config.main_process_port == 0 and config.num_processes == 2 for config in configs.values())
+
+
+# ------------------------------------------------------------------------------------------------ dga-eval
+
+
+EVAL_RUN = {
+    "seed": 1,
+    "lengths": [300, 400],  # a passkey prompt of the character tokenizer needs ~250 tokens
+    "dga_configs": ["paper", {"name": "paper+compact", "preset": "paper", "decoding": "compact"}],
+    "tasks": {  # 3 samples per length: the processes get 2 and 1; speed's one prompt goes to the first
+        "passkey": {"depths": [0.2, 0.5, 0.8], "samples_per_depth": 1, "max_new_tokens": 6},
+        "copy": {"samples": 3, "passage_tokens": 16, "lead_tokens": 4},
+        "perplexity": {"windows": 3},
+        "speed": {"new_tokens": 4, "repeats": 1},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def eval_runs(finetune_data) -> dict:
+    """The same dga-eval run: two processes (docs/evaluation.md's command, through configs/accelerate/ddp.yaml)
+    and one (in this process)."""
+    root = finetune_data["root"]
+    (root / "run.json").write_text(json.dumps(EVAL_RUN))
+    common = ["--config", str(root / "run.json"), "--model", str(finetune_data["model"]), "--device", "cpu", "--threads", "1"]
+    two = expect_success(launch("--config_file", str(DDP_CONFIG), str(SCRIPTS / "dga-eval"), *common, "--out", str(root / "eval-two")))
+    from dga_eval import cli
+
+    cli.main([*common, "--out", str(root / "eval-one")])
+    results = {name: json.loads((root / f"eval-{name}" / "results.json").read_text()) for name in ("one", "two")}
+    return {"two": two, "results": results}
+
+
+def test_two_processes_evaluate_like_one(eval_runs):
+    one, two = eval_runs["results"]["one"], eval_runs["results"]["two"]
+    assert (one["settings"]["processes"], two["settings"]["processes"]) == (1, 2)
+    assert list(two["tasks"]) == ["passkey", "copy", "perplexity", "speed"]
+    for task in ("passkey", "copy", "perplexity"):
+        for config in ("dense", "paper", "paper+compact"):
+            for length in ("300", "400"):
+                expected, got = one["tasks"][task]["results"][config][length], two["tasks"][task]["results"][config][length]
+                assert "error" not in got, got.get("error")
+                assert got["metrics"] == expected["metrics"] and got["details"] == expected["details"], (task, config, length)
+                assert (got["samples_per_process"], expected["samples_per_process"]) == ([2, 1], [3])
+    for config in ("dense", "paper", "paper+compact"):
+        for length in ("300", "400"):  # timings differ; what the cache holds does not
+            expected, got = one["tasks"]["speed"]["results"][config][length], two["tasks"]["speed"]["results"][config][length]
+            assert got["metrics"]["kv_cache_mb"] == expected["metrics"]["kv_cache_mb"] and len(got["details"]) == 1
+            assert got["samples_per_process"] == [1, 0]
+    # the DGA settings mattered: DGA's perplexity differs from dense's
+    assert two["tasks"]["perplexity"]["results"]["paper"]["400"]["metrics"] != two["tasks"]["perplexity"]["results"]["dense"]["400"]["metrics"]
+
+
+def test_each_process_loads_the_model_once_and_the_first_writes(eval_runs):
+    stderr, stdout = eval_runs["two"].stderr, eval_runs["two"].stdout
+    for process in (1, 2):
+        assert stderr.count(f"dga-eval [process {process} of 2]: model loaded") == 1, stderr[-3000:]
+    assert stdout.count("dga-eval: ") == 1 and stdout.count("## passkey") == 1  # the report, printed once
+
+
+def test_several_processes_refuse_a_device_map_or_a_named_device(monkeypatch, capsys):
+    from dga_eval import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv, message in ((["--device-map", "auto"], "--device-map auto spreads one model over the devices"),
+                          (["--device", "cuda:1"], "--device cuda:1 names one device")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--quick", *argv])
+        assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ hf-dga (lm-eval)
+
+CHOICE_TASK = """
+task: tiny_choice
+dataset_path: ""
+dataset_name: ""
+output_type: multiple_choice
+test_split: test
+custom_dataset: !function tiny_choice_data.dataset
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata: {version: 1.0}
+"""
+CHOICE_DATA = '''
+import datasets
+
+def dataset(**kwargs):  # 7 documents: the processes get 4 and 3
+    docs = [{"context": f"the key is {i} and again the key is", "choices": [f" {i}", f" {i + 1}", " x"], "label": 0}
+            for i in range(7)]
+    return {"test": datasets.Dataset.from_list(docs)}
+'''
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(finetune_data) -> dict:
+    """A multiple-choice task of 7 documents through hf-dga: two processes (docs/evaluation.md's command) and one
+    (lm_eval.simple_evaluate in this process)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install dga-hf[eval])")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import dga_eval.lm_eval_model  # noqa: F401 - registers hf-dga
+
+    root = finetune_data["root"]
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(CHOICE_TASK)
+    (tasks / "tiny_choice_data.py").write_text(CHOICE_DATA)
+    model_args = f"pretrained={finetune_data['model']},dga=paper"
+    out = root / "lm-eval-two"
+    two = expect_success(launch(*TWO_PROCESSES, "-m", "dga_eval.lm_eval_model", "run", "--model", "hf-dga", "--model_args",
+                                model_args, "--tasks", "tiny_choice", "--include_path", str(tasks), "--device", "cpu",
+                                "--batch_size", "1", "--output_path", str(out), "--log_samples"))
+    one = lm_eval.simple_evaluate(model="hf-dga", model_args=model_args, tasks=["tiny_choice"], device="cpu", batch_size=1,
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True)
+    return {"two": two, "one": one, "out": out}
+
+
+def test_hf_dga_on_two_processes_scores_like_one(lm_eval_runs):
+    written = sorted(p.name.split("_")[0] for p in lm_eval_runs["out"].rglob("*.json*"))
+    assert written == ["results", "samples"]  # written once
+    results = json.loads(next(lm_eval_runs["out"].rglob("results_*.json")).read_text())
+    samples = [json.loads(line) for line in next(lm_eval_runs["out"].rglob("samples_*.jsonl")).read_text().splitlines()]
+    one = lm_eval_runs["one"]
+    assert results["results"]["tiny_choice"]["acc,none"] == one["results"]["tiny_choice"]["acc,none"]
+    assert results["results"]["tiny_choice"]["sample_len"] == 7
+    # every document's log-likelihoods, as lm-eval writes them (strings)
+    expected = {s["doc_id"]: [[str(v) for v in resp] for resp in s["filtered_resps"]] for s in one["samples"]["tiny_choice"]}
+    assert {s["doc_id"]: s["filtered_resps"] for s in samples} == expected
+    assert len(expected) == 7
+
+
+def test_hf_dga_processes_each_load_the_model_once(lm_eval_runs):
+    stderr = lm_eval_runs["two"].stderr
+    for process in (1, 2):
+        assert stderr.count(f"hf-dga [process {process} of 2]: model loaded and patched") == 1, stderr[-3000:]
+    # each built its own share of the requests (lm-eval's hf gives every CPU process all of them)
+    assert "Building contexts for tiny_choice on rank 1" in stderr
+
+
+# ------------------------------------------------------------------------------------------------ device maps
+
+
+def every_module(layer_device: str = "cpu") -> dict[str, str]:
+    """A device map of the tiny Llama that names every module: all on the CPU, the last decoder layer on
+    `layer_device` ("disk": offloaded, behind accelerate's hooks, as a layer on another GPU would be)."""
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head"]
+    return {**dict.fromkeys(names, "cpu"), "model.layers.1": layer_device}
+
+
+def execution_device(layer: torch.nn.Module) -> torch.device:
+    """Where a layer computes: its hook's device when accelerate dispatched it, else its parameters'."""
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(layer.parameters()).device
+
+
+@pytest.mark.parametrize("layer_device", ["cpu", "disk"])
+def test_a_device_map_runs_dga_like_the_plain_model_with_each_layer_state_on_its_device(finetune_data, tmp_path, layer_device):
+    sparse = PAPER.replace(backend="torch")
+    mapped = AutoModelForCausalLM.from_pretrained(finetune_data["model"], device_map=every_module(layer_device),
+                                                  attn_implementation="dga", offload_folder=str(tmp_path)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(finetune_data["model"], attn_implementation="dga").eval()
+    if layer_device == "disk":  # the offloaded layer's weights are loaded for each forward
+        assert hasattr(mapped.model.layers[1], "_hf_hook") and mapped.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    ids = torch.randint(2, 90, (1, 200))
+    with torch.no_grad():
+        for model in (mapped, plain):
+            dga_hf.patch(model, sparse)
+            dga_hf.enable_decoding(model, mode="compact")
+        torch.testing.assert_close(mapped(ids).logits, plain(ids).logits, rtol=0, atol=1e-6)
+        tokens = {name: model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+                  for name, model in (("mapped", mapped), ("plain", plain))}
+        assert torch.equal(tokens["mapped"], tokens["plain"])
+        cache = dga_hf.decoding.cache_for(mapped)
+        mapped(ids, use_cache=True, **{dga_hf.decoding.cache_keyword(mapped): cache})
+    for index, layer in enumerate(mapped.model.layers):
+        tensors = [value for value in vars(cache.layers[index].state).values() if isinstance(value, torch.Tensor)]
+        assert tensors and {tensor.device for tensor in tensors} == {execution_device(layer)}, index
+
+
+def test_dga_eval_with_a_device_map_evaluates_like_without(eval_runs, finetune_data, tmp_path):
+    from dga_eval import cli
+
+    run = {**EVAL_RUN, "tasks": {task: EVAL_RUN["tasks"][task] for task in ("copy", "perplexity")}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "map.json").write_text(json.dumps(every_module()))
+    results = cli.run(cli.parse_args(["--config", str(tmp_path / "run.json"), "--model", str(finetune_data["model"]),
+                                      "--device-map", str(tmp_path / "map.json"), "--threads", "1", "--out", str(tmp_path / "out")]))
+    assert results["settings"]["device_map"] == every_module()
+    expected = eval_runs["results"]["one"]["tasks"]
+    for task in ("copy", "perplexity"):
+        for config, cells in results["tasks"][task]["results"].items():
+            for length, cell in cells.items():
+                assert cell["details"] == expected[task]["results"][config][length]["details"], (task, config, length)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--quick", "--device-map", '{"model.layers.0": ["cpu"]}'])
