@@ -150,11 +150,15 @@ def run_ruler_task(model, tokenizer, configs, task_spec: dict, lengths: list[int
     except Exception:  # noqa: BLE001 - e.g. lm-eval not installed: every cell says why
         error = traceback.format_exc(limit=4)
         table = {name: {str(length): {"error": error} for length in mine} for name in configs}
-    everyone = all_gather(table)
-    merged = {name: dict(zip(map(str, lengths), unshard([list(share[name].values()) for share in everyone])))
-              for name in configs}
     metrics = {name: {**RULER_METRIC, "label": f"RULER {name}"} for name in task_spec["tasks"]}
-    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": merged}
+    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": merge_ruler_tables(all_gather(table), lengths)}
+
+
+def merge_ruler_tables(tables: list[dict], lengths: list[int]) -> dict[str, dict[str, dict]]:
+    """RULER's results[config][length] from every process's table, in rank order (process r ran the lengths
+    `Processes(r, len(tables)).share(lengths)`)."""
+    return {name: dict(zip(map(str, lengths), unshard([list(table[name].values()) for table in tables])))
+            for name in tables[0]}
 
 
 @contextlib.contextmanager

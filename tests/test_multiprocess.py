@@ -336,6 +336,66 @@ def test_several_processes_refuse_a_device_map_or_a_named_device(monkeypatch, ca
         assert message in capsys.readouterr().err
 
 
+LENGTH_TASK = """
+task: tiny_lengths
+dataset_path: ""
+dataset_name: ""
+output_type: generate_until
+test_split: test
+custom_dataset: !function tiny_lengths_data.dataset
+doc_to_text: "{{input}}"
+doc_to_target: "{{target}}"
+process_results: !function tiny_lengths_data.process_results
+generation_kwargs: {do_sample: false, max_gen_toks: 2, until: []}
+metadata: {version: 1.0}
+"""
+LENGTH_DATA = '''
+import datasets
+
+def dataset(**kwargs):  # as RULER's tasks do: samples of each length of metadata["max_seq_lengths"], scored by length
+    docs = [{"input": f"the key is {i} " * (n // 13), "target": str(i), "length": n}
+            for n in kwargs["max_seq_lengths"] for i in range(2)]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+def process_results(doc, results):
+    return {str(doc["length"]): float(results[0].strip().startswith(doc["target"]))}
+'''
+
+
+def test_ruler_lengths_shared_by_two_processes_merge_into_the_results_of_one(finetune_data, tmp_path, monkeypatch):
+    """With several processes dga-eval runs RULER at each process's share of the lengths and merges the tables
+    (harness.run_ruler_task); here the shares run one after the other in this process."""
+    lm_eval_tasks = pytest.importorskip("lm_eval.tasks", reason="lm-eval is not installed (pip install dga-hf[eval])")
+    import functools
+
+    from dga_eval import harness, ruler
+    from dga_eval.models import load_model
+    from dga_eval.runconfig import Setting
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_lengths.yaml").write_text(LENGTH_TASK)
+    (tmp_path / "tasks" / "tiny_lengths_data.py").write_text(LENGTH_DATA)
+    # only this task folder: indexing lm-eval's thousands of tasks would take 15 s
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", functools.partial(
+        lm_eval_tasks.TaskManager, include_defaults=False, include_path=str(tmp_path / "tasks")))
+    model, tokenizer = load_model(str(finetune_data["model"]))
+    configs = {"paper": Setting(PAPER)}  # each (configuration, length) costs an lm-eval run of ~2 s here
+    spec, lengths = {"tasks": ["tiny_lengths"]}, [64, 96]
+    one = ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, lengths, 0, tmp_path / "one")
+    shares = [ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, harness.Processes(rank, 2).share(lengths),
+                              0, tmp_path / f"process{rank}") for rank in (0, 1)]
+    assert [list(share["paper"]) for share in shares] == [["64"], ["96"]]
+    merged = harness.merge_ruler_tables(shares, lengths)
+
+    def answers(table):  # everything but the timings
+        return {name: {length: (cell["metrics"], cell["errors"], cell["details"]["tiny_lengths"]["answers"])
+                       for length, cell in cells.items()} for name, cells in table.items()}
+
+    assert answers(merged) == answers(one)
+    assert list(merged["paper"]) == ["64", "96"] and not one["paper"]["96"]["errors"]
+    assert one["paper"]["96"]["details"]["tiny_lengths"]["attention"] == "dga"
+
+
 # ------------------------------------------------------------------------------------------------ hf-dga (lm-eval)
 
 CHOICE_TASK = """
