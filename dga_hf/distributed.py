@@ -96,12 +96,10 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 def all_gather(value: Any) -> list[Any]:
-    """Every process's `value` (any picklable object) on every process, in rank order; `[value]` when
-    torch.distributed is not initialised or there is one process."""
+    """Every process's `value` (any picklable object) on every process, in rank order. A collective call:
+    torch.distributed is initialised (accelerate does it) and every process makes it."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered

@@ -68,6 +68,10 @@ class Processes:
     def share(self, items: list) -> list:
         return shard(items, self.rank, self.count)
 
+    def gather(self, value: Any) -> list:
+        """Every process's `value`, in rank order (no collective call with one process)."""
+        return all_gather(value) if self.count > 1 else [value]
+
 
 def run_tasks(model, tokenizer, spec: dict, configs: dict[str, Any], workdir: Path, on_task_done=None,
               processes: Processes = Processes()) -> dict[str, dict]:
@@ -103,7 +107,7 @@ def run_sample_task(model, tokenizer, corpus, configs, task: str, task_spec: dic
             for length in lengths:
                 progress.set_postfix(config=name, length=length)
                 shares[name][str(length)] = run_share(module, model, tokenizer, processes.share(samples[length]), task_spec, progress)
-    everyone = all_gather(shares)
+    everyone = processes.gather(shares)
     table = {name: {length: merge_shares(module, task_spec, [share[name][length] for share in everyone])
                     for length in shares[name]} for name in configs}
     return {"spec": task_spec, "lengths": lengths, "metrics": module.METRICS, "results": table}
@@ -151,7 +155,7 @@ def run_ruler_task(model, tokenizer, configs, task_spec: dict, lengths: list[int
         error = traceback.format_exc(limit=4)
         table = {name: {str(length): {"error": error} for length in mine} for name in configs}
     metrics = {name: {**RULER_METRIC, "label": f"RULER {name}"} for name in task_spec["tasks"]}
-    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": merge_ruler_tables(all_gather(table), lengths)}
+    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": merge_ruler_tables(processes.gather(table), lengths)}
 
 
 def merge_ruler_tables(tables: list[dict], lengths: list[int]) -> dict[str, dict[str, dict]]:

@@ -51,7 +51,7 @@ class DGAHFLM(HFLM):
 
             PartialState(cpu=True)  # before HFLM's Accelerator(), which then joins this gloo process group
         super().__init__(pretrained=pretrained, **kwargs)
-        if cpu_processes:
+        if cpu_processes:  # hf takes its rank and world size from accelerate only when it counts several GPUs
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         dga_hf.patch(self.model, self.dga_config)
         print(f"hf-dga [process {self.rank + 1} of {self.world_size}]: model loaded and patched on {self.device}",

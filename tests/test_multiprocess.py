@@ -176,6 +176,13 @@ def test_launch_checks_read_what_the_launchers_set(monkeypatch):
         cli.main(["--quick", "--out", "unused"])
 
 
+def test_shares_of_processes_go_back_in_order():
+    items = list(range(7))
+    shares = [distributed.shard(items, index, 3) for index in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]] and distributed.unshard(shares) == items
+    assert distributed.unshard([distributed.shard(items, 0, 1)]) == items
+
+
 def test_settings_the_launch_cannot_satisfy_are_refused(finetune_data, monkeypatch):
     base = dict(model=str(finetune_data["model"]), train_files=[str(finetune_data["train"])], context_length=96,
                 max_steps=1, threads=1, dga="paper")
