@@ -2,8 +2,16 @@
 
     dga-finetune --model PATH --dga paper --train docs/ --eval heldout.txt --context-length 1024 \\
         --max-steps 200 --lr 1e-4 --warmup-steps 20 --out runs/ft
-    accelerate launch $(which dga-finetune) --model PATH ...    # several GPUs (Transformers' Trainer);
-    accelerate launch -m dga_hf.training --model PATH ...       # the same
+    accelerate launch --multi_gpu --num_processes 2 $(which dga-finetune) --model PATH ...   # data parallel
+    accelerate launch --config_file configs/accelerate/fsdp.yaml $(which dga-finetune) ...  # FSDP (GPUs)
+    accelerate launch --multi_gpu --num_processes 2 -m dga_hf.training --model PATH ...      # the same
+
+Several processes (docs/training.md): each takes `--batch-size` windows per micro-step, so one optimizer step
+reads batch size x accumulation x processes windows; without CUDA they run on the CPU over gloo. A launch that
+cannot give what it asks for stops with an error: `accelerate launch --cpu --num_processes N` (one process
+started), FSDP or DeepSpeed on the CPU (accelerate falls back to plain data parallelism there), mixed
+precision from the launcher against `--bf16 no`, fewer windows than one optimizer step reads. Data-parallel
+replicas are compared after training (a digest of every parameter), and only the first process writes.
 
 The text (files, directories of *.txt, or a `datasets` dataset) is tokenized, documents are joined with
 the EOS token between them, and the stream is cut into non-overlapping windows of the context length;
@@ -33,7 +41,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import distributed
 from .config import DGAConfig, preset_names
+from .distributed import LaunchError
 from .environment import dtype_argument, package_versions
 
 DENSE_NAMES = ("none", "dense")
@@ -70,7 +80,9 @@ class FinetuneConfig:
         batch_size: windows per device and micro-step. ``>= 1``.
         gradient_accumulation: micro-steps per optimizer step. ``>= 1``.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
-        bf16: ``"auto"`` (bf16 mixed precision on a GPU that supports it, else float32), True or False.
+        bf16: ``"auto"`` (bf16 mixed precision on a GPU that supports it, else what the launcher sets: float32
+            unless `accelerate launch --mixed_precision`), True or False (False with a launcher's mixed
+            precision is an error).
         freeze_embeddings: do not train the input embeddings (nor the output head when it is tied to them).
         eval_every: evaluate on the held-out windows every N optimizer steps; 0: only at the end. ``>= 0``.
         eval_at_start: also evaluate before the first step (with held-out text and ``eval_every > 0``).
@@ -460,13 +472,15 @@ def training_arguments(settings: FinetuneConfig, bf16: bool, has_eval: bool):
 def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None = None, **fields: Any) -> FinetuneResult:
     """Fine-tune (continued pre-training) and save. Pass a `FinetuneConfig`, or its fields as keywords
     (`finetune(model=path, output_dir=out, train_files=[...], dga="paper")`); keywords given with a
-    config override its fields. `command`: the command line to record in the log."""
+    config override its fields. `command`: the command line to record in the log. Under a launcher
+    (`accelerate launch`, `torchrun`) every process calls it; the first one writes the output folder."""
     if settings is None:
         settings = FinetuneConfig(**fields)
     elif fields:
         settings = dataclasses.replace(settings, **fields)
     began = time.perf_counter()
     _check_trainer_available()
+    distributed.check_launch()  # before any work: a launch that started one process of several
     if settings.threads:
         torch.set_num_threads(settings.threads)
     from transformers import default_data_collator, set_seed
@@ -477,36 +491,76 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
     prepare_model(model, dga)
     train_rows, train_info = load_windows(settings, tokenizer, held_out=False)
     eval_rows, eval_info = load_windows(settings, tokenizer, held_out=True)
-    bf16 = use_bf16(settings.bf16)
     if settings.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)  # the tied output head shares it
+    counts = {"parameters": sum(p.numel() for p in model.parameters()),  # before FSDP/DeepSpeed shard them
+              "trainable_parameters": _trainable_count(model, settings.freeze_embeddings)}
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # a training forward needs no KV cache
 
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(settings, bf16, eval_rows is not None),
+        args=training_arguments(settings, use_bf16(settings.bf16), eval_rows is not None),
         data_collator=default_data_collator,
         train_dataset=WindowDataset(train_rows),
         eval_dataset=None if eval_rows is None else WindowDataset(eval_rows),
         processing_class=tokenizer,
     )
+    processes = check_processes(trainer, settings, train_rows.shape[0])
     setup_seconds = time.perf_counter() - began
     train_output = trainer.train()
     final_eval = None if eval_rows is None else _final_evaluation(trainer)
-    model = _restore_for_inference(trainer.model, settings, use_cache)
+    model = _restore_for_inference(trainer.accelerator.unwrap_model(trainer.model), settings, use_cache)
+    processes["parameter_digests"] = replica_digests(trainer, model)
     out = Path(settings.output_dir)
     trainer.save_model(str(out))  # model (config.json keeps config.dga) and tokenizer
     if trainer.args.should_save:  # a pickle of TrainingArguments: the JSON log below has every setting
         (out / "training_args.bin").unlink(missing_ok=True)
 
-    log = _training_log(settings, dga, bf16, model, trainer, train_output, (train_info, eval_info), final_eval)
-    log["setup_seconds"] = round(setup_seconds, 2)
+    log = _training_log(settings, dga, model, trainer, train_output, (train_info, eval_info), final_eval)
+    log.update(counts, processes=processes, setup_seconds=round(setup_seconds, 2))
     log["wall_seconds"] = round(time.perf_counter() - began, 2)
     log["command"] = command
     if trainer.args.should_save:
         (out / LOG_FILE).write_text(json.dumps(log, indent=2, default=str))
     return FinetuneResult(model=model.eval(), tokenizer=tokenizer, output_dir=out, log=log)
+
+
+def check_processes(trainer, settings: FinetuneConfig, windows: int) -> dict[str, Any]:
+    """What accelerate set up against what the launcher and the settings asked for (`LaunchError`,
+    `ValueError` when they disagree); returns how the run is spread over processes, for the log."""
+    accelerator = trainer.accelerator
+    distributed.check_sharding(accelerator.distributed_type)
+    precision = str(accelerator.mixed_precision)
+    if settings.bf16 is False and precision != "no":
+        raise LaunchError(
+            f"FinetuneConfig.bf16=False (--bf16 no) but the launcher set mixed precision {precision!r} "
+            f"(accelerate launch --mixed_precision, or mixed_precision in its config file): make them agree"
+        )
+    world = trainer.args.world_size
+    global_batch = settings.batch_size * settings.gradient_accumulation * world
+    if windows < global_batch:
+        raise ValueError(
+            f"the training text gives {windows} windows of context_length={settings.context_length}, fewer than one "
+            f"optimizer step reads: batch_size={settings.batch_size} x gradient_accumulation="
+            f"{settings.gradient_accumulation} x {world} processes = {global_batch}; give more text or a smaller "
+            f"batch, accumulation or number of processes"
+        )
+    return {"count": world, "distributed_type": str(accelerator.distributed_type.name), "mixed_precision": precision,
+            "global_batch_windows": global_batch}
+
+
+def replica_digests(trainer, model) -> list[str] | None:
+    """Each data-parallel replica's `distributed.parameter_digest`, in rank order; raises when they differ.
+    None with one process, and when FSDP or DeepSpeed shard the parameters (no process holds them all)."""
+    kind = trainer.accelerator.distributed_type.name
+    if trainer.args.world_size == 1 or kind in distributed.SHARDING_VARIABLES:
+        return None
+    digests = distributed.all_gather(distributed.parameter_digest(model))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"data-parallel replicas ended with different parameters (digests by rank: {digests}); "
+                           f"nothing was saved")
+    return digests
 
 
 def _final_evaluation(trainer) -> dict[str, Any]:
@@ -531,18 +585,17 @@ def _restore_for_inference(model, settings: FinetuneConfig, use_cache: bool | No
     return model
 
 
-def _training_log(settings: FinetuneConfig, dga: DGAConfig | None, bf16: bool, model, trainer, train_output,
+def _training_log(settings: FinetuneConfig, dga: DGAConfig | None, model, trainer, train_output,
                   data_info: tuple[dict, dict], final_eval: dict | None) -> dict[str, Any]:
-    """The JSON log of a run (settings, data, losses, evaluations, versions); the caller adds the times."""
+    """The JSON log of a run (settings, data, losses, evaluations, versions); the caller adds the times, the
+    parameter counts and the processes."""
     train_info, eval_info = data_info
     log = {
         "settings": settings.to_dict(),
         "dga": None if dga is None else dga.to_dict(),
-        "bf16": bf16,
+        "bf16": str(trainer.accelerator.mixed_precision) == "bf16",
         "device": str(next(model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": _trainable_count(model, settings.freeze_embeddings),
         "train_data": train_info,
         "eval_data": eval_info or None,
         "tokens_per_step": settings.context_length * settings.batch_size * settings.gradient_accumulation * trainer.args.world_size,
@@ -661,7 +714,12 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script (`dga-finetune`); its return value becomes the exit status, so it returns nothing."""
     settings = parse_args(argv)
-    result = finetune(settings, command=shlex.join(["dga-finetune", *(sys.argv[1:] if argv is None else argv)]))
+    try:
+        result = finetune(settings, command=shlex.join(["dga-finetune", *(sys.argv[1:] if argv is None else argv)]))
+    except LaunchError as error:
+        raise SystemExit(f"dga-finetune: {error}") from None
+    if distributed.rank() != 0:  # the first process speaks for all
+        return
     log = result.log
     final = log.get("final_eval") or {}
     summary = f"dga-finetune: {log['wall_seconds']} s, final training loss {log['losses'][-1]['loss'] if log['losses'] else 'n/a'}"

@@ -3,14 +3,18 @@
     dga-eval --quick --out runs/quick                 # ~minutes on a laptop CPU: 1K and 2K tokens
     dga-eval --config eval/configs/eval_full.json --out runs/full --device cuda --dtype bfloat16
     dga-eval --model Qwen/Qwen3-0.6B --device-map auto --config my_run.json
+    accelerate launch --multi_gpu --num_processes 2 $(which dga-eval) --config my_run.json --out runs/dp
 
-Writes OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png.
+Writes OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png. Under a launcher each
+process loads the model once and scores its share of the samples; the first process writes the results, the
+same as one process would (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import shlex
 import sys
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from dga_hf import distributed
 from dga_hf.environment import package_versions
 
-from .harness import run_tasks
+from .harness import Processes, run_tasks
 from .models import DEFAULT_MODEL, load_model, resolve_model_path
 from .report import write_report
 from .runconfig import dga_configs, load_run_config
@@ -37,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="local path or Hub name (default: the run configuration's, else the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--device-map", choices=["auto"], help="spread the model over the available GPUs (accelerate)")
+    parser.add_argument(
+        "--device-map", type=device_map_argument, metavar="auto|balanced|sequential|MAP.json",
+        help="spread the model's layers over devices (accelerate): a strategy of from_pretrained, or a JSON "
+        "object (file or inline) mapping module names to devices, e.g. {\"model.layers.0\": 0, ...}",
+    )
     parser.add_argument("--seed", type=int, help="overrides the run configuration's seed")
     parser.add_argument(
         "--threads", type=int,
@@ -47,7 +56,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick and args.config:
         parser.error("--quick and --config are alternatives: the quick run is eval/configs/eval_quick.json")
+    if distributed.world_size() > 1 and args.device_map:
+        parser.error(f"--device-map {args.device_map} spreads one model over the devices, but every process of a "
+                     f"launch loads a whole model: use several processes or a device map, not both")
+    if distributed.world_size() > 1 and args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device} names one device, but every process of a launch takes its own: "
+                     f"allowed values with several processes are cpu and cuda")
     return args
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_argument(value: str) -> str | dict:
+    """A `from_pretrained` strategy name, or a JSON object {module name: device} given inline or as a file."""
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    text = value if value.lstrip().startswith("{") else (Path(value).read_text() if Path(value).is_file() else None)
+    try:
+        device_map = None if text is None else json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{value!r} is not JSON ({error})") from None
+    if not isinstance(device_map, dict) or not all(isinstance(d, (str, int)) for d in device_map.values()):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is invalid: allowed values are {', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON object (inline "
+            f"or a file) mapping module names to devices (a name such as \"cpu\" or \"cuda:1\", or a GPU index)"
+        )
+    return device_map
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,24 +98,46 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if args.model:
         spec["model"] = args.model
     configs = dga_configs(spec)
+    processes, device = start_processes(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_model(spec.get("model"), dtype=args.dtype, device=args.device, device_map=args.device_map)
+    model, tokenizer = load_model(spec.get("model"), dtype=args.dtype, device=device, device_map=args.device_map)
+    print(f"dga-eval [process {processes.rank + 1} of {processes.count}]: model loaded on {model.device} in "
+          f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     layers = getattr(model.config, "num_hidden_layers", None)
     results = {"settings": run_settings(args, argv, spec, model), "configs": describe_configs(configs, spec, layers), "tasks": {}}
+    results["settings"]["processes"] = processes.count
 
     def save(task_results: dict) -> None:
         results["tasks"] = task_results
         results["settings"]["wall_seconds"] = round(time.perf_counter() - began, 1)
-        write_report(results, out)
+        if processes.rank == 0:  # every process holds the same results: one writes them
+            write_report(results, out)
 
-    save(run_tasks(model, tokenizer, spec, configs, out, on_task_done=save))
-    print((out / "report.md").read_text())
-    print(f"dga-eval: {results['settings']['wall_seconds']} s; results in {out}/")
+    save(run_tasks(model, tokenizer, spec, configs, out, on_task_done=save, processes=processes))
+    if processes.rank == 0:
+        print((out / "report.md").read_text())
+        print(f"dga-eval: {results['settings']['wall_seconds']} s; results in {out}/")
     return results
+
+
+def start_processes(device: str) -> tuple[Processes, str]:
+    """This process's place among those a launcher started, and the device it evaluates on: with several
+    processes, accelerate's process group (gloo on the CPU, nccl on GPUs) and its device for this process
+    (cuda:LOCAL_RANK)."""
+    try:
+        distributed.check_launch()
+    except distributed.LaunchError as error:
+        raise SystemExit(f"dga-eval: {error}") from None
+    if distributed.world_size() == 1:
+        return Processes(), device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return Processes(rank=state.process_index, count=state.num_processes), str(state.device)
 
 
 def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, model) -> dict:
@@ -91,6 +148,7 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(model.device),
         "device_map": args.device_map,
+        "hf_device_map": getattr(model, "hf_device_map", None),  # where from_pretrained put each module
         "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "dtype": args.dtype,

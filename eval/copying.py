@@ -106,7 +106,13 @@ def run(model, tokenizer, samples: list[CopySample], spec: dict, progress=None) 
         details.append({"accuracy": score(model, sample)})
         if progress is not None:
             progress.update(1)
-    return {"accuracy": sum(d["accuracy"] for d in details) / len(details)}, details
+    return summarize(details, spec), details
+
+
+def summarize(details: list[dict], spec: dict) -> dict:
+    """The metrics of a (configuration, length) from its samples' details (the harness gathers them from
+    every process first)."""
+    return {"accuracy": sum(d["accuracy"] for d in details) / len(details)}
 
 
 METRICS = {"accuracy": {"label": "copy token accuracy", "unit": "share", "higher_is_better": True, "compare": "diff"}}

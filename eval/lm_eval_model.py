@@ -6,17 +6,27 @@ command with `hf-dga` registered.
 
 Model arguments: `dga` = a preset name (default: the shipped default preset); `dga_<field>` = any
 `DGAConfig` field, cast to the field's type (`dga_dense_layers=0;1` for a list); all others go to `hf`.
+
+Several processes share the samples as with `hf` (docs/evaluation.md):
+
+    accelerate launch --multi_gpu --num_processes 2 -m dga_eval.lm_eval_model run --model hf-dga ...
+
+`hf` shares them only when it counts several GPUs (lm_eval/models/huggingface.py, 0.4.x); on a machine without
+CUDA `hf-dga` sets up accelerate's CPU process group (gloo) itself and shares them too, where `hf` would have
+every process score every sample.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 import dga_hf
-from dga_hf import DGAConfig
+from dga_hf import DGAConfig, distributed
 
 from .runconfig import named_dga_config
 
@@ -34,8 +44,18 @@ class DGAHFLM(HFLM):
     def __init__(self, pretrained, dga: str | None = None, **kwargs) -> None:
         fields = {name[len(PREFIX):]: kwargs.pop(name) for name in list(kwargs) if name.startswith(PREFIX)}
         self.dga_config = dga_config_from_model_args(dga, fields)  # before loading: bad settings fail fast
+        distributed.check_launch()
+        cpu_processes = distributed.world_size() > 1 and not torch.cuda.is_available() and isinstance(pretrained, str)
+        if cpu_processes:
+            from accelerate import PartialState
+
+            PartialState(cpu=True)  # before HFLM's Accelerator(), which then joins this gloo process group
         super().__init__(pretrained=pretrained, **kwargs)
+        if cpu_processes:  # hf takes its rank and world size from accelerate only when it counts several GPUs
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         dga_hf.patch(self.model, self.dga_config)
+        print(f"hf-dga [process {self.rank + 1} of {self.world_size}]: model loaded and patched on {self.device}",
+              file=sys.stderr, flush=True)
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "dga": self.dga_config.to_dict()}

@@ -63,10 +63,11 @@ def load_model(
     *,
     dtype: str = "float32",
     device: str = "cpu",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
 ):
-    """Model and tokenizer by path or Hub name (default: the embedded SmolLM2). `device_map="auto"`
-    spreads a large model over the available GPUs through accelerate."""
+    """Model and tokenizer by path or Hub name (default: the embedded SmolLM2). `device_map` ("auto", another
+    strategy of `from_pretrained`, or {module name: device}) spreads a large model over devices through
+    accelerate; the model then stays where the map put it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)

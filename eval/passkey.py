@@ -75,8 +75,13 @@ def run(model, tokenizer, samples: list[PasskeySample], spec: dict, progress=Non
         details.append({"depth": sample.depth, "key": sample.key, "answer": answer, "match": exact_match(answer, sample.key)})
         if progress is not None:
             progress.update(1)
-    accuracy = sum(d["match"] for d in details) / len(details)
-    return {"accuracy": accuracy}, details
+    return summarize(details, spec), details
+
+
+def summarize(details: list[dict], spec: dict) -> dict:
+    """The metrics of a (configuration, length) from its samples' details (the harness gathers them from
+    every process first)."""
+    return {"accuracy": sum(d["match"] for d in details) / len(details)}
 
 
 METRICS = {"accuracy": {"label": "passkey exact match", "unit": "share", "higher_is_better": True, "compare": "diff"}}

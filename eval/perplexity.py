@@ -43,8 +43,14 @@ def run(model, tokenizer, windows: list[torch.Tensor], spec: dict, progress=None
         nlls.append(second_half_nll(model, window))
         if progress is not None:
             progress.update(1)
-    details = [{"perplexity": math.exp(nll / count), "tokens": count} for nll, count in nlls]
-    return {"perplexity": pooled_perplexity(nlls)}, details
+    details = [{"perplexity": math.exp(nll / count), "nll": nll, "tokens": count} for nll, count in nlls]
+    return summarize(details, spec), details
+
+
+def summarize(details: list[dict], spec: dict) -> dict:
+    """The metrics of a (configuration, length) from its windows' details (the harness gathers them from
+    every process first): the perplexity pooled over every scored token."""
+    return {"perplexity": pooled_perplexity([(d["nll"], d["tokens"]) for d in details])}
 
 
 METRICS = {"perplexity": {"label": "perplexity (second half of each window)", "unit": "", "higher_is_better": False, "compare": "diff"}}

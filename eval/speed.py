@@ -41,8 +41,13 @@ def run(model, tokenizer, prompts: list[list[int]], spec: dict, progress=None) -
             })
             if progress is not None:
                 progress.update(1)
-    metrics = {name: _median(d[name] for d in details) for name in METRICS}
-    return metrics, details
+    return summarize(details, spec), details
+
+
+def summarize(details: list[dict], spec: dict) -> dict:
+    """The metrics of a length from its repeats' details (the harness gathers them from every process
+    first): the median of each."""
+    return {name: _median(d[name] for d in details) for name in METRICS}
 
 
 def _median(values) -> float | None:

@@ -2,6 +2,7 @@
 
 - models: `ARCHS`, `TINY_CONFIG`, `tiny_config`, `make_model`, `save_tiny_model`, `random_ids`, `left_pad`,
   and the sparse settings `SPARSE_PAPER_LIKE` / `SPARSE_SINKS_LOGSIZE` they are patched with;
+- training and evaluation runs: `char_tokenizer`, `save_char_model` (a tiny model of it), `repeated_text`;
 - operator inputs: `qkv`, `left_padding`, the hypothesis strategy `dga_config_strategy`, and
   `dense_reference` (causal softmax attention in float64, what exact DGA settings must equal; docs/spec.md);
 - decode state: `DECODE_CFG`, `decode_qkv`, `run_cache` (a prompt then steps through one DGACache layer) and
@@ -14,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
+import string
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from transformers import (
     MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -116,6 +120,29 @@ def save_tiny_model(path: Path, tokenizer, arch: str = "llama", *, seed: int = 0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (printable ASCII), <eos> = 1: no download, same on every version."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(sorted(set(string.printable)))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_char_model(path: Path, arch: str = "llama", dga: DGAConfig | None = None) -> Path:
+    """A tiny model of the character tokenizer (<eos> = 1 ends and pads), tied embeddings, saved with it."""
+    return save_tiny_model(path, char_tokenizer(), arch, dga=dga, max_position_embeddings=1024, eos_token_id=1,
+                           pad_token_id=1, tie_word_embeddings=True)
+
+
+def repeated_text(seed: int = 0, length: int = 240, copies: int = 12) -> str:
+    """`copies` repetitions of `length` random characters: text a tiny model learns in a few steps."""
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefghijklmnop \n") for _ in range(length)) * copies
 
 
 def random_ids(*shape: int, seed: int | None = None) -> torch.Tensor:

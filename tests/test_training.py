@@ -11,45 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import re
-import string
 from importlib import resources
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dga_hf
 from dga_hf import DGAConfig, integration
 from dga_hf import training
 from dga_hf.training import FinetuneConfig, finetune
-from helpers import save_tiny_model
+from helpers import char_tokenizer, repeated_text, save_char_model
 
 PAPER = DGAConfig.preset("paper")
 CONTEXT = 96  # > 4 blocks of 16: the paper preset keeps ~10 focal tokens, 1 local block and aggregates
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (printable ASCII), <eos> = 1: no download, same on every version."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(sorted(set(string.printable)))}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-
-
-def save_char_model(path, arch: str = "llama", dga: DGAConfig | None = None):
-    """A tiny model of the character tokenizer (<eos> = 1 ends and pads), tied embeddings."""
-    return save_tiny_model(path, char_tokenizer(), arch, dga=dga, max_position_embeddings=1024, eos_token_id=1,
-                           pad_token_id=1, tie_word_embeddings=True)
-
-
-def repeated_text(seed: int = 0, length: int = 240, copies: int = 12) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice("abcdefghijklmnop \n") for _ in range(length)) * copies
 
 
 @pytest.fixture(scope="module")
