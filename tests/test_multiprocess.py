@@ -215,14 +215,7 @@ def dga_value_dtypes():
         integration.dga_attention = original
 
 
-@pytest.mark.parametrize("backend", [
-    "naive",
-    pytest.param("torch", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="bug: the PyTorch backend's stage-5 backward (dga_hf/ops/autograd.py _StageFive, torch_backend."
-               "attend_backward) runs outside the forward's autocast, on inputs of mixed dtypes (bf16 values, "
-               "float32 queries, keys and aggregates): 'expected m1 and m2 to have the same dtype'")),
-])
+@pytest.mark.parametrize("backend", ["naive", "torch"])
 def test_bf16_autocast_with_gradient_checkpointing_trains_dga_on_the_cpu(finetune_data, backend):
     """Mixed precision on the CPU is bf16 autocast: DGA then runs on bf16 values, checkpointing runs each
     layer twice, and the losses follow float32's to bf16's precision (measured: 5e-4 relative at most)."""

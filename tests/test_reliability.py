@@ -152,6 +152,23 @@ def test_mixed_dtypes_are_refused_on_both_paths(config, dtypes):
         dense_attention(q, k, v)
 
 
+@pytest.mark.parametrize("config", [SPARSE, DENSE_PATH], ids=["dga", "dense path"])
+def test_under_autocast_mixed_dtypes_run_in_the_autocast_dtype_on_both_paths(config):
+    """Mixed precision hands attention mixed dtypes (a bf16 value projection, float32 rotated queries and
+    keys): under autocast both paths compute in the autocast dtype, as autocast does for PyTorch's attention,
+    and give what all-bf16 inputs give; outside autocast the same inputs are refused (above)."""
+    from dga_hf import dense_attention, dga_attention
+
+    q, k, v = (x.float() for x in _qkv())
+    v = v.to(torch.bfloat16)
+    as_bf16 = [x.to(torch.bfloat16) for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for attention, args in ((dga_attention, (config,)), (lambda *x: dense_attention(*x), ())):
+            out = attention(q, k, v, *args)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, attention(*as_bf16, *args), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5, -3.0])
 @pytest.mark.parametrize("padded", [False, True])
 def test_dense_fallback_agrees_with_dga_for_scale_at_most_zero(scale, padded):

@@ -34,15 +34,21 @@ class _StageFive(torch.autograd.Function):
         # the differentiable tensors travel through save_for_backward only
         ctx.layout = replace(layout, **dict.fromkeys(_DIFFERENTIABLE_FIELDS))
         ctx.backend, ctx.config, ctx.scale = backend, config, scale
+        # the backward recomputes the forward's products: under autocast it must run them in the same
+        # precision (what torch.amp.custom_fwd / custom_bwd do, for whichever device the inputs are on)
+        device = query.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, focal_key, focal_value, agg_key, agg_value, out, lse = ctx.saved_tensors
         layout = replace(ctx.layout, focal_key=focal_key, focal_value=focal_value, agg_key=agg_key, agg_value=agg_value)
-        grads = ctx.backend.attend_backward(
-            query, key, value, layout, ctx.config, ctx.scale, out, lse, grad_out.contiguous()
-        )
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grads = ctx.backend.attend_backward(
+                query, key, value, layout, ctx.config, ctx.scale, out, lse, grad_out.contiguous()
+            )
         return (None, None, None, None, *grads)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inputs import boolean_padding_mask, check_attention_inputs, checked_scale
+from .inputs import autocast_inputs, boolean_padding_mask, check_attention_inputs, checked_scale
 
 
 def dense_attention(
@@ -21,6 +21,7 @@ def dense_attention(
     of the keys (prefill, chunked prefill and decoding with a dynamic cache). padding_mask [B, kv_len]
     (bool or 0/1, True/1 = real token). Padded query rows return zeros. Inputs are validated as by
     `dga_attention` (`inputs.check_attention_inputs`); any finite scale, default 1/sqrt(d)."""
+    query, key, value = autocast_inputs(query, key, value)
     check_attention_inputs(query, key, value, prefill=False)
     padding_mask = boolean_padding_mask(padding_mask, key.shape[0], key.shape[-2])
     if scale is not None and checked_scale(scale, query.shape[-1]) <= 0:

@@ -12,7 +12,7 @@ import torch
 from ..config import BACKENDS, DGAConfig, resolve_config
 from . import autograd, torch_backend
 from .dense import dense_attention
-from .inputs import boolean_padding_mask, check_attention_inputs, checked_scale
+from .inputs import autocast_inputs, boolean_padding_mask, check_attention_inputs, checked_scale
 from .layout import build_layout, compact_padding, compute_dtype, uncompact
 from .naive import naive_dga_attention
 
@@ -79,6 +79,7 @@ def dga_attention(
     Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
     settings = resolve_config(config)
+    query, key, value = autocast_inputs(query, key, value)
     check_attention_inputs(query, key, value, prefill=True)
     batch, q_heads, seq_len, head_dim = query.shape
     padding_mask = boolean_padding_mask(padding_mask, batch, seq_len)

@@ -12,6 +12,22 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def autocast_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, query, key and value in the autocast dtype, as autocast hands them to PyTorch's
+    attention (mixed precision leaves them mixed: a bf16 projection, then a float32 rotary embedding); else as
+    they are, and `check_attention_inputs` refuses mixed dtypes."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        return query, key, value
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, prefill: bool) -> None:
     """query [B, Hq, q_len, d], key [B, Hkv, kv_len, d], value [B, Hkv, kv_len, dv]: one floating dtype, one
     device, Hq a multiple of Hkv, and q_len == kv_len for a prefill (`dga_attention`) or q_len <= kv_len
