@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
+import pickle
 
 import pytest
 import torch
@@ -493,6 +496,33 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert "_prepare_cache_for_generation" not in model.__dict__  # a rejected option installs nothing
     dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
     assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
+
+
+@pytest.mark.parametrize("round_trip", ["pickle", "torch.save", "deepcopy"])
+def test_model_with_decoding_enabled_round_trips_through_pickle(round_trip):
+    """A model after enable_decoding pickles and unpickles (pickle, and torch.save / torch.load with
+    weights_only=False; deepcopy, which worked before, alongside): the copy keeps its generate() hook, bound
+    to the copy, and decodes the same tokens with a DGACache and the same options."""
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model("llama"), SPARSE_DECODING), mode="compact")
+    ids = random_ids(1, 40, seed=24)
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    before = model.generate(**kwargs)
+    if round_trip == "pickle":
+        restored = pickle.loads(pickle.dumps(model))
+    elif round_trip == "deepcopy":
+        restored = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+    assert restored is not model and dga_hf.decoding.decoding_options(restored) == DecodingConfig(mode="compact")
+    after = restored.generate(**kwargs)
+    assert isinstance(cache_of(after), DGACache) and cache_of(after).options.mode == "compact"
+    assert torch.equal(after.sequences, before.sequences)
+    dga_hf.disable_decoding(restored)  # the copy's hook is the copy's: removing it leaves the original's
+    assert type(cache_of(restored.generate(**kwargs))) is DynamicCache
+    assert isinstance(cache_of(model.generate(**kwargs)), DGACache)
 
 
 def test_static_cache_and_beam_search():
