@@ -31,7 +31,7 @@ from dga_hf.decoding.storage import CompactStorage
 from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
 from dga_hf.rule import focal_budget, focal_count
 from helpers import (
-    ARCHS, DECODE_CFG, DECODE_SCALE, VOCAB, decode_qkv, decode_reference, left_pad, make_model, random_ids, run_cache,
+    ARCHS, DECODE_CFG, DECODE_SCALE, VOCAB, decode_qkv, decode_reference, dense_reference, left_pad, make_model, random_ids, run_cache,
 )
 from helpers import DECODE_GROUP as G, DECODE_HEAD_DIM as D, DECODE_KV_HEADS as H
 
@@ -281,6 +281,34 @@ def test_dense_layer_is_dense_attention(mode):
     assert isinstance(cache.layers[0].state.storage, CompactStorage)  # nothing to re-select: no archive
 
 
+# docs/spec.md's exact settings, each with the rest of DECODE_CFG (sinks, log-size bias, two local blocks);
+# 130 tokens: 17 blocks of 8 cover the whole sequence
+EXACT_SETTINGS = {
+    "group_size=1": DECODE_CFG.replace(group_size=1),
+    "focal_ratio=1": DECODE_CFG.replace(focal_ratio=1.0),
+    "local_blocks>=ceil(L/m)": DECODE_CFG.replace(local_blocks=17),
+}
+
+
+@pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
+@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
+@pytest.mark.parametrize("setting", list(EXACT_SETTINGS))
+def test_exact_settings_are_dense_attention_in_every_step(setting, mode, expand, steps):
+    """docs/spec.md's invariants hold through decoding and chunked prefill (docs/decoding.md, "Exact
+    settings"): group_size=1, focal_ratio=1 and a window covering the sequence give dense attention at every
+    position, with refreshes or none, on a left-padded batch. Tokens leave the 16-token window (one-token
+    steps, the 30-token chunk) between refreshes: with focal_ratio=1 they used to be aggregated."""
+    cfg = EXACT_SETTINGS[setting]
+    q, k, v = decode_qkv(2, 130, seed=25)
+    mask = torch.ones(2, 130, dtype=torch.bool)
+    mask[1, :11] = False
+    fed = 70 + sum(steps)
+    dense = dense_reference(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], mask[:, :fed])
+    for every in (None, 9):
+        out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, mask=mask, expand=expand)
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-12, msg=lambda text: f"refresh_every={every}: {text}")
+
+
 def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
     q, k, v = decode_qkv(1, 160, seed=8)
     steps = [1] * 60 + [30]
@@ -451,14 +479,20 @@ def test_generate_sampling_compact(arch):
     assert first.sequences.shape == (2, 120) and int(first.sequences.max()) < VOCAB
 
 
+@pytest.mark.parametrize("options", [dict(mode="compact", refresh_every=3), dict(mode="compact", refresh_every=None),
+                                     dict(mode="keep_full", refresh_every=None, expand_blocks=0, dense_share=None)],
+                         ids=["compact-every-3", "compact-never", "keep_full-never"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_exact_settings_decode_like_dense(arch):
-    """focal_ratio=1: DGA is dense attention, in prefill and in every decoding step."""
+def test_exact_settings_decode_like_dense(arch, options):
+    """focal_ratio=1 through generate(): the prefill and every decoded token are dense attention (same
+    tokens, scores to float32 rounding). 30 new tokens: the first ones leave the 16-token window, and
+    with refresh_every=None no refresh ever brings them back into F (docs/decoding.md, "Exact settings");
+    keep_full without dense steps and block expansion, either of which reads every old token raw here."""
     model = make_decoding_model(arch)
     ids, mask, _ = left_pad([random_ids(60, seed=18), random_ids(45, seed=19)])
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
     dense = model.generate(**kwargs)
-    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(focal_ratio=1.0)), mode="compact", refresh_every=3)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(focal_ratio=1.0)), **options)
     patched = model.generate(**kwargs)
     assert isinstance(cache_of(patched), DGACache)
     assert torch.equal(patched.sequences, dense.sequences)

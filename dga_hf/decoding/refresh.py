@@ -47,7 +47,7 @@ def refresh_archive(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
     real = (positions[None, :] < lengths[:, None])[:, None, :]  # [B, 1, T]
     probe_query, probe_pos = probes(tokens, config.probe_queries)
     score = importance(probe_query, probe_pos, storage.arch_k[:, :, :top], positions.view(1, 1, -1), scale, real)
-    budget = focal_budgets(rows.lengths, config, device, settings.dense_layer).view(batch, 1, 1)
+    budget = focal_budgets(rows.lengths, config, device, settings.all_focal).view(batch, 1, 1)
     previous = torch.zeros(batch, heads, top + 1, dtype=torch.bool, device=device)
     previous = previous.scatter_(2, buffers.focal_pos[:, :, : buffers.focal_hi].clamp(max=top), True)[..., :top]
     score, budget = keep_idle_rows(score, budget, previous, tokens.counts, buffers.focal_cnt)
@@ -111,7 +111,7 @@ def refresh_compact(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
 
     probe_query, probe_pos = probes(tokens, config.probe_queries)
     score = importance(probe_query, probe_pos, cand_k, cand_pos, scale, eligible)
-    budget = focal_budgets(rows.lengths, config, device, settings.dense_layer).view(batch, 1, 1)
+    budget = focal_budgets(rows.lengths, config, device, settings.all_focal).view(batch, 1, 1)
     was_focal = torch.cat([eligible[..., :slots], torch.zeros_like(from_ring)], dim=2)
     score, budget = keep_idle_rows(score, budget, was_focal, tokens.counts, buffers.focal_cnt)
     chosen = select_focal(score, eligible, cand_pos < config.sink_tokens, budget, cand_pos)
