@@ -16,6 +16,7 @@ import copy
 import inspect
 import io
 import pickle
+import time
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from dga_hf.decoding.storage import CompactStorage
 from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
 from dga_hf.rule import focal_budget, focal_count
 from helpers import (
-    ARCHS, DECODE_CFG, DECODE_SCALE, VOCAB, decode_qkv, decode_reference, dense_reference, left_pad, make_model, random_ids, run_cache,
+    ARCHS, DECODE_CFG, DECODE_SCALE, DEVICES, VOCAB, decode_qkv, decode_reference, dense_reference, left_pad, make_model, random_ids, run_cache,
 )
 from helpers import DECODE_GROUP as G, DECODE_HEAD_DIM as D, DECODE_KV_HEADS as H
 
@@ -365,6 +366,62 @@ def test_bfloat16_runs_and_stays_close(mode):
 # ------------------------------------------------------------------------------------------------ memory and cost
 
 
+@pytest.mark.parametrize("mode,expand", [("keep_full", 2), ("compact", 0)])
+def test_rings_grow_with_the_rows_up_to_the_window(mode, expand):
+    """Below the window a ring holds a power of two >= the longest row (every position at its own slot)
+    and grows with the rows up to the window: W = n * m tokens for the ring, n blocks for compact's q_bar
+    (docs/decoding.md, "Memory and cost"). The outputs equal the transcription across the growth: one-token
+    steps and chunks, refreshes, and a left-padded row 11 tokens shorter than the other."""
+    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    window = cfg.group_size * cfg.local_blocks
+    q, k, v = decode_qkv(2, 150, seed=27)
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, :11] = False
+    _, cache = run_cache(q, k, v, cfg, 20, [], mode, 9, mask=mask, expand=expand)
+    state = cache.layers[0].state
+    assert state.buffers.ring_k.shape[2] == 32  # 20 tokens, not 96
+    if mode == "compact":
+        assert state.storage.qbar.shape[2] == 4  # 3 blocks begun, not 12
+    steps = [1] * 20 + [25] + [1] * 30 + [40] + [1] * 10
+    out, cache = run_cache(q, k, v, cfg, 20, steps, mode, 9, mask=mask, expand=expand)
+    state = cache.layers[0].state
+    assert state.buffers.ring_k.shape[2] == window and state.rows.lengths == [145, 134]
+    if mode == "compact":
+        assert state.storage.qbar.shape[2] == cfg.local_blocks
+    for b, pad in enumerate([0, 11]):
+        row = (slice(b, b + 1), slice(None), slice(pad, None))
+        expected = decode_reference(q[row], k[row], v[row], cfg, 20 - pad, steps, mode, 9, expand=expand)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,expand", [("keep_full", 2), ("compact", 0)])
+def test_rings_grow_under_the_triton_decode_kernels(mode, expand, device, monkeypatch):
+    """The same growth with the one-token steps in the Triton decode kernels (they see rings of 32, 64,
+    then the 96-token window; a chunk between, on the PyTorch path), against the transcription at float32
+    tolerances (those of tests/test_triton_decode.py)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dga_hf.ops import triton_decode
+
+    ring_lengths = []
+    original = triton_decode.attend_step
+
+    def recorded(*args, **kwargs):
+        ring_lengths.append(args[5][0].shape[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "attend_step", recorded)
+    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    q, k, v = decode_qkv(1, 132, seed=28)
+    steps = [1] * 16 + [60] + [1] * 16
+    expected = decode_reference(q, k, v, cfg, 20, steps, mode, 9, expand=expand)
+    q, k, v = (x.float().to(device) for x in (q, k, v))
+    out, cache = run_cache(q, k, v, cfg.replace(backend="triton"), 20, steps, mode, 9, expand=expand)
+    state = cache.layers[0].state
+    assert state.fused and sorted(set(ring_lengths)) == [32, 64, 96] and len(ring_lengths) == 32
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)
+
+
 def test_compact_memory_and_keys_read():
     """compact holds ~gamma + 1/m + n*m/t of the dense KV bytes; a decode step reads |F| + old blocks + n*m keys."""
     cfg = DGAConfig(group_size=16, focal_ratio=0.1, probe_queries=16, local_blocks=2, min_seq_len=0, backend="torch")
@@ -498,6 +555,31 @@ def test_exact_settings_decode_like_dense(arch, options):
     assert torch.equal(patched.sequences, dense.sequences)
     for a, b in zip(patched.scores, dense.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,most", [("keep_full", 4.5), ("compact", 2.5)])
+def test_cache_memory_follows_the_sequence_not_the_window(mode, most):
+    """A DGACache holds what the sequence needs, never a window's worth (issue #16 item 7): a 24-token prompt
+    and 8 generated tokens in the tiny two-layer model, windows of 32768 and 10**6 blocks of 4 tokens,
+    hold the same bytes, within `most` times a DynamicCache's (measured 3.9x keep_full: archive, ring and
+    the spares of both; 1.8x compact), in well under a second. Before, 32768 blocks held 266 MiB and
+    10**6 did not finish in 15 minutes. The window covers the sequence: the tokens are dense attention's."""
+    model = make_decoding_model("llama")
+    ids = random_ids(1, 24, seed=26)
+    kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    dense = model.generate(**kwargs)
+    dense_bytes = dga_hf.decoding.cache_nbytes(cache_of(dense))
+    held = {}
+    for local_blocks in (32768, 10**6):
+        dga_hf.patch(model, SPARSE_DECODING.replace(group_size=4, local_blocks=local_blocks))
+        cache = DGACache(model, mode=mode, **({"dense_share": None} if mode == "keep_full" else {}))
+        start = time.perf_counter()
+        out = model.generate(**kwargs, **{CACHE: cache})
+        assert time.perf_counter() - start < 30
+        held[local_blocks] = cache.kv_bytes()
+        assert held[local_blocks] <= most * dense_bytes, (local_blocks, held[local_blocks] / dense_bytes)
+        assert torch.equal(out.sequences, dense.sequences)
+    assert held[32768] == held[10**6]
 
 
 def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
