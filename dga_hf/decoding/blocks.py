@@ -50,7 +50,8 @@ def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -
         return x[:, :, :span].reshape(batch, heads, whole, m, x.shape[-1])
 
     block_keys = blocked(key)  # cut once for the aggregates and the key bounds
-    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], block_keys, blocked(value), members, scale)
+    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], block_keys, blocked(value), members,
+                                                      scale)
     return PrefillBlocks(query_bar, agg_key, agg_value, lse, count, block_keys)
 
 

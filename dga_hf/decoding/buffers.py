@@ -11,15 +11,17 @@ Shapes: B rows, H kv heads, d head dim, each row in compacted coordinates (its r
     -inf for an empty block), agg_cnt [B, H, NBcap] (members), agg_bias [B, H, NBcap] (stage 5's logit bias)
 Every capacity follows the sequence, never the settings alone (docs/decoding.md, "Memory and cost"): the
 prefill sizes buffers for the prompt plus `PrefillCapacity`'s spare, and they grow geometrically (GROWTH,
-GROWTH_STEP; rings by powers of two up to their period: `ring_size`); unused slots are masked by position, never read.
+GROWTH_STEP; rings by powers of two up to their period: `ring_size`); unused slots are masked by position,
+never read.
 
 The packed workspace. A one-token PyTorch step runs one SDPA over focal, aggregate and ring keys (then the
 expanded blocks' tokens): `packed()` makes focal_k, agg_k and ring_k views of one tensor ws_k [B, H, N, d]
 (focal_v, agg_v, ring_v of ws_v), followed by `tail` rows (up to E * m, as many as the old blocks need)
-that the step fills with the expanded blocks. Aliasing rule: an in-place write to one of those six buffers (a new token in the ring, a closed
-block's aggregate, a dense row's new focal token) lands in the workspace; assigning a new tensor to one
-(growth, a refresh, a fold, a chunk's ring, row selection) leaves the workspace stale, and `packed()`
-notices it (each buffer must still *be* the view it handed out: an `is` check) and packs again.
+that the step fills with the expanded blocks. Aliasing rule: an in-place write to one of those six buffers
+(a new token in the ring, a closed block's aggregate, a dense row's new focal token) lands in the
+workspace; assigning a new tensor to one (growth, a refresh, a fold, a chunk's ring, row selection) leaves
+the workspace stale, and `packed()` notices it (each buffer must still *be* the view it handed out: an
+`is` check) and packs again.
 """
 
 from __future__ import annotations
@@ -129,10 +131,10 @@ def focal_buffer(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 class RawKeys:
     """The raw tokens a step reads: the ring, and for a chunk its tokens after it (`raw_index`)."""
 
-    keys: torch.Tensor  # [B, H, W (+ q), d]
+    keys: torch.Tensor  # [B, H, R (+ q), d]
     values: torch.Tensor
-    positions: torch.Tensor  # [B, W (+ q)], -1 = empty slot or padded token
-    focal: torch.Tensor  # [B, H, W (+ q)] bool
+    positions: torch.Tensor  # [B, R (+ q)], -1 = empty slot or padded token
+    focal: torch.Tensor  # [B, H, R (+ q)] bool
 
 
 def raw_index(pos: torch.Tensor, start: torch.Tensor, slots: int, chunk: bool) -> torch.Tensor:
@@ -145,9 +147,9 @@ def raw_index(pos: torch.Tensor, start: torch.Tensor, slots: int, chunk: bool) -
 
 class Rows:
     """Host bookkeeping of the batch rows: `lengths` (real tokens per row) and `dense` (rows still dense:
-    a dense layer, or shorter than min_seq_len) drive the control flow. Their device copies are cached and
-    rebuilt only when a list is replaced, so that a step without padding copies nothing from the host (on
-    a GPU such copies would serialise the stream)."""
+    an all-focal layer, or shorter than min_seq_len) drive the control flow. Their device copies are
+    cached and rebuilt only when a list is replaced, so that a step without padding copies nothing from
+    the host (on a GPU such copies would serialise the stream)."""
 
     def __init__(self, lengths: list[int], dense: list[bool]):
         self.lengths = lengths
@@ -220,7 +222,8 @@ class DecodeBuffers:
     SELECTED = ("focal_k", "focal_v", "focal_pos", "focal_cnt", "ring_k", "ring_v", "ring_pos", "ring_focal",
                 "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt")
 
-    def __init__(self, prefill, blocks, dense_rows: list[bool], window: int, group_bias: str, capacity: PrefillCapacity):
+    def __init__(self, prefill, blocks, dense_rows: list[bool], window: int, group_bias: str,
+                 capacity: PrefillCapacity):
         key, value, focal = prefill.key, prefill.value, prefill.focal
         seq_len = focal.shape[-1]
         self.window = window
@@ -255,6 +258,7 @@ class DecodeBuffers:
 
     @property
     def ring_slots(self) -> int:
+        """R, the ring's slots now (slot = position % R)."""
         return self.ring_pos.shape[1]
 
     def ensure_capacity(self, blocks: int, focal_slots: int | None, length: int) -> None:

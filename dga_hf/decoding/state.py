@@ -106,8 +106,8 @@ class DGADecodeState:
             return self._step(query, key, value, padding_mask, scale)
 
     def _prefill(self, query, key, value, padding_mask, config: DGAConfig, scale: float, dense_layer: bool) -> torch.Tensor:
-        """The prompt's attention (dense where the row is: a dense layer, or shorter than min_seq_len), then
-        the state from its selection."""
+        """The prompt's attention (dense where the row is: an all-focal layer, or shorter than
+        min_seq_len), then the state from its selection."""
         settings = DecodeSettings.resolve(self.options, config, dense_layer, query.dtype)
         prefill = dispatch.prefill(query, key, value, config, scale=scale, padding_mask=padding_mask,
                                    dense=settings.is_dense(query.shape[2]))
@@ -136,7 +136,7 @@ class DGADecodeState:
         buffers.ensure_capacity(blocks, focal_slots, max(tokens.new))
         storage.ensure_capacity(blocks, tokens, focal_slots)
         storage.append(tokens)
-        if any_dense:  # rows still dense (shorter than min_seq_len, or a dense layer): new tokens join F
+        if any_dense:  # rows still dense (below min_seq_len, or an all-focal layer): new tokens join F
             storage.new_focal_slots(buffers.append_focal(tokens, self.rows.dense))
         raw = buffers.raw_keys(tokens)
         closed = close_blocks(buffers, tokens, raw, settings.group_size, scale, settings.compute_dtype)

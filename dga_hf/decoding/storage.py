@@ -96,8 +96,9 @@ class ArchiveStorage(_Policy):
 
 
 class CompactStorage(_Policy):
-    """compact mode, and every dense layer: a non-focal token is dropped once it leaves the local window
-    (it lives on in its block's aggregate); a refresh re-ranks the tokens still held.
+    """compact mode, and every all-focal layer (`DecodeSettings.all_focal`): a non-focal token is dropped
+    once it leaves the local window (it lives on in its block's aggregate); a refresh re-ranks the tokens
+    still held.
 
       qbar [B, H, S, d] (compute dtype): q_bar of the window's blocks, a ring of period n (`qbar_slot`;
         of the blocks sharing a slot, the latest), to re-aggregate a window block from the ring; S =
