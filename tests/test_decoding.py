@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
+import pickle
+import time
 
 import pytest
 import torch
@@ -28,7 +32,7 @@ from dga_hf.decoding.storage import CompactStorage
 from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attention
 from dga_hf.rule import focal_budget, focal_count
 from helpers import (
-    ARCHS, DECODE_CFG, DECODE_SCALE, VOCAB, decode_qkv, decode_reference, left_pad, make_model, random_ids, run_cache,
+    ARCHS, DECODE_CFG, DECODE_SCALE, DEVICES, VOCAB, decode_qkv, decode_reference, dense_reference, left_pad, make_model, random_ids, run_cache,
 )
 from helpers import DECODE_GROUP as G, DECODE_HEAD_DIM as D, DECODE_KV_HEADS as H
 
@@ -278,6 +282,34 @@ def test_dense_layer_is_dense_attention(mode):
     assert isinstance(cache.layers[0].state.storage, CompactStorage)  # nothing to re-select: no archive
 
 
+# docs/spec.md's exact settings, each with the rest of DECODE_CFG (sinks, log-size bias, two local blocks);
+# 130 tokens: 17 blocks of 8 cover the whole sequence
+EXACT_SETTINGS = {
+    "group_size=1": DECODE_CFG.replace(group_size=1),
+    "focal_ratio=1": DECODE_CFG.replace(focal_ratio=1.0),
+    "local_blocks>=ceil(L/m)": DECODE_CFG.replace(local_blocks=17),
+}
+
+
+@pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
+@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
+@pytest.mark.parametrize("setting", list(EXACT_SETTINGS))
+def test_exact_settings_are_dense_attention_in_every_step(setting, mode, expand, steps):
+    """docs/spec.md's invariants hold through decoding and chunked prefill (docs/decoding.md, "Exact
+    settings"): group_size=1, focal_ratio=1 and a window covering the sequence give dense attention at every
+    position, with refreshes or none, on a left-padded batch. Tokens leave the 16-token window (one-token
+    steps, the 30-token chunk) between refreshes: with focal_ratio=1 they used to be aggregated."""
+    cfg = EXACT_SETTINGS[setting]
+    q, k, v = decode_qkv(2, 130, seed=25)
+    mask = torch.ones(2, 130, dtype=torch.bool)
+    mask[1, :11] = False
+    fed = 70 + sum(steps)
+    dense = dense_reference(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], mask[:, :fed])
+    for every in (None, 9):
+        out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, mask=mask, expand=expand)
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-12, msg=lambda text: f"refresh_every={every}: {text}")
+
+
 def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
     q, k, v = decode_qkv(1, 160, seed=8)
     steps = [1] * 60 + [30]
@@ -332,6 +364,62 @@ def test_bfloat16_runs_and_stays_close(mode):
 
 
 # ------------------------------------------------------------------------------------------------ memory and cost
+
+
+@pytest.mark.parametrize("mode,expand", [("keep_full", 2), ("compact", 0)])
+def test_rings_grow_with_the_rows_up_to_the_window(mode, expand):
+    """Below the window a ring holds a power of two >= the longest row (every position at its own slot)
+    and grows with the rows up to the window: W = n * m tokens for the ring, n blocks for compact's q_bar
+    (docs/decoding.md, "Memory and cost"). The outputs equal the transcription across the growth: one-token
+    steps and chunks, refreshes, and a left-padded row 11 tokens shorter than the other."""
+    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    window = cfg.group_size * cfg.local_blocks
+    q, k, v = decode_qkv(2, 150, seed=27)
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, :11] = False
+    _, cache = run_cache(q, k, v, cfg, 20, [], mode, 9, mask=mask, expand=expand)
+    state = cache.layers[0].state
+    assert state.buffers.ring_k.shape[2] == 32  # 20 tokens, not 96
+    if mode == "compact":
+        assert state.storage.qbar.shape[2] == 4  # 3 blocks begun, not 12
+    steps = [1] * 20 + [25] + [1] * 30 + [40] + [1] * 10
+    out, cache = run_cache(q, k, v, cfg, 20, steps, mode, 9, mask=mask, expand=expand)
+    state = cache.layers[0].state
+    assert state.buffers.ring_k.shape[2] == window and state.rows.lengths == [145, 134]
+    if mode == "compact":
+        assert state.storage.qbar.shape[2] == cfg.local_blocks
+    for b, pad in enumerate([0, 11]):
+        row = (slice(b, b + 1), slice(None), slice(pad, None))
+        expected = decode_reference(q[row], k[row], v[row], cfg, 20 - pad, steps, mode, 9, expand=expand)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,expand", [("keep_full", 2), ("compact", 0)])
+def test_rings_grow_under_the_triton_decode_kernels(mode, expand, device, monkeypatch):
+    """The same growth with the one-token steps in the Triton decode kernels (they see rings of 32, 64,
+    then the 96-token window; a chunk between, on the PyTorch path), against the transcription at float32
+    tolerances (those of tests/test_triton_decode.py)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dga_hf.ops import triton_decode
+
+    ring_lengths = []
+    original = triton_decode.attend_step
+
+    def recorded(*args, **kwargs):
+        ring_lengths.append(args[5][0].shape[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "attend_step", recorded)
+    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    q, k, v = decode_qkv(1, 132, seed=28)
+    steps = [1] * 16 + [60] + [1] * 16
+    expected = decode_reference(q, k, v, cfg, 20, steps, mode, 9, expand=expand)
+    q, k, v = (x.float().to(device) for x in (q, k, v))
+    out, cache = run_cache(q, k, v, cfg.replace(backend="triton"), 20, steps, mode, 9, expand=expand)
+    state = cache.layers[0].state
+    assert state.fused and sorted(set(ring_lengths)) == [32, 64, 96] and len(ring_lengths) == 32
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)
 
 
 def test_compact_memory_and_keys_read():
@@ -448,19 +536,50 @@ def test_generate_sampling_compact(arch):
     assert first.sequences.shape == (2, 120) and int(first.sequences.max()) < VOCAB
 
 
+@pytest.mark.parametrize("options", [dict(mode="compact", refresh_every=3), dict(mode="compact", refresh_every=None),
+                                     dict(mode="keep_full", refresh_every=None, expand_blocks=0, dense_share=None)],
+                         ids=["compact-every-3", "compact-never", "keep_full-never"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_exact_settings_decode_like_dense(arch):
-    """focal_ratio=1: DGA is dense attention, in prefill and in every decoding step."""
+def test_exact_settings_decode_like_dense(arch, options):
+    """focal_ratio=1 through generate(): the prefill and every decoded token are dense attention (same
+    tokens, scores to float32 rounding). 30 new tokens: the first ones leave the 16-token window, and
+    with refresh_every=None no refresh ever brings them back into F (docs/decoding.md, "Exact settings");
+    keep_full without dense steps and block expansion, either of which reads every old token raw here."""
     model = make_decoding_model(arch)
     ids, mask, _ = left_pad([random_ids(60, seed=18), random_ids(45, seed=19)])
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
     dense = model.generate(**kwargs)
-    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(focal_ratio=1.0)), mode="compact", refresh_every=3)
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING.replace(focal_ratio=1.0)), **options)
     patched = model.generate(**kwargs)
     assert isinstance(cache_of(patched), DGACache)
     assert torch.equal(patched.sequences, dense.sequences)
     for a, b in zip(patched.scores, dense.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,most", [("keep_full", 4.5), ("compact", 2.5)])
+def test_cache_memory_follows_the_sequence_not_the_window(mode, most):
+    """A DGACache holds what the sequence needs, never a window's worth (issue #16 item 7): a 24-token prompt
+    and 8 generated tokens in the tiny two-layer model, windows of 32768 and 10**6 blocks of 4 tokens,
+    hold the same bytes, within `most` times a DynamicCache's (measured 3.9x keep_full: archive, ring and
+    the spares of both; 1.8x compact), in well under a second. Before, 32768 blocks held 266 MiB and
+    10**6 did not finish in 15 minutes. The window covers the sequence: the tokens are dense attention's."""
+    model = make_decoding_model("llama")
+    ids = random_ids(1, 24, seed=26)
+    kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    dense = model.generate(**kwargs)
+    dense_bytes = dga_hf.decoding.cache_nbytes(cache_of(dense))
+    held = {}
+    for local_blocks in (32768, 10**6):
+        dga_hf.patch(model, SPARSE_DECODING.replace(group_size=4, local_blocks=local_blocks))
+        cache = DGACache(model, mode=mode, **({"dense_share": None} if mode == "keep_full" else {}))
+        start = time.perf_counter()
+        out = model.generate(**kwargs, **{CACHE: cache})
+        assert time.perf_counter() - start < 30
+        held[local_blocks] = cache.kv_bytes()
+        assert held[local_blocks] <= most * dense_bytes, (local_blocks, held[local_blocks] / dense_bytes)
+        assert torch.equal(out.sequences, dense.sequences)
+    assert held[32768] == held[10**6]
 
 
 def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
@@ -493,6 +612,33 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert "_prepare_cache_for_generation" not in model.__dict__  # a rejected option installs nothing
     dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
     assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
+
+
+@pytest.mark.parametrize("round_trip", ["pickle", "torch.save", "deepcopy"])
+def test_model_with_decoding_enabled_round_trips_through_pickle(round_trip):
+    """A model after enable_decoding pickles and unpickles (pickle, and torch.save / torch.load with
+    weights_only=False; deepcopy, which worked before, alongside): the copy keeps its generate() hook, bound
+    to the copy, and decodes the same tokens with a DGACache and the same options."""
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model("llama"), SPARSE_DECODING), mode="compact")
+    ids = random_ids(1, 40, seed=24)
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    before = model.generate(**kwargs)
+    if round_trip == "pickle":
+        restored = pickle.loads(pickle.dumps(model))
+    elif round_trip == "deepcopy":
+        restored = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+    assert restored is not model and dga_hf.decoding.decoding_options(restored) == DecodingConfig(mode="compact")
+    after = restored.generate(**kwargs)
+    assert isinstance(cache_of(after), DGACache) and cache_of(after).options.mode == "compact"
+    assert torch.equal(after.sequences, before.sequences)
+    dga_hf.disable_decoding(restored)  # the copy's hook is the copy's: removing it leaves the original's
+    assert type(cache_of(restored.generate(**kwargs))) is DynamicCache
+    assert isinstance(cache_of(model.generate(**kwargs)), DGACache)
 
 
 def test_static_cache_and_beam_search():

@@ -24,8 +24,9 @@ Modes (one storage policy each, `storage.py`): ``"keep_full"`` keeps every token
 row), so a refresh can re-select any token: it saves time, not memory. ``"compact"`` drops the non-focal
 tokens once they leave the local window (they live on in their block's aggregate): it holds about
 gamma + 1/m + n*m/t of the dense KV bytes, and a refresh can only re-rank the tokens it still holds (see
-docs/decoding.md). Rows still dense (shorter than min_seq_len) hold every token in the focal buffer; in
-keep_full mode that is a second copy until they switch.
+docs/decoding.md). Rows still dense (shorter than min_seq_len, or on an all-focal layer: dense_layers or
+focal_ratio=1) hold every token in the focal buffer; in keep_full mode a row shorter than min_seq_len holds
+a second copy in the archive until it switches (an all-focal layer keeps no archive).
 
 Padding: each row is kept in compacted coordinates (its real tokens at 0..len_b-1), as in ops/layout.py;
 padded positions of the [B, kv_len] padding mask the attention function receives are never stored. What

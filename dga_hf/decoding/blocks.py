@@ -16,37 +16,42 @@ from .buffers import SENTINEL, DecodeBuffers, NewTokens, RawKeys, raw_index
 
 @dataclass
 class PrefillBlocks:
-    """The blocks of a prompt, each row's complete ones aggregated (an incomplete block has q_bar 0 and
-    no members until it closes). Compute dtype."""
+    """The blocks of a prompt: q_bar of every block begun (0 for one still incomplete: it is recorded when it
+    closes), and the aggregates and keys of the blocks complete in the longest row (nc of them; a row's
+    blocks past its own length have no members). Compute dtype."""
 
     query_bar: torch.Tensor  # [B, H, nb, d]: mean over the G query heads of the query at the block's end
-    agg_key: torch.Tensor  # [B, H, nb, d]
-    agg_value: torch.Tensor  # [B, H, nb, dv]
-    lse: torch.Tensor  # [B, H, nb]
-    count: torch.Tensor  # [B, H, nb]
-    block_keys: torch.Tensor  # [B, H, nb, m, d]: the keys by block (the last block zero-padded)
+    agg_key: torch.Tensor  # [B, H, nc, d]
+    agg_value: torch.Tensor  # [B, H, nc, dv]
+    lse: torch.Tensor  # [B, H, nc]
+    count: torch.Tensor  # [B, H, nc]
+    block_keys: torch.Tensor  # [B, H, nc, m, d]: the keys by block
 
 
 def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -> PrefillBlocks:
-    """`Prefill` (compacted) -> the aggregates of each row's complete blocks over their non-focal tokens."""
+    """`Prefill` (compacted) -> the aggregates of each row's complete blocks over their non-focal tokens.
+    Only complete blocks are cut out of the keys, never padded to a whole block: memory follows the
+    prompt however large m is."""
     query, key, value, lengths, focal = prefill.query, prefill.key, prefill.value, prefill.lengths, prefill.focal
     batch, heads, _, seq_len, _ = query.shape
     m = group_size
     num_blocks = math.ceil(seq_len / m)
-    pad = num_blocks * m - seq_len
     blocks = torch.arange(num_blocks, device=query.device)
     complete = (blocks[None, :] + 1) * m <= lengths[:, None]  # [B, nb]
     ends = ((blocks + 1) * m - 1).clamp(max=seq_len - 1)
     query_bar = query[:, :, :, ends].to(dtype).mean(2) * complete[:, None, :, None]
-    real = torch.arange(seq_len, device=query.device)[None, :] < lengths[:, None]
-    members = torch.nn.functional.pad(~focal & real[:, None, :], (0, pad)).view(batch, heads, num_blocks, m)
-    members &= complete[:, None, :, None]
+    whole = seq_len // m
+    span = whole * m
+    real = torch.arange(span, device=query.device)[None, :] < lengths[:, None]
+    members = (~focal[..., :span] & real[:, None, :]).view(batch, heads, whole, m)
+    members &= complete[:, None, :whole, None]
 
     def blocked(x):
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, num_blocks, m, x.shape[-1])
+        return x[:, :, :span].reshape(batch, heads, whole, m, x.shape[-1])
 
-    block_keys = blocked(key)  # a padded copy: made once for the aggregates and the key bounds
-    agg_key, agg_value, lse, count = aggregate_blocks(query_bar, block_keys, blocked(value), members, scale)
+    block_keys = blocked(key)  # cut once for the aggregates and the key bounds
+    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], block_keys, blocked(value), members,
+                                                      scale)
     return PrefillBlocks(query_bar, agg_key, agg_value, lse, count, block_keys)
 
 
@@ -77,7 +82,7 @@ def close_blocks(buffers: DecodeBuffers, tokens: NewTokens, raw: RawKeys, group_
     ends = (blocks + 1) * m - 1
     query_bar = tokens.query[rows, :, :, ends - starts].to(dtype).mean(2)  # [N, H, G, d] -> [N, H, d]
     positions = blocks[:, None] * m + torch.arange(m, device=device)  # [N, m]
-    index = raw_index(positions, starts[:, None], buffers.window, tokens.size > 1)
+    index = raw_index(positions, starts[:, None], buffers.ring_slots, tokens.size > 1)
     keys = aggregate_held_blocks(buffers, raw, rows, blocks, index, query_bar, m, scale)
     return ClosedBlocks(pairs, rows, blocks, query_bar, keys)
 

@@ -5,18 +5,23 @@ keep_full and compact store differently lives in their storage policies (`storag
 Shapes: B rows, H kv heads, d head dim, each row in compacted coordinates (its real tokens at 0..t-1).
   focal_k/v [B, H, Fcap, d], focal_pos [B, H, Fcap] (ascending; SENTINEL = unused slot), focal_cnt [B, H],
     focal_hi = the slots in use by the fullest row
-  ring_k/v [B, H, W, d] (W = n * m; slot = position % W), ring_pos [B, W] (-1 = empty), ring_focal [B, H, W]
+  ring_k/v [B, H, R, d], ring_pos [B, R] (-1 = empty), ring_focal [B, H, R]: the local window's ring, slot =
+    position % R; R = `ring_size` of the longest row, at most the window W = n * m
   agg_k/v [B, H, NBcap, d] (block c at index c; complete blocks only), agg_lse [B, H, NBcap] (log normaliser,
     -inf for an empty block), agg_cnt [B, H, NBcap] (members), agg_bias [B, H, NBcap] (stage 5's logit bias)
-Capacities grow geometrically (GROWTH, GROWTH_STEP); unused slots are masked by position, never read.
+Every capacity follows the sequence, never the settings alone (docs/decoding.md, "Memory and cost"): the
+prefill sizes buffers for the prompt plus `PrefillCapacity`'s spare, and they grow geometrically (GROWTH,
+GROWTH_STEP; rings by powers of two up to their period: `ring_size`); unused slots are masked by position,
+never read.
 
 The packed workspace. A one-token PyTorch step runs one SDPA over focal, aggregate and ring keys (then the
 expanded blocks' tokens): `packed()` makes focal_k, agg_k and ring_k views of one tensor ws_k [B, H, N, d]
-(focal_v, agg_v, ring_v of ws_v), followed by `tail` = E * m rows that the step fills with the expanded
-blocks. Aliasing rule: an in-place write to one of those six buffers (a new token in the ring, a closed
-block's aggregate, a dense row's new focal token) lands in the workspace; assigning a new tensor to one
-(growth, a refresh, a fold, a chunk's ring, row selection) leaves the workspace stale, and `packed()`
-notices it (each buffer must still *be* the view it handed out: an `is` check) and packs again.
+(focal_v, agg_v, ring_v of ws_v), followed by `tail` rows (up to E * m, as many as the old blocks need)
+that the step fills with the expanded blocks. Aliasing rule: an in-place write to one of those six buffers
+(a new token in the ring, a closed block's aggregate, a dense row's new focal token) lands in the
+workspace; assigning a new tensor to one (growth, a refresh, a fold, a chunk's ring, row selection) leaves
+the workspace stale, and `packed()` notices it (each buffer must still *be* the view it handed out: an
+`is` check) and packs again.
 """
 
 from __future__ import annotations
@@ -33,19 +38,53 @@ PACKED = ("focal_k", "agg_k", "ring_k", "focal_v", "agg_v", "ring_v")
 SENTINEL = 2**62  # position of an unused focal slot: its block is never old
 GROWTH = 1.25  # buffers grow geometrically (x1.25 + a fixed step), never by one token
 GROWTH_STEP = 64
-PREFILL_SPARE = 256  # decoded tokens the buffers sized at prefill can take before growing
+PREFILL_SPARE = 256  # the most decoded tokens the buffers sized at prefill take before growing
+
+
+@dataclass(frozen=True)
+class PrefillCapacity:
+    """What the buffers sized at prefill hold before they grow: a prompt of `length` tokens and room for as
+    many decoded tokens again, at most PREFILL_SPARE (a short prompt gets a short spare)."""
+
+    tokens: int
+    blocks: int
+
+    @classmethod
+    def of(cls, length: int, group_size: int) -> PrefillCapacity:
+        tokens = length + min(PREFILL_SPARE, length)
+        return cls(tokens, block_slots(tokens, group_size))
+
+
+def block_slots(length: int, group_size: int) -> int:
+    """Block-indexed slots (aggregates, q_bar, key bounds) for rows of up to `length` tokens: one per block
+    begun, and one more."""
+    return -(-length // group_size) + 1
+
+
+def grown_size(capacity: int, needed: int, exact: bool = False, multiple: int = 1) -> int:
+    """The capacity after growing from `capacity` to hold `needed` entries: geometric unless `exact`, rounded
+    up to `multiple` once it reaches one (a capacity below `multiple` holds no whole item yet)."""
+    size = needed if exact else max(needed, int(capacity * GROWTH) + GROWTH_STEP)
+    return -(-size // multiple) * multiple if size >= multiple else size
+
+
+def ring_size(entries: int, period: int) -> int:
+    """Slots of a ring of `period` (slot = entry % slots) that holds entries 0..entries-1: the period once
+    the entries reach it, else the power of two >= entries. Below the period every entry sits at its own
+    index (entry % slots = entry), so growing keeps every slot where it is, and the ring never exceeds what
+    the sequence holds (a window of 10**6 blocks costs nothing on a short row). Powers of two keep the
+    sizes the Triton decode kernel is compiled for (its ring length is a constexpr) to a few."""
+    return period if entries >= period else min(period, 1 << max(entries - 1, 0).bit_length())
 
 
 def grow(
     x: torch.Tensor, dim: int, needed: int, fill: float | int | bool = 0, exact: bool = False, multiple: int = 1
 ) -> torch.Tensor:
-    """x with room for `needed` entries along `dim` (grown geometrically unless `exact`; the new capacity
-    rounded up to `multiple`)."""
+    """x with room for `needed` entries along `dim` (`grown_size`), the new entries `fill`."""
     capacity = x.shape[dim]
     if needed <= capacity:
         return x
-    size = needed if exact else max(needed, int(capacity * GROWTH) + GROWTH_STEP)
-    size = -(-size // multiple) * multiple
+    size = grown_size(capacity, needed, exact, multiple)
     shape = list(x.shape)
     shape[dim] = size
     y = x.new_full(shape, fill)
@@ -74,9 +113,10 @@ def block_bias(lse: torch.Tensor, count: torch.Tensor, group_bias: str) -> torch
     return aggregate_bias(count, group_bias).masked_fill(~torch.isfinite(lse), -math.inf)
 
 
-def focal_spare(dense_rows: list[bool]) -> int:
-    """Spare focal slots past the selection: rows still dense add every new token to F."""
-    return GROWTH_STEP if any(dense_rows) else 0
+def focal_spare(dense_rows: list[bool], slots: int) -> int:
+    """Spare focal slots past a selection of `slots`: rows still dense add every new token to F (room for
+    as many again, at most GROWTH_STEP)."""
+    return min(GROWTH_STEP, max(slots, 1)) if any(dense_rows) else 0
 
 
 def focal_buffer(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, spare: int):
@@ -91,25 +131,25 @@ def focal_buffer(positions: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 class RawKeys:
     """The raw tokens a step reads: the ring, and for a chunk its tokens after it (`raw_index`)."""
 
-    keys: torch.Tensor  # [B, H, W (+ q), d]
+    keys: torch.Tensor  # [B, H, R (+ q), d]
     values: torch.Tensor
-    positions: torch.Tensor  # [B, W (+ q)], -1 = empty slot or padded token
-    focal: torch.Tensor  # [B, H, W (+ q)] bool
+    positions: torch.Tensor  # [B, R (+ q)], -1 = empty slot or padded token
+    focal: torch.Tensor  # [B, H, R (+ q)] bool
 
 
-def raw_index(pos: torch.Tensor, start: torch.Tensor, window: int, chunk: bool) -> torch.Tensor:
+def raw_index(pos: torch.Tensor, start: torch.Tensor, slots: int, chunk: bool) -> torch.Tensor:
     """Index in a step's `RawKeys` of `pos` (compacted positions of the rows whose first new position is
-    `start`, broadcastable): the ring (slot = pos % W), then, for a chunk, its tokens."""
+    `start`, broadcastable): the ring of `slots` (slot = pos % slots), then, for a chunk, its tokens."""
     if not chunk:
-        return pos % window
-    return torch.where(pos >= start, window + pos - start, pos % window)
+        return pos % slots
+    return torch.where(pos >= start, slots + pos - start, pos % slots)
 
 
 class Rows:
     """Host bookkeeping of the batch rows: `lengths` (real tokens per row) and `dense` (rows still dense:
-    a dense layer, or shorter than min_seq_len) drive the control flow. Their device copies are cached and
-    rebuilt only when a list is replaced, so that a step without padding copies nothing from the host (on
-    a GPU such copies would serialise the stream)."""
+    an all-focal layer, or shorter than min_seq_len) drive the control flow. Their device copies are
+    cached and rebuilt only when a list is replaced, so that a step without padding copies nothing from
+    the host (on a GPU such copies would serialise the stream)."""
 
     def __init__(self, lengths: list[int], dense: list[bool]):
         self.lengths = lengths
@@ -182,7 +222,8 @@ class DecodeBuffers:
     SELECTED = ("focal_k", "focal_v", "focal_pos", "focal_cnt", "ring_k", "ring_v", "ring_pos", "ring_focal",
                 "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt")
 
-    def __init__(self, prefill, blocks, dense_rows: list[bool], window: int, group_bias: str, capacity: int):
+    def __init__(self, prefill, blocks, dense_rows: list[bool], window: int, group_bias: str,
+                 capacity: PrefillCapacity):
         key, value, focal = prefill.key, prefill.value, prefill.focal
         seq_len = focal.shape[-1]
         self.window = window
@@ -192,15 +233,16 @@ class DecodeBuffers:
         positions = torch.arange(seq_len, device=focal.device)
         focal_pos = torch.where(focal, positions, SENTINEL).sort(dim=-1).values[..., :slots]
         index = focal_pos.clamp(max=max(seq_len - 1, 0))
-        self.focal_pos, self.focal_k, self.focal_v = focal_buffer(focal_pos, key, value, index, focal_spare(dense_rows))
+        spare = focal_spare(dense_rows, slots)
+        self.focal_pos, self.focal_k, self.focal_v = focal_buffer(focal_pos, key, value, index, spare)
         self.focal_cnt = count
         self.focal_hi = slots
-        self.ring_pos = rule.ring_positions(prefill.lengths, window)
+        self.ring_pos = rule.ring_positions(prefill.lengths, ring_size(seq_len, window))
         self.ring_k, self.ring_v, self.ring_focal = _ring_rows(self.ring_pos, self.ring_pos.clamp(min=0), key, value, focal)
-        self.agg_k = grow(blocks.agg_key.to(key.dtype), 2, capacity, exact=True)
-        self.agg_v = grow(blocks.agg_value.to(value.dtype), 2, capacity, exact=True)
-        self.agg_lse = grow(blocks.lse, 2, capacity, -math.inf, exact=True)
-        self.agg_cnt = grow(blocks.count, 2, capacity, exact=True)
+        self.agg_k = grow(blocks.agg_key.to(key.dtype), 2, capacity.blocks, exact=True)
+        self.agg_v = grow(blocks.agg_value.to(value.dtype), 2, capacity.blocks, exact=True)
+        self.agg_lse = grow(blocks.lse, 2, capacity.blocks, -math.inf, exact=True)
+        self.agg_cnt = grow(blocks.count, 2, capacity.blocks, exact=True)
         self.agg_bias = block_bias(self.agg_lse, self.agg_cnt, group_bias)
         self.ws_k = self.ws_v = None  # the packed workspace, built by the first one-token PyTorch step
         self.tail = 0
@@ -214,10 +256,21 @@ class DecodeBuffers:
             value = getattr(self, name)
             setattr(self, name, value.index_select(0, index.to(value.device)))
 
-    def ensure_capacity(self, blocks: int, focal_slots: int | None) -> None:
-        """Room for `blocks` aggregates and (while rows are dense: not None) `focal_slots` focal slots."""
+    @property
+    def ring_slots(self) -> int:
+        """R, the ring's slots now (slot = position % R)."""
+        return self.ring_pos.shape[1]
+
+    def ensure_capacity(self, blocks: int, focal_slots: int | None, length: int) -> None:
+        """Room for `blocks` aggregates, (while rows are dense: not None) `focal_slots` focal slots, and a
+        ring for rows of up to `length` tokens (`ring_size`: below the window every position keeps its slot)."""
         for name, fill in (("agg_k", 0), ("agg_v", 0), ("agg_cnt", 0), ("agg_lse", -math.inf), ("agg_bias", -math.inf)):
             setattr(self, name, grow(getattr(self, name), 2, blocks, fill))
+        slots = ring_size(length, self.window)
+        if slots > self.ring_slots:
+            self.ring_pos = grow(self.ring_pos, 1, slots, -1, exact=True)
+            for name, fill in (("ring_k", 0), ("ring_v", 0), ("ring_focal", False)):
+                setattr(self, name, grow(getattr(self, name), 2, slots, fill, exact=True))
         if focal_slots is not None:
             self.focal_k = grow(self.focal_k, 2, focal_slots)
             self.focal_v = grow(self.focal_v, 2, focal_slots)
@@ -255,13 +308,13 @@ class DecodeBuffers:
         )
 
     def _write_ring_token(self, tokens: NewTokens) -> None:
-        """Each row's new token into ring slot position % W; a row whose new token is padding keeps its slot."""
+        """Each row's new token into ring slot position % R; a row whose new token is padding keeps its slot."""
         if tokens.uniform:  # every row at the same slot: plain slices
-            at = tokens.old[0] % self.window
+            at = tokens.old[0] % self.ring_slots
             by_row, by_head = (slice(None), at), (slice(None), slice(None), at)
         else:
             rows = torch.arange(tokens.key.shape[0], device=tokens.key.device)
-            slot = tokens.positions[:, 0] % self.window
+            slot = tokens.positions[:, 0] % self.ring_slots
             by_row, by_head = (rows, slot), (rows, slice(None), slot)
         keep = tokens.valid[:, 0]
         joins_focal = tokens.joins_focal[:, 0, None].expand(-1, self.ring_focal.shape[1])  # [B, H]
@@ -273,10 +326,12 @@ class DecodeBuffers:
             buffer[index] = new
 
     def refill_ring(self, new_lengths: torch.Tensor, start: torch.Tensor, raw: RawKeys) -> None:
-        """After a chunk: the ring keeps the last W positions of every row, read from the step's raw keys
-        (`start` [B]: each row's first new position)."""
-        self.ring_pos = rule.ring_positions(new_lengths, self.window)
-        index = raw_index(self.ring_pos.clamp(min=0), start[:, None], self.window, True)
+        """After a chunk: the ring keeps the last R positions of every row (R >= the rows' lengths below the
+        window), read from the step's raw keys (`start` [B]: each row's first new position), which hold the
+        ring of R slots before the chunk."""
+        slots = self.ring_slots
+        self.ring_pos = rule.ring_positions(new_lengths, slots)
+        index = raw_index(self.ring_pos.clamp(min=0), start[:, None], slots, True)
         self.ring_k, self.ring_v, self.ring_focal = _ring_rows(self.ring_pos, index, raw.keys, raw.values, raw.focal)
 
     def set_aggregates(self, index: tuple, agg_k, agg_v, lse, count) -> None:
@@ -292,13 +347,14 @@ class DecodeBuffers:
         self.agg_k, self.agg_v, self.agg_lse, self.agg_cnt = agg_k, agg_v, lse, count
         self.agg_bias = block_bias(lse, count, self.group_bias)
 
-    def packed(self, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The workspace ws_k, ws_v of one-token PyTorch steps, packed again if stale (module docstring),
-        with `tail` rows after the ring for expanded blocks."""
-        if self._packed is None or self.tail != tail or not all(
-            getattr(self, name) is view for name, view in zip(PACKED, self._packed)
-        ):
-            self._pack(tail)
+    def packed(self, tail: int, most_tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The workspace ws_k, ws_v of one-token PyTorch steps, packed again if stale (module docstring) or
+        short of `tail` rows after the ring for expanded blocks (then grown geometrically, up to `most_tail`)."""
+        stale = self._packed is None or not all(getattr(self, name) is view for name, view in zip(PACKED, self._packed))
+        if tail > self.tail:
+            self._pack(min(most_tail, grown_size(self.tail, tail)))
+        elif stale:
+            self._pack(self.tail)
         return self.ws_k, self.ws_v
 
     def _pack(self, tail: int) -> None:

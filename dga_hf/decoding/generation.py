@@ -3,7 +3,6 @@ creates a `DGACache` where it would create a plain DynamicCache (docs/decoding.m
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -25,11 +24,12 @@ def enable_decoding(model: Any, options: DecodingConfig | None = None, **fields:
 
     Transformers has no public hook for the cache class generate() creates (`cache_implementation` only
     accepts its own names), so this wraps the model instance's `_prepare_cache_for_generation`: the wrapper
-    calls the original and then swaps the DynamicCache it created. Nothing changes at class level."""
+    calls the original and then swaps the DynamicCache it created (a `CacheHook`: the model pickles with
+    it). Nothing changes at class level."""
     model.__dict__[_OPTIONS] = (options or DecodingConfig()).replace(**fields)
     hook = model.__dict__.get(_HOOK)
-    if not (isinstance(hook, types.MethodType) and hook.__func__ is _prepare_cache_hook):
-        model.__dict__[_HOOK] = types.MethodType(_prepare_cache_hook, model)
+    if not (isinstance(hook, CacheHook) and hook.model is model):
+        model.__dict__[_HOOK] = CacheHook(model)
     return model
 
 
@@ -68,17 +68,30 @@ def _assisted(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _prepare_cache_hook(self, generation_config, model_kwargs, *args, **kwargs):
-    names = ("cache", "past_key_values")
-    before = {name: model_kwargs.get(name) for name in names}
-    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    options = self.__dict__.get(_OPTIONS)
-    if options is None or getattr(self.config, "_attn_implementation", None) != "dga":
+class CacheHook:
+    """What `enable_decoding` installs as the model instance's `_prepare_cache_for_generation`: calls the
+    class's method, then swaps the DynamicCache generate() created for a DGACache.
+
+    An object of a module-level class rather than a bound method, so that the model pickles and unpickles
+    (pickle, torch.save / torch.load): a bound method pickles as ``getattr(model, its function's name)``,
+    which the unpickled model does not have, while this class is found by its import path and `model`
+    is pickled with the model (the same object, so the copy's hook serves the copy)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, generation_config, model_kwargs, *args, **kwargs):
+        model = self.model
+        names = ("cache", "past_key_values")
+        before = {name: model_kwargs.get(name) for name in names}
+        result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+        options = model.__dict__.get(_OPTIONS)
+        if options is None or getattr(model.config, "_attn_implementation", None) != "dga":
+            return result
+        if getattr(generation_config, "is_assistant", False) or _assisted(args, kwargs):
+            return result
+        for name in names:
+            cache = model_kwargs.get(name)
+            if type(cache) is DynamicCache and cache is not before[name]:  # created by generate, not passed in
+                model_kwargs[name] = DGACache(model, options)
         return result
-    if getattr(generation_config, "is_assistant", False) or _assisted(args, kwargs):
-        return result
-    for name in names:
-        cache = model_kwargs.get(name)
-        if type(cache) is DynamicCache and cache is not before[name]:  # created by generate, not passed in
-            model_kwargs[name] = DGACache(self, options)
-    return result

@@ -47,7 +47,7 @@ def refresh_archive(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
     real = (positions[None, :] < lengths[:, None])[:, None, :]  # [B, 1, T]
     probe_query, probe_pos = probes(tokens, config.probe_queries)
     score = importance(probe_query, probe_pos, storage.arch_k[:, :, :top], positions.view(1, 1, -1), scale, real)
-    budget = focal_budgets(rows.lengths, config, device, settings.dense_layer).view(batch, 1, 1)
+    budget = focal_budgets(rows.lengths, config, device, settings.all_focal).view(batch, 1, 1)
     previous = torch.zeros(batch, heads, top + 1, dtype=torch.bool, device=device)
     previous = previous.scatter_(2, buffers.focal_pos[:, :, : buffers.focal_hi].clamp(max=top), True)[..., :top]
     score, budget = keep_idle_rows(score, budget, previous, tokens.counts, buffers.focal_cnt)
@@ -61,7 +61,7 @@ def refresh_archive(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
     focal_pos = torch.full((batch, heads, slots + 1), SENTINEL, dtype=torch.long, device=device)
     focal_pos = focal_pos.scatter_(2, slot, positions.expand(batch, heads, top))[..., :slots]
     index = focal_pos.clamp(max=top - 1)
-    buffers.replace_focal(focal_pos, storage.arch_k, storage.arch_v, index, count, focal_spare(rows.dense))
+    buffers.replace_focal(focal_pos, storage.arch_k, storage.arch_v, index, count, focal_spare(rows.dense, slots))
     _reaggregate_changed(storage, buffers, settings, focal, previous, lengths, scale)
     gather = buffers.ring_pos.clamp(min=0, max=top - 1)[:, None, :].expand(batch, heads, -1)
     buffers.ring_focal = focal.gather(2, gather) & (buffers.ring_pos >= 0)[:, None, :]
@@ -95,13 +95,13 @@ def refresh_compact(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
     """compact: re-rank the held raw tokens (F and the local window of each row's last token); focal tokens
     dropped from F in old blocks are folded into their block's aggregate; the aggregates of the window's
     complete blocks are recomputed from the ring."""
-    m, n, window = settings.group_size, settings.local_blocks, settings.window
+    m, n, ring_slots = settings.group_size, settings.local_blocks, buffers.ring_slots
     device, config = tokens.key.device, settings.config
     batch, heads = tokens.key.shape[:2]
     last_block = rule.block_of(torch.tensor(rows.lengths, device=device) - 1, m)[:, None, None]  # [B, 1, 1]
     slots = buffers.focal_hi
     focal_pos = buffers.focal_pos[:, :, :slots]
-    ring_pos = buffers.ring_pos[:, None, :].expand(batch, heads, window)
+    ring_pos = buffers.ring_pos[:, None, :].expand(batch, heads, ring_slots)
     in_window = (ring_pos >= 0) & ~rule.is_old_block(rule.block_of(ring_pos, m), last_block, n)
     from_ring = in_window & ~buffers.ring_focal
     cand_pos = torch.cat([focal_pos, torch.where(from_ring, ring_pos, SENTINEL)], dim=2)
@@ -111,7 +111,7 @@ def refresh_compact(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
 
     probe_query, probe_pos = probes(tokens, config.probe_queries)
     score = importance(probe_query, probe_pos, cand_k, cand_pos, scale, eligible)
-    budget = focal_budgets(rows.lengths, config, device, settings.dense_layer).view(batch, 1, 1)
+    budget = focal_budgets(rows.lengths, config, device, settings.all_focal).view(batch, 1, 1)
     was_focal = torch.cat([eligible[..., :slots], torch.zeros_like(from_ring)], dim=2)
     score, budget = keep_idle_rows(score, budget, was_focal, tokens.counts, buffers.focal_cnt)
     chosen = select_focal(score, eligible, cand_pos < config.sink_tokens, budget, cand_pos)
@@ -130,14 +130,14 @@ def refresh_compact(storage, buffers: DecodeBuffers, settings: DecodeSettings, r
     kept = int(count.max())
     order = torch.where(chosen, cand_pos, SENTINEL).sort(dim=-1)
     index = order.indices[..., :kept]
-    spare = focal_spare(rows.dense)
+    spare = focal_spare(rows.dense, kept)
     buffers.replace_focal(order.values[..., :kept], cand_k, cand_v, index, count, spare)
     storage.focal_logit = grow(cand_logit.gather(2, index), 2, kept + spare, math.nan, exact=True)
 
     # ring membership: ring candidates chosen, or focal entries still chosen whose position is in the ring
-    slot = focal_pos.clamp(max=SENTINEL - 1) % window
+    slot = focal_pos.clamp(max=SENTINEL - 1) % ring_slots
     hit = chosen[..., :slots] & (buffers.ring_pos.gather(1, slot.view(batch, -1)).view_as(slot) == focal_pos)
-    marks = torch.zeros(batch, heads, window, dtype=torch.int32, device=device).scatter_add_(2, slot, hit.int())
+    marks = torch.zeros(batch, heads, ring_slots, dtype=torch.int32, device=device).scatter_add_(2, slot, hit.int())
     buffers.ring_focal = (marks > 0) | chosen[..., slots:]
     _reaggregate_window(storage, buffers, settings, rows, scale)
 
@@ -148,7 +148,7 @@ def _ring_logits(storage, buffers: DecodeBuffers, settings: DecodeSettings, rows
     batch, heads = buffers.ring_k.shape[:2]
     lengths = torch.tensor(rows.lengths, device=buffers.ring_k.device)
     ring_block = rule.block_of(buffers.ring_pos.clamp(min=0), m)[:, None, :].expand(batch, heads, -1)
-    ring_qbar = gather_rows(storage.qbar, ring_block % settings.local_blocks)
+    ring_qbar = gather_rows(storage.qbar, storage.qbar_slot(ring_block))
     logit = scale * (buffers.ring_k.to(settings.compute_dtype) * ring_qbar).sum(-1)
     return torch.where((ring_block + 1) * m <= lengths[:, None, None], logit, math.nan)
 
@@ -162,6 +162,7 @@ def _reaggregate_window(storage, buffers: DecodeBuffers, settings: DecodeSetting
     device = buffers.ring_k.device
     row_index = torch.tensor([b for b, _ in pairs], device=device)
     blocks = torch.tensor([c for _, c in pairs], device=device)
-    slots = raw_index(blocks[:, None] * m + torch.arange(m, device=device), 0, settings.window, chunk=False)
+    slots = raw_index(blocks[:, None] * m + torch.arange(m, device=device), 0, buffers.ring_slots, chunk=False)
     raw = RawKeys(buffers.ring_k, buffers.ring_v, buffers.ring_pos, buffers.ring_focal)
-    aggregate_held_blocks(buffers, raw, row_index, blocks, slots, storage.qbar[row_index, :, blocks % n], m, scale)
+    query_bar = storage.qbar[row_index, :, storage.qbar_slot(blocks)]
+    aggregate_held_blocks(buffers, raw, row_index, blocks, slots, query_bar, m, scale)

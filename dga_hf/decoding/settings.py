@@ -12,11 +12,18 @@ from ..config import DecodingConfig, DGAConfig
 from ..ops.layout import compute_dtype
 
 
+def every_token_focal(config: DGAConfig, dense_layer: bool) -> bool:
+    """Whether every selection of a layer takes every token (docs/decoding.md, "Exact settings"): a layer
+    of `dense_layers`, or focal_ratio = 1 (budget(t) = t for every t). Its new tokens join F at once, as a
+    dense row's do, so that a token leaving the window before the next refresh is not aggregated."""
+    return dense_layer or config.focal_ratio >= 1
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     config: DGAConfig
-    dense_layer: bool  # a layer of `dense_layers`: every token is focal, nothing is re-selected
-    keep_archive: bool  # keep_full on a DGA layer (a dense layer has nothing to re-select: no archive)
+    all_focal: bool  # every token is focal for good, nothing is re-selected (`every_token_focal`)
+    keep_archive: bool  # keep_full where something is re-selected (an all-focal layer needs no archive)
     expand: int  # old blocks a keep_full one-token step reads raw instead of their aggregates
     refresh_every: int  # tokens between refreshes; 0 = never
     dense_share: float | None  # keep_full: a one-token step that would read this share of the keys is dense
@@ -24,7 +31,8 @@ class DecodeSettings:
 
     @classmethod
     def resolve(cls, options: DecodingConfig, config: DGAConfig, dense_layer: bool, dtype: torch.dtype) -> DecodeSettings:
-        keep_archive = options.mode == "keep_full" and not dense_layer
+        all_focal = every_token_focal(config, dense_layer)
+        keep_archive = options.mode == "keep_full" and not all_focal
         expand = options.expanded_blocks if keep_archive else 0
         window = config.group_size * config.local_blocks
         if options.refresh_every == "auto":
@@ -33,10 +41,10 @@ class DecodeSettings:
             every = options.refresh_every or 0
         return cls(
             config=config,
-            dense_layer=dense_layer,
+            all_focal=all_focal,
             keep_archive=keep_archive,
             expand=expand,
-            refresh_every=0 if dense_layer else every,
+            refresh_every=0 if all_focal else every,
             dense_share=options.dense_step_share if keep_archive else None,
             compute_dtype=compute_dtype(dtype),
         )
@@ -56,4 +64,4 @@ class DecodeSettings:
 
     def is_dense(self, length: int) -> bool:
         """Whether a row of `length` real tokens attends densely (every token focal)."""
-        return self.dense_layer or length < self.config.min_seq_len
+        return self.all_focal or length < self.config.min_seq_len

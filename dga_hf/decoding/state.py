@@ -12,7 +12,7 @@ from ..ops import dispatch
 from ..ops.layout import compact_padding, uncompact
 from . import steps
 from .blocks import close_blocks, prefill_blocks
-from .buffers import PREFILL_SPARE, DecodeBuffers, NewTokens, Rows, nbytes
+from .buffers import DecodeBuffers, NewTokens, PrefillCapacity, Rows, block_slots, nbytes
 from .settings import DecodeSettings
 from .storage import ArchiveStorage, CompactStorage, storage_for
 
@@ -106,8 +106,8 @@ class DGADecodeState:
             return self._step(query, key, value, padding_mask, scale)
 
     def _prefill(self, query, key, value, padding_mask, config: DGAConfig, scale: float, dense_layer: bool) -> torch.Tensor:
-        """The prompt's attention (dense where the row is: a dense layer, or shorter than min_seq_len), then
-        the state from its selection."""
+        """The prompt's attention (dense where the row is: an all-focal layer, or shorter than
+        min_seq_len), then the state from its selection."""
         settings = DecodeSettings.resolve(self.options, config, dense_layer, query.dtype)
         prefill = dispatch.prefill(query, key, value, config, scale=scale, padding_mask=padding_mask,
                                    dense=settings.is_dense(query.shape[2]))
@@ -116,7 +116,7 @@ class DGADecodeState:
             lengths = prefill.lengths.tolist()
             self.rows = Rows(lengths, [settings.is_dense(t) for t in lengths])
             blocks = prefill_blocks(prefill, settings.group_size, scale, settings.compute_dtype)
-            capacity = blocks.query_bar.shape[2] + 1 + PREFILL_SPARE // settings.group_size
+            capacity = PrefillCapacity.of(query.shape[2], settings.group_size)
             self.buffers = DecodeBuffers(prefill, blocks, self.rows.dense, settings.window, config.group_bias, capacity)
             self.storage = storage_for(settings, prefill, blocks, self.buffers, scale, capacity)
         self.settings = settings
@@ -131,12 +131,12 @@ class DGADecodeState:
         settings, buffers, storage = self.settings, self.buffers, self.storage
         tokens = self._new_tokens(query, key, value, padding_mask)
         any_dense = any(self.rows.dense)
-        blocks = -(-max(tokens.new) // settings.group_size) + 1
+        blocks = block_slots(max(tokens.new), settings.group_size)
         focal_slots = buffers.focal_hi + tokens.size if any_dense else None
-        buffers.ensure_capacity(blocks, focal_slots)
+        buffers.ensure_capacity(blocks, focal_slots, max(tokens.new))
         storage.ensure_capacity(blocks, tokens, focal_slots)
         storage.append(tokens)
-        if any_dense:  # rows still dense (shorter than min_seq_len, or a dense layer): new tokens join F
+        if any_dense:  # rows still dense (below min_seq_len, or an all-focal layer): new tokens join F
             storage.new_focal_slots(buffers.append_focal(tokens, self.rows.dense))
         raw = buffers.raw_keys(tokens)
         closed = close_blocks(buffers, tokens, raw, settings.group_size, scale, settings.compute_dtype)

@@ -39,7 +39,7 @@ def attend_chunk(buffers: DecodeBuffers, settings: DecodeSettings, tokens: NewTo
     position is before the query's window (`rule.first_local_position`; unused slots hold SENTINEL), an
     aggregate iff its block is old, a raw token iff it lies in the window and not after the query (empty
     ring slots hold -1)."""
-    m, n, window = settings.group_size, settings.local_blocks, settings.window
+    m, n, window, slots = settings.group_size, settings.local_blocks, settings.window, buffers.ring_slots
     old_blocks = old_block_count(settings, tokens.new)
     focal_slots = buffers.focal_hi
     batch, heads, group, q_len, _ = tokens.query.shape
@@ -56,13 +56,13 @@ def attend_chunk(buffers: DecodeBuffers, settings: DecodeSettings, tokens: NewTo
     for lo in range(0, q_len, tile):
         hi = min(q_len, lo + tile)
         start = first_pos[:, None, lo:hi, None]  # [B, 1, T, 1]
-        if raw.keys.shape[2] <= window + hi:
+        if raw.keys.shape[2] <= slots + hi:
             raw_k, raw_v, raw_pos = raw.keys, raw.values, raw.positions
-        else:  # ring + the chunk keys a query of this tile can see
-            begin = window + max(0, lo - window)
-            raw_k = torch.cat([raw.keys[:, :, :window], raw.keys[:, :, begin : window + hi]], dim=2)
-            raw_v = torch.cat([raw.values[:, :, :window], raw.values[:, :, begin : window + hi]], dim=2)
-            raw_pos = torch.cat([raw.positions[:, :window], raw.positions[:, begin : window + hi]], dim=1)
+        else:  # ring + the chunk keys a query of this tile can see (its window starts after lo - W)
+            begin = slots + max(0, lo - window)
+            raw_k = torch.cat([raw.keys[:, :, :slots], raw.keys[:, :, begin : slots + hi]], dim=2)
+            raw_v = torch.cat([raw.values[:, :, :slots], raw.values[:, :, begin : slots + hi]], dim=2)
+            raw_pos = torch.cat([raw.positions[:, :slots], raw.positions[:, begin : slots + hi]], dim=1)
         rp = raw_pos[:, None, None, :]
         old_for_query = rule.is_old_block(agg_blocks, query_block[:, None, lo:hi, None], n)
         mask = torch.cat([
@@ -138,7 +138,8 @@ def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tok
     (focal slots, aggregates, ring, and in keep_full the raw tokens of the expanded blocks copied into its
     tail) with an additive mask holding each key's visibility under the rule (and the aggregates' bias)."""
     m, n = settings.group_size, settings.local_blocks
-    ws_k, ws_v = buffers.packed(settings.expand * m)
+    old_blocks = old_block_count(settings, tokens.new)
+    ws_k, ws_v = buffers.packed(min(settings.expand, old_blocks) * m, settings.expand * m)
     batch, heads, group, _, dim = tokens.query.shape
     dtype, device = ws_k.dtype, ws_k.device
     query_block = rule.block_of(tokens.positions[:, 0], m)  # [B]
@@ -150,7 +151,6 @@ def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tok
     ring_hidden = (buffers.ring_pos < first_pos[:, None])[:, None, :].expand(batch, heads, -1)
     tail = buffers.tail
     tail_visible = torch.zeros(batch, heads, tail, dtype=torch.bool, device=device)  # stale rows hidden
-    old_blocks = old_block_count(settings, tokens.new)
     if settings.expand and old_blocks:
         chosen, usable, expanded = expanded_blocks(buffers, storage, settings, tokens, query_block, old_blocks, scale)
         agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)

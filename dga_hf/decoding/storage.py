@@ -16,7 +16,7 @@ import torch
 from .. import rule
 from . import refresh
 from .blocks import ClosedBlocks, PrefillBlocks
-from .buffers import PREFILL_SPARE, DecodeBuffers, NewTokens, Rows, gather_rows, grow
+from .buffers import DecodeBuffers, NewTokens, PrefillCapacity, Rows, gather_rows, grow, ring_size
 from .settings import DecodeSettings
 
 
@@ -42,25 +42,24 @@ class ArchiveStorage(_Policy):
       qbar [B, H, NBcap, d] (compute dtype): q_bar of every complete block at index = block, to re-aggregate
         a block from the archive when a refresh changes its members
       arch_k/v [B, H, Tcap, d]: every token at its position (positions past a row's length are scratch);
-        Tcap a multiple of m, so a block is one item of `gather_rows(..., rows_per_item=m)`
+        Tcap a multiple of m once it holds a whole block, so a block is one item of
+        `gather_rows(..., rows_per_item=m)`
       blk_bound [B, H, NBcap, 2d] (block expansion only, else None): the elementwise maximum, then minimum,
         of each complete block's keys: the upper bound of a block's best logit
     """
 
     SELECTED = ("qbar", "arch_k", "arch_v", "blk_bound")
 
-    def __init__(self, settings: DecodeSettings, prefill, blocks: PrefillBlocks, capacity: int):
+    def __init__(self, settings: DecodeSettings, prefill, blocks: PrefillBlocks, capacity: PrefillCapacity):
         m = settings.group_size
-        seq_len = prefill.key.shape[2]
         self.settings = settings
-        self.qbar = grow(blocks.query_bar, 2, capacity, exact=True)
+        self.qbar = grow(blocks.query_bar, 2, capacity.blocks, exact=True)
         self.blk_bound = None
         if settings.expand:
             bounds = torch.cat([blocks.block_keys.amax(3), blocks.block_keys.amin(3)], dim=-1)
-            self.blk_bound = grow(bounds, 2, capacity, exact=True)
-        # room for PREFILL_SPARE decoded tokens before the first growth
-        self.arch_k = grow(prefill.key, 2, seq_len + PREFILL_SPARE, exact=True, multiple=m)
-        self.arch_v = grow(prefill.value, 2, seq_len + PREFILL_SPARE, exact=True, multiple=m)
+            self.blk_bound = grow(bounds, 2, capacity.blocks, exact=True)
+        self.arch_k = grow(prefill.key, 2, capacity.tokens, exact=True, multiple=m)
+        self.arch_v = grow(prefill.value, 2, capacity.tokens, exact=True, multiple=m)
 
     def ensure_capacity(self, blocks: int, tokens: NewTokens, focal_slots: int | None) -> None:
         self.qbar = grow(self.qbar, 2, blocks)
@@ -97,11 +96,13 @@ class ArchiveStorage(_Policy):
 
 
 class CompactStorage(_Policy):
-    """compact mode, and every dense layer: a non-focal token is dropped once it leaves the local window
-    (it lives on in its block's aggregate); a refresh re-ranks the tokens still held.
+    """compact mode, and every all-focal layer (`DecodeSettings.all_focal`): a non-focal token is dropped
+    once it leaves the local window (it lives on in its block's aggregate); a refresh re-ranks the tokens
+    still held.
 
-      qbar [B, H, n, d] (compute dtype): q_bar of the window's blocks, slot = block % n (of the blocks
-        sharing a slot, the latest), to re-aggregate a window block from the ring
+      qbar [B, H, S, d] (compute dtype): q_bar of the window's blocks, a ring of period n (`qbar_slot`;
+        of the blocks sharing a slot, the latest), to re-aggregate a window block from the ring; S =
+        `ring_size` of the longest row's blocks, at most n
       focal_logit [B, H, Fcap] (when refreshing, else None): s * q_bar of the token's block . its key (NaN
         until its block is complete), in focal-slot order: all that folding it into an old block needs
     """
@@ -113,8 +114,9 @@ class CompactStorage(_Policy):
         lengths = prefill.lengths
         num_blocks = blocks.query_bar.shape[2]
         self.settings = settings
-        # slot s holds the latest block c = s (mod n) of each row that has begun (-1: none)
-        owner = rule.ring_positions(rule.block_of(lengths - 1, m) + 1, settings.local_blocks)  # [B, n]
+        # slot s holds the latest block c = s (mod S) of each row that has begun (-1: none)
+        slots = ring_size(num_blocks, settings.local_blocks)
+        owner = rule.ring_positions(rule.block_of(lengths - 1, m) + 1, slots)  # [B, S]
         ring = gather_rows(blocks.query_bar, owner.clamp(min=0, max=num_blocks - 1)[:, None, :])
         self.qbar = ring * (owner >= 0)[:, None, :, None]
         self.focal_logit = None
@@ -125,7 +127,13 @@ class CompactStorage(_Policy):
             logit = scale * (buffers.focal_k.to(settings.compute_dtype) * block_qbar).sum(-1)
             self.focal_logit = torch.where(complete, logit, math.nan)
 
+    def qbar_slot(self, block):
+        """The slot of `block` (int or tensor) in the q_bar ring."""
+        return block % self.qbar.shape[2]
+
     def ensure_capacity(self, blocks: int, tokens: NewTokens, focal_slots: int | None) -> None:
+        begun = rule.block_of(max(tokens.new) - 1, self.settings.group_size) + 1
+        self.qbar = grow(self.qbar, 2, ring_size(begun, self.settings.local_blocks), exact=True)
         if focal_slots is not None and self.focal_logit is not None:
             self.focal_logit = grow(self.focal_logit, 2, focal_slots, math.nan)
 
@@ -143,7 +151,7 @@ class CompactStorage(_Policy):
         last = {b: tokens.new[b] // m - 1 for b, _ in closed.pairs}  # each row's last complete block
         keep = [i for i, (b, c) in enumerate(closed.pairs) if not rule.is_old_block(c, last[b], n)]
         keep_t = torch.tensor(keep, device=closed.rows.device)
-        self.qbar[closed.rows[keep_t], :, closed.blocks[keep_t] % n] = closed.query_bar[keep_t]
+        self.qbar[closed.rows[keep_t], :, self.qbar_slot(closed.blocks[keep_t])] = closed.query_bar[keep_t]
         slots = buffers.focal_hi
         if self.focal_logit is None or not slots:
             return
@@ -162,7 +170,7 @@ class CompactStorage(_Policy):
 
 
 def storage_for(settings: DecodeSettings, prefill, blocks: PrefillBlocks, buffers: DecodeBuffers, scale: float,
-                capacity: int) -> ArchiveStorage | CompactStorage:
+                capacity: PrefillCapacity) -> ArchiveStorage | CompactStorage:
     if settings.keep_archive:
         return ArchiveStorage(settings, prefill, blocks, capacity)
     return CompactStorage(settings, prefill, blocks, buffers, scale)

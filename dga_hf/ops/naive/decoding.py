@@ -29,11 +29,14 @@ def naive_decode(
 ) -> torch.Tensor:
     """The outputs [G, T, dv] of every position of one row and one kv head: a prefill of `prompt_len`
     tokens, then the calls of `steps` (token counts; default: 1 each), refreshing every `every` tokens
-    (None or 0: never). q [G, T, d], k/v [T, d]; `mode` "keep_full" or "compact"; `expand`: keep_full's
-    expanded blocks per one-token step."""
+    (None or 0: never). q [G, T, d], k/v [T, d]; `mode` "keep_full" or "compact"; `dense_layer`: a layer of
+    `dense_layers`; `expand`: keep_full's expanded blocks per one-token step."""
     q, k, v = q.double(), k.double(), v.double()
     m, n = cfg.group_size, cfg.local_blocks
     t = prompt_len
+    # docs/decoding.md, "Exact settings": with focal_ratio = 1 every selection takes every token, so the
+    # layer is all-focal like a dense layer (new tokens join F at once, nothing is re-selected)
+    dense_layer = dense_layer or cfg.focal_ratio >= 1
     if dense_layer or t < cfg.min_seq_len:
         focal = set(range(t))
     else:
