@@ -32,7 +32,7 @@ def naive_decode(
     (None or 0: never). q [G, T, d], k/v [T, d]; `mode` "keep_full" or "compact"; `dense_layer`: a layer of
     `dense_layers`; `expand`: keep_full's expanded blocks per one-token step."""
     q, k, v = q.double(), k.double(), v.double()
-    m, n = cfg.group_size, cfg.local_blocks
+    m = cfg.group_size
     t = prompt_len
     # docs/decoding.md, "Exact settings": with focal_ratio = 1 every selection takes every token, so the
     # layer is all-focal like a dense layer (new tokens join F at once, nothing is re-selected)
