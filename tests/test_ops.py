@@ -4,7 +4,6 @@ Inputs are fresh random tensors (hypothesis draws shapes, settings and seeds).""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import textwrap

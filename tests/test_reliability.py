@@ -198,8 +198,8 @@ def test_every_config_form_patch_takes_is_accepted():
     default = DGAConfig.preset("default").replace(min_seq_len=0, local_blocks=2)
     cases = [(None, DGAConfig.preset("default")), ("paper", DGAConfig.preset("paper")),
              (default.to_dict(), default), ({"group_size": 4, "local_blocks": 2}, DGAConfig(group_size=4, local_blocks=2))]
-    for given, meant in cases:
-        torch.testing.assert_close(dga_attention(q, k, v, given), naive_dga_attention(q, k, v, meant), atol=1e-12, rtol=1e-12)
+    for form, meant in cases:
+        torch.testing.assert_close(dga_attention(q, k, v, form), naive_dga_attention(q, k, v, meant), atol=1e-12, rtol=1e-12)
     for bad in (3, 0.5, ["paper"]):
         with pytest.raises(TypeError, match=rf"expected a DGAConfig, a dict or a preset name, got {type(bad).__name__}"):
             dga_attention(q, k, v, bad)

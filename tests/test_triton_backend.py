@@ -12,7 +12,7 @@ does not check correctness itself).
 
 from __future__ import annotations
 
-from helpers import CFG_A, CFG_B, CFG_C, CFG_D, CUDA_COMPILED, DEVICES, INTERPRET, NOT_CUDA_COMPILED  # noqa: I001, F401
+from helpers import CFG_A, CFG_B, CFG_C, CFG_D, CUDA_COMPILED, DEVICES, NOT_CUDA_COMPILED  # noqa: I001
 
 import pytest
 import torch
