@@ -510,7 +510,7 @@ def test_a_device_map_runs_dga_like_the_plain_model_with_each_layer_state_on_its
         cache = dga_hf.decoding.cache_for(mapped)
         mapped(ids, use_cache=True, **{dga_hf.decoding.cache_keyword(mapped): cache})
     for index, layer in enumerate(mapped.model.layers):
-        tensors = [value for value in vars(cache.layers[index].state).values() if isinstance(value, torch.Tensor)]
+        tensors = cache.layers[index].state.tensors()
         assert tensors and {tensor.device for tensor in tensors} == {execution_device(layer)}, index
 
 

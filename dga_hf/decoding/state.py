@@ -67,11 +67,15 @@ class DGADecodeState:
         self.storage.select_rows(index)
         self.rows.select(index.tolist())
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds (none before its prefill); they live on the layer's device."""
+        if not self.ready:
+            return []
+        return [tensor for tensor in (*self.buffers.held(), *self.storage.held()) if tensor is not None]
+
     def nbytes(self) -> int:
         """Bytes of every tensor the state holds (allocated capacity; the workspace and its views once)."""
-        if not self.ready:
-            return 0
-        return nbytes([*self.buffers.held(), *self.storage.held()])
+        return nbytes(self.tensors())
 
     # ------------------------------------------------------------------------------------------ attention side
 
