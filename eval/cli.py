@@ -27,7 +27,7 @@ from dga_hf import distributed
 from dga_hf.environment import package_versions
 
 from .harness import Processes, run_tasks
-from .models import DEFAULT_MODEL, load_model, resolve_model_path
+from .models import EMBEDDED_MODELS, display_name, load_model, resolve_model_path
 from .report import write_report
 from .runconfig import dga_configs, load_run_config
 
@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the shipped quick run (eval/configs/eval_quick.json)")
     parser.add_argument("--config", help="run configuration JSON (default: the shipped eval/configs/eval_full.json, or the quick one)")
     parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
-    parser.add_argument("--model", help="local path or Hub name (default: the run configuration's, else the embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        help=f"an embedded model ({', '.join(EMBEDDED_MODELS)}; converted once into ~/.cache/dga-hf or $DGA_HF_CACHE), "
+        "a local path or a Hub name (default: the run configuration's, else the embedded smollm2-135m)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -142,7 +146,7 @@ def start_processes(device: str) -> tuple[Processes, str]:
 
 def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, model) -> dict:
     return {
-        "model": model_name(spec.get("model")),
+        "model": display_name(spec.get("model")),
         "model_path": resolve_model_path(spec.get("model")),
         "model_type": model.config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -159,10 +163,6 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
         "versions": package_versions(VERSIONED),
         "run_config": spec,
     }
-
-
-def model_name(name: str | None) -> str:
-    return DEFAULT_MODEL if name in (None, "", "default") else name
 
 
 def all_lengths(spec: dict) -> list[int]:

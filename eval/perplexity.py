@@ -8,16 +8,46 @@ import random
 import torch
 
 
+# Positions per lm-head projection when scoring. The logits of the scored positions are never all in memory:
+# with Qwen2.5's 151,936-entry vocabulary the second half of a 32K window (16K positions) is ~10 GB of float32
+# logits, a 1024-position chunk 0.6 GB.
+SCORE_CHUNK = 1024
+
+# Config attributes of models whose logits are not just `lm_head(hidden)`, with the value that makes them so:
+# chunked scoring projects with the lm head alone and would silently score other logits than the model's.
+LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
 @torch.no_grad()
-def second_half_nll(model, window: torch.Tensor) -> tuple[float, int]:
+def second_half_nll(model, window: torch.Tensor, chunk: int = SCORE_CHUNK) -> tuple[float, int]:
     """Summed negative log-likelihood of the tokens in the second half of `window` [L] (each predicted
-    from all tokens before it), and how many tokens that is."""
+    from all tokens before it), and how many tokens that is. The decoder runs once over the window; its
+    hidden states at the scored positions go through the lm head `chunk` positions at a time."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: the number of positions per lm-head projection must be at least 1")
     ids = window.view(1, -1).to(model.device)
     length, half = ids.shape[1], ids.shape[1] // 2
-    # only positions half-1 .. L-1 are scored: skip the lm head (a [L, vocab] matmul) on the rest
-    logits = model(ids, logits_to_keep=length - half + 1).logits[0].float()
-    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, half:], reduction="sum")
+    # positions half-1 .. L-2 predict tokens half .. L-1
+    hidden = final_hidden_states(model, ids)[0, half - 1 : length - 1]
+    head = model.get_output_embeddings()
+    nll = sum(
+        torch.nn.functional.cross_entropy(head(hidden[start : start + chunk]).float(), ids[0, half + start : half + start + chunk], reduction="sum")
+        for start in range(0, length - half, chunk)
+    )
     return float(nll), length - half
+
+
+def final_hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's output (after its final norm) [batch, L, hidden]: what the lm head turns into logits."""
+    for name, neutral in LOGIT_POSTPROCESSING.items():
+        value = getattr(model.config, name, neutral)
+        if value != neutral:
+            raise ValueError(
+                f"{model.config.model_type} sets {name}={value!r}: its logits are not lm_head(hidden), which is all "
+                f"that chunked scoring computes; allowed: models with {name}={neutral!r}"
+            )
+    # no KV cache: a single forward needs none, and at 32K tokens it would hold every layer's keys and values
+    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def pooled_perplexity(nlls: list[tuple[float, int]]) -> float:

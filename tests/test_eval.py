@@ -136,22 +136,29 @@ def test_token_accuracy():
 
 class KnownDistribution(torch.nn.Module):
     """A stand-in model: probability `p_true` on the actual next token, the rest spread evenly, so the
-    perplexity is known in closed form."""
+    perplexity is known in closed form. Perplexity runs a model's decoder once and its lm head on chunks
+    of positions: here the decoder gives the log-probabilities and the head is the identity."""
 
     def __init__(self, vocab: int, p_true: float | None):
         super().__init__()
         self.vocab, self.p_true = vocab, p_true
         self.device = torch.device("cpu")
+        self.config = SimpleNamespace(model_type="known-distribution")
 
-    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+    def get_decoder(self):
+        return self.log_probabilities
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+    def log_probabilities(self, input_ids, **kwargs):
         ids = input_ids
         length = ids.shape[1]
         probs = torch.full((1, length, self.vocab), 1.0 / self.vocab)
         if self.p_true is not None:
             probs[:] = (1 - self.p_true) / (self.vocab - 1)
             probs[0, torch.arange(length - 1), ids[0, 1:]] = self.p_true
-        logits = probs.log()
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+        return SimpleNamespace(last_hidden_state=probs.log())
 
 
 def test_perplexity_of_known_distributions():
