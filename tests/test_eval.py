@@ -160,6 +160,11 @@ class KnownDistribution(torch.nn.Module):
             probs[0, torch.arange(length - 1), ids[0, 1:]] = self.p_true
         return SimpleNamespace(last_hidden_state=probs.log())
 
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        """The whole model, as the copy task calls it."""
+        logits = self.log_probabilities(input_ids).last_hidden_state
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
 
 def test_perplexity_of_known_distributions():
     windows = [torch.randint(0, 50, (64,)), torch.randint(0, 50, (33,))]
@@ -230,7 +235,7 @@ def test_shipped_run_configurations_are_package_data_of_the_harness():
     from dga_eval.runconfig import load_run_config, shipped_config
 
     names = sorted(p.name for p in resources.files("dga_eval.configs").iterdir() if p.name.endswith(".json"))
-    assert names == ["eval_decoding.json", "eval_full.json", "eval_gpu.json", "eval_prefill.json", "eval_quick.json",
+    assert names == ["eval_decoding.json", "eval_full.json", "eval_gpu.json", "eval_long.json", "eval_prefill.json", "eval_quick.json",
                      "finetune_demo.json", "sweep_defaults.json"]
     for name in names:
         if name.startswith("eval_"):
