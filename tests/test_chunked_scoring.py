@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_archs import ARCHS
 
 from dga_eval import perplexity
+from helpers import ARCHS, make_model
 
 import dga_hf
 
 
 def tiny_model(arch: str, **overrides):
-    config_class, model_class, full_attention = ARCHS[arch]
-    torch.manual_seed(0)
-    config = config_class(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **full_attention, **overrides,
-    )
-    return model_class(config).eval()
+    """helpers' tiny model with a vocabulary of 97 (not a power of two) and room for the windows here."""
+    return make_model(arch, vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=256, **overrides)
 
 
 def full_logits_nll(model, window: torch.Tensor) -> float:
