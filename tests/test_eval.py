@@ -167,6 +167,10 @@ class KnownDistribution(torch.nn.Module):
             probs[0, torch.arange(length - 1), ids[0, 1:]] = self.p_true
         return SimpleNamespace(last_hidden_state=probs.log())
 
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        logits = self.log_probabilities(input_ids).last_hidden_state
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
 
 def test_perplexity_of_known_distributions():
     windows = [torch.randint(0, 50, (64,)), torch.randint(0, 50, (33,))]
