@@ -23,7 +23,6 @@ from dga_eval.report import _setting_text, markdown_report
 from dga_eval.runconfig import DENSE, Setting, check_run_config, dga_configs, named_dga_config, parse_dga_fields
 
 import dga_hf
-from helpers import save_tiny_model
 
 
 # ---------------------------------------------------------------- fixtures
@@ -49,10 +48,18 @@ def corpus(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama of the word-level tokenizer, narrower than the helpers' default, Llama's initializer range."""
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden_size=32, intermediate_size=64,
-                           max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,6 @@ class KnownDistribution(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=probs.log())
 
     def forward(self, input_ids, logits_to_keep=0, **kwargs):
-        """The whole model, as the copy task calls it."""
         logits = self.log_probabilities(input_ids).last_hidden_state
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
@@ -226,29 +232,6 @@ def test_dga_settings_from_strings_and_run_configs():
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
 
-def test_shipped_run_configurations_are_package_data_of_the_harness():
-    """eval/configs/ is installed as `dga_eval.configs` (dga-eval --quick reads it through importlib.resources);
-    every run configuration there passes the checks a run does first, the sweep's settings are DGA settings,
-    and none of them is among the library's presets."""
-    from importlib import resources
-
-    from dga_eval.runconfig import load_run_config, shipped_config
-
-    names = sorted(p.name for p in resources.files("dga_eval.configs").iterdir() if p.name.endswith(".json"))
-    assert names == ["eval_decoding.json", "eval_full.json", "eval_gpu.json", "eval_long.json", "eval_prefill.json", "eval_quick.json",
-                     "finetune_demo.json", "sweep_defaults.json"]
-    for name in names:
-        if name.startswith("eval_"):
-            check_run_config(shipped_config(name))
-    assert load_run_config(quick=True) == shipped_config("eval_quick.json")
-    assert load_run_config() == shipped_config("eval_full.json")
-    sweep = shipped_config("sweep_defaults.json")
-    for entry in sweep["settings"].values():
-        assert entry["dga"] is None or isinstance(dga_hf.DGAConfig(**entry["dga"]), dga_hf.DGAConfig)
-        assert set(entry.get("windows", sweep["windows"])) <= set(sweep["windows"])
-    assert not {name[: -len(".json")] for name in names} & set(dga_hf.preset_names())
-
-
 # ---------------------------------------------------------------- end to end
 
 
@@ -308,85 +291,6 @@ def test_report_shows_errors_without_hiding_other_cells():
     report = markdown_report(results)
     assert "| 8 | 50.0% | error | — |" in report
     assert "ConnectionError: offline" in report and "RuntimeError: out of memory" in report
-
-
-# ---------------------------------------------------------------- whole-model decoding runs (python -m dga_eval.decoding)
-
-
-def test_decoding_speed_run_writes_every_cache_and_its_ratios_to_dense(tmp_path, tiny_model_dir):
-    from dga_eval.decoding import main
-
-    main(["--model", str(tiny_model_dir), "--preset", "paper", "--length", "160", "--new-tokens", "4",
-          "--caches", "dense,keep_full,compact,sdpa,static", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "decoding_160.json").read_text())
-    assert report["length"] == 160 and report["settings"] == dga_hf.DGAConfig.preset("paper").to_dict()
-    results = report["results"]
-    assert list(results) == ["sdpa", "static", "dense", "keep_full", "compact"]  # the unpatched runs go first
-    for name, result in results.items():
-        assert len(result["tokens"]) == 4 and result["itl_ms"] > 0, name
-        assert result["same_tokens_as_dense"] == sum(a == b for a, b in zip(result["tokens"], results["dense"]["tokens"]))
-        assert result["kv_bytes_vs_dense"] == result["kv_bytes"] / results["dense"]["kv_bytes"]
-    assert results["dense"]["itl_ms_vs_dense"] == 1.0 and results["dense"]["same_tokens_as_dense"] == 4
-    assert results["static"]["tokens"] == results["sdpa"]["tokens"]  # both decode the unpatched model densely
-    assert results["compact"]["kv_bytes"] < results["keep_full"]["kv_bytes"]
-
-
-def test_decoding_memory_and_quality_runs(tiny_model_dir, capsys):
-    from dga_eval.decoding import main
-
-    main(["--model", str(tiny_model_dir), "--preset", "paper", "--memory-only", "--length", "256", "--memory-steps", "4"])
-    memory = json.loads(capsys.readouterr().out)["bytes_per_layer"]
-    kv_heads, head_dim = 2, 32 // 4
-    assert memory["dense"] == 2 * (256 + 4) * kv_heads * head_dim * 4  # float32 K and V of every position
-    assert memory["compact/dense"] == memory["compact"] / memory["dense"] < memory["keep_full/dense"]
-
-    main(["--model", str(tiny_model_dir), "--preset", "paper", "--quality", "--length", "256", "--depths", "0.2,0.8",
-          "--copies", "1", "--caches", "dense,compact", "--decoding", '{"refresh_every": 8}'])
-    printed = capsys.readouterr().out
-    report = json.loads(printed[printed.index("{\n") :])  # after the per-sample progress lines
-    assert report["decoding"]["refresh_every"] == 8
-    details = report["details"]
-    assert [d["depth"] for d in details["dense"]["passkey"]] == [0.2, 0.8]
-    assert [d["key"] for d in details["dense"]["passkey"]] == [d["key"] for d in details["compact"]["passkey"]]
-    for name in ("dense", "compact"):
-        summary = report["summary"][name]
-        assert summary["passkey_accuracy"] == sum(d["match"] for d in details[name]["passkey"]) / 2
-        assert summary["copy_accuracy"] == details[name]["copy"][0] and 0.0 <= summary["copy_accuracy"] <= 1.0
-
-
-def test_library_decoding_benchmark_runs_only_the_attention_step(capsys):
-    """The whole-model runs left the library: its decoding benchmark names where they went."""
-    from dga_hf.bench import decoding
-
-    for argv, named in ((["--length", "8192"], "['--length', '8192']"), (["--quality"], "['--quality']"),
-                        ([], "no --attention-step")):
-        with pytest.raises(SystemExit):
-            decoding.main(argv)
-        error = capsys.readouterr().err
-        assert f"runs only --attention-step (got {named})" in error
-        assert "the whole-model decoding runs (speed, --memory-only, --quality) are python -m dga_eval.decoding" in error
-
-
-def test_library_never_imports_the_harness_or_the_tests():
-    """dga_hf stands alone: no module of the library (its patches and presets included) imports dga_eval or
-    a test module, not even inside a function."""
-    import ast
-    import importlib.util
-
-    test_modules = {path.stem for path in Path(__file__).parent.glob("*.py")}
-    forbidden = {"dga_eval", "tests"} | test_modules
-    folders = {Path(importlib.util.find_spec(name).origin).parent for name in ("dga_hf", "dga_hf.patches", "dga_hf.configs")}
-    sources = sorted(path for folder in folders for path in folder.rglob("*.py"))
-    assert any(path.name == "decoding.py" and path.parent.name == "bench" for path in sources)
-    for path in sources:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            assert not {name.split(".")[0] for name in names} & forbidden, f"{path}: imports {names}"
 
 
 # ---------------------------------------------------------------- lm-eval: RULER and hf-dga
