@@ -474,6 +474,22 @@ def finetune(settings: FinetuneConfig | None = None, /, *, command: str | None =
     (`finetune(model=path, output_dir=out, train_files=[...], dga="paper")`); keywords given with a
     config override its fields. `command`: the command line to record in the log. Under a launcher
     (`accelerate launch`, `torchrun`) every process calls it; the first one writes the output folder."""
+    # Transformers < 5 writes the run's mixed precision into ACCELERATE_MIXED_PRECISION, where the next run in
+    # this process would read it as the launcher's: each run leaves the variable as it found it.
+    launcher_precision = os.environ.get(MIXED_PRECISION_VARIABLE)
+    try:
+        return _finetune(settings, command, fields)
+    finally:
+        if launcher_precision is None:
+            os.environ.pop(MIXED_PRECISION_VARIABLE, None)
+        else:
+            os.environ[MIXED_PRECISION_VARIABLE] = launcher_precision
+
+
+MIXED_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
+
+
+def _finetune(settings: FinetuneConfig | None, command: str | None, fields: dict[str, Any]) -> FinetuneResult:
     if settings is None:
         settings = FinetuneConfig(**fields)
     elif fields:

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 import torch
+import transformers
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -46,6 +47,12 @@ class DGAHFLM(HFLM):
         self.dga_config = dga_config_from_model_args(dga, fields)  # before loading: bad settings fail fast
         distributed.check_launch()
         cpu_processes = distributed.world_size() > 1 and not torch.cuda.is_available() and isinstance(pretrained, str)
+        if cpu_processes and int(transformers.__version__.split(".")[0]) < 5:
+            raise RuntimeError(
+                "hf-dga on several CPU processes needs transformers >= 5: lm-eval loads each process's model with "
+                f"device_map 'cpu:<rank>', which transformers {transformers.__version__} refuses ('device cpu:0 is "
+                "invalid'); run one process, or upgrade transformers"
+            )
         if cpu_processes:
             from accelerate import PartialState
 
