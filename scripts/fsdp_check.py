@@ -124,6 +124,9 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as file:
                 file.write(text)
+    # every process leaves together: a process that tears its gloo group down while another still uses
+    # it (here while the first trains the reference) can abort in gloo's threads
+    dist.barrier()
     dist.destroy_process_group()
 
 
