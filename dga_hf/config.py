@@ -25,7 +25,9 @@ DEFAULT_PRESET = "default"
 # length-like setting by the sequence anyway (`DGAConfig.for_length`), and products of two settings
 # (local_blocks * group_size) stay exact in the int64 position arithmetic of the kernels.
 MAX_INT_SETTING = 2**31 - 1
-_INT_FIELD_MINIMA = {"group_size": 1, "probe_queries": 1, "local_blocks": 1, "sink_tokens": 0, "min_seq_len": 0}
+_INT_FIELD_MINIMA = {
+    "group_size": 1, "probe_queries": 1, "local_blocks": 1, "expand_blocks": 0, "sink_tokens": 0, "min_seq_len": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class DGAConfig:
         probe_queries: the last ``r`` queries used to score token importance. Integer in [1, 2**31 - 1].
         local_blocks: a query sees the raw tokens of its own block and the ``local_blocks - 1`` blocks
             before it. Integer in [1, 2**31 - 1].
+        expand_blocks: each query also reads raw every member of the ``E`` old blocks whose aggregates score
+            highest for it (``max_g s*Q[g,i]*K_hat_c``), instead of their aggregates (query-aware expansion,
+            docs/spec.md). 0 is the rule without expansion. Integer in [0, 2**31 - 1].
         sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). Integer
             in [0, 2**31 - 1].
         group_bias: ``"none"``, or ``"log_size"`` to add ``log(members)`` to an aggregate's logit.
@@ -64,6 +69,7 @@ class DGAConfig:
     focal_ratio: float = 0.1
     probe_queries: int = 64
     local_blocks: int = 1
+    expand_blocks: int = 0
     sink_tokens: int = 0
     group_bias: str = "none"
     min_seq_len: int = 0
@@ -122,12 +128,15 @@ class DGAConfig:
         tokens, each length-like field at most what such a sequence can use: one block of `seq_len` tokens
         already holds them all (group_size), every block is local once the window spans all blocks
         (local_blocks), and sink_tokens, probe_queries and min_seq_len count positions. The dispatch calls
-        it once per call, so no backend sizes a buffer by a setting: memory follows the sequence."""
+        it once per call, so no backend sizes a buffer by a setting: memory follows the sequence. Expanding
+        every old block is expanding as many as there are blocks (expand_blocks)."""
         length = max(int(seq_len), 1)
         group_size = min(self.group_size, length)
+        blocks = rule.block_of(length - 1, group_size) + 1
         bounded = {
             "group_size": group_size,
-            "local_blocks": min(self.local_blocks, rule.block_of(length - 1, group_size) + 1),
+            "local_blocks": min(self.local_blocks, blocks),
+            "expand_blocks": min(self.expand_blocks, blocks),
             "sink_tokens": min(self.sink_tokens, length),
             "probe_queries": min(self.probe_queries, length),
             "min_seq_len": min(self.min_seq_len, length + 1),
@@ -138,7 +147,9 @@ class DGAConfig:
 
     def keys_per_query_share(self, seq_len: int) -> float:
         """Average share of dense attention's keys a query reads at ``seq_len`` (the spec's cost formula,
-        counted exactly for the layout, with focal tokens spread evenly over the sequence)."""
+        counted exactly for the layout, with focal tokens spread evenly over the sequence: an expanded block
+        reads its non-focal members instead of its aggregate). The exact count of a given input:
+        `dga_hf.ops.stats.counting_keys`."""
         total_dense = seq_len * (seq_len + 1) / 2
         m, n = self.group_size, self.local_blocks
         density = rule.focal_count(seq_len, self.focal_ratio) / seq_len
@@ -147,9 +158,10 @@ class DGAConfig:
             first_local = rule.first_local_position(block, m, n)
             old_tokens = first_local
             old_blocks = rule.old_block_count(block, n)
+            expanded = min(self.expand_blocks, old_blocks)
             for i in range(block * m, min((block + 1) * m, seq_len)):
                 local = i - first_local + 1
-                total += local + density * old_tokens + old_blocks
+                total += local + density * old_tokens + old_blocks + expanded * (m * (1 - density) - 1)
         return total / total_dense
 
 

@@ -205,6 +205,7 @@ dga_config_strategy = st.builds(
     focal_ratio=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
     probe_queries=st.integers(1, 40),
     local_blocks=st.integers(1, 4),
+    expand_blocks=st.sampled_from([0, 0, 1, 2, 5]),
     sink_tokens=st.integers(0, 6),
     group_bias=st.sampled_from(["none", "log_size"]),
     min_seq_len=st.sampled_from([0, 0, 0, 30]),

@@ -103,8 +103,9 @@ def test_sparse_setting_differs_from_dense():
         dict(focal_ratio=1.0),
         dict(group_size=8, local_blocks=9),  # ceil(70 / 8) = 9 local blocks cover everything
         dict(min_seq_len=71),
+        dict(expand_blocks=18),  # ceil(70 / 4) = 18 blocks: every old block is expanded
     ],
-    ids=["group_size=1", "focal_ratio=1", "local_blocks>=ceil(L/m)", "below_min_seq_len"],
+    ids=["group_size=1", "focal_ratio=1", "local_blocks>=ceil(L/m)", "below_min_seq_len", "expand_blocks>=ceil(L/m)"],
 )
 @pytest.mark.parametrize("others", [dict(), dict(sink_tokens=3, group_bias="log_size", probe_queries=2, local_blocks=2)])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
@@ -125,7 +126,11 @@ def attention_mass(config, seq_len, padding_mask=None, seed=0):
     return dga_attention(q, k, v, config, backend="torch", padding_mask=padding_mask)
 
 
-@pytest.mark.parametrize("config", [DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1), DGAConfig(group_size=5, focal_ratio=0.1, local_blocks=2, sink_tokens=2)])
+@pytest.mark.parametrize("config", [
+    DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1),
+    DGAConfig(group_size=5, focal_ratio=0.1, local_blocks=2, sink_tokens=2),
+    DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3),
+])
 def test_no_query_sees_a_later_key_and_mass_sums_to_one(config):
     mass = attention_mass(config, 45)
     later = torch.ones(45, 45, dtype=torch.bool).triu(diagonal=1)
@@ -133,10 +138,11 @@ def test_no_query_sees_a_later_key_and_mass_sums_to_one(config):
     torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-5, rtol=0)
 
 
-def test_padding_is_never_attended_selected_or_aggregated():
+@pytest.mark.parametrize("expand_blocks", [0, 2])
+def test_padding_is_never_attended_selected_or_aggregated(expand_blocks):
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[1, :13] = False
-    config = DGAConfig(group_size=4, focal_ratio=0.3, local_blocks=1, sink_tokens=2)
+    config = DGAConfig(group_size=4, focal_ratio=0.3, local_blocks=1, sink_tokens=2, expand_blocks=expand_blocks)
     mass = attention_mass(config, 40, mask, seed=5)
     assert mass[1, :, :, :13].abs().max() == 0  # no query puts weight on a padded key
     assert mass[1, :, :13].abs().max() == 0  # padded queries output zeros
@@ -182,6 +188,76 @@ def test_ties_in_importance_pick_the_earlier_position():
     q[..., -1, :] = 0.0  # the probe sees all keys as equal
     expected = naive_dga_attention(q, k, v, config)
     torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+
+
+def brute_force_expansion(q, agg_key, agg_bias, config, scale):
+    """docs/spec.md step 6 one query at a time: [B, H, L, X] chosen blocks, ascending, padded with nb."""
+    batch, heads, group, seq_len, _ = q.shape
+    num_blocks = agg_key.shape[2]
+    width = min(config.expand_blocks, max(0, (seq_len - 1) // config.group_size - config.local_blocks + 1))
+    chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long)
+    for b in range(batch):
+        for h in range(heads):
+            score = (scale * q[b, h].double() @ agg_key[b, h].double().T).amax(0)  # [L, nb]
+            for i in range(seq_len):
+                old = i // config.group_size - config.local_blocks + 1
+                candidates = [c for c in range(max(0, old)) if torch.isfinite(agg_bias[b, h, c])]
+                picked = sorted(sorted(candidates, key=lambda c: (-score[i, c].item(), c))[: config.expand_blocks])
+                chosen[b, h, i, : len(picked)] = torch.tensor(picked, dtype=torch.long)
+    return chosen
+
+
+@pytest.mark.parametrize("config", [
+    DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=2, probe_queries=5),
+    DGAConfig(group_size=3, focal_ratio=0.1, local_blocks=3, expand_blocks=5, probe_queries=5, group_bias="log_size"),
+    DGAConfig(group_size=2, focal_ratio=0.5, local_blocks=1, expand_blocks=40),
+])
+def test_expanded_blocks_are_the_top_scored_old_blocks(monkeypatch, config):
+    """The layout's choice (scored in chunks of query blocks; a tiny chunk budget makes several) equals
+    the spec's, written one query at a time; the bias of log_size never enters the score."""
+    from dga_hf.ops import layout as layout_module
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 3, 61, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 61, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    lengths = torch.tensor([61, 38])
+    monkeypatch.setattr(layout_module, "EXPANSION_CHUNK_SCORES", 400)
+    layout = layout_module.build_layout(q, k, v, lengths, config, 0.4)
+    expected = brute_force_expansion(q, layout.agg_key, layout.agg_bias, config, 0.4)
+    real = torch.arange(61)[None, :] < lengths[:, None]
+    assert torch.equal(layout.expanded.permute(0, 2, 1, 3)[real], expected.permute(0, 2, 1, 3)[real])
+    assert (layout.expanded < layout.agg_key.shape[2]).any()
+
+
+def test_ties_in_expansion_pick_the_earlier_block():
+    """Identical aggregates score alike: each query expands the earliest of them (the focal set, the
+    first two positions, leaves members in every block)."""
+    config = DGAConfig(group_size=4, focal_ratio=0.05, local_blocks=1, expand_blocks=2, probe_queries=2)
+    q, _, v = qkv(1, 2, 1, 40, 4, seed=9)
+    k = torch.ones(1, 1, 40, 4)
+    from dga_hf.ops.layout import build_layout
+
+    layout = build_layout(q.view(1, 1, 2, 40, 4), k, v, torch.tensor([40]), config, 0.5)
+    old = torch.arange(40) // 4  # a query of block b has b old blocks: it expands blocks 0 and 1
+    expected = torch.stack([torch.where(old >= 1, 0, 10), torch.where(old >= 2, 1, 10)], dim=-1)
+    assert torch.equal(layout.expanded[0, 0], expected)
+    expected_out = naive_dga_attention(q, k, v, config)
+    torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected_out, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_expansion_reads_the_members_of_the_chosen_blocks():
+    """With V = identity, a query's mass on an expanded block's members follows their own logits, and
+    query-aware expansion moves every output towards dense attention."""
+    q, k, v = qkv(1, 4, 2, 64, 16, seed=6)
+    base = DGAConfig(group_size=4, focal_ratio=0.1, local_blocks=1, probe_queries=4)
+    errors = []
+    for expand in (0, 2, 8):
+        out = dga_attention(q, k, v, base.replace(expand_blocks=expand), backend="torch").double()
+        errors.append(float((out - dense_reference(q, k, v)).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2] > 0
 
 
 def test_default_dense_fallback_matches_reference():

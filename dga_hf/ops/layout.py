@@ -22,6 +22,7 @@ from .. import rule
 from ..config import DGAConfig
 
 AGGREGATE_CHUNK_TOKENS = 8192  # tokens whose blocks are aggregated at once (bounds the float32 copies)
+EXPANSION_CHUNK_SCORES = 2**24  # aggregate logits scored at once by the expansion (64 MiB in float32)
 IMPORTANCE_CHUNK_SCORES = 2**23  # probe scores computed at once (32 MiB in float32; rows of whole length L)
 
 
@@ -41,6 +42,9 @@ class DGALayout:
     agg_bias: torch.Tensor  # [B, H, nb]: 0 or log(members), -inf for blocks with no non-focal member
     focal: torch.Tensor  # [B, H, L] bool
     group_size: int
+    # [B, H, L, X] int64: the blocks each query expands (docs/spec.md step 6), ascending, then the
+    # sentinel nb; X = min(expand_blocks, old blocks of the last query). None without expansion.
+    expanded: torch.Tensor | None = None
 
     @property
     def focal_block(self) -> torch.Tensor:
@@ -100,6 +104,10 @@ def build_layout(
         focal = select_focal(score, real[:, None, :], sinks, budget)
     focal_pos, focal_key, focal_value = _gather_focal(focal, key, value, lengths, config)
     agg_key, agg_value, agg_bias = _aggregate(query, key, value, focal, real, lengths, config, scale)
+    expanded = None
+    if config.expand_blocks:
+        with torch.no_grad():
+            expanded = select_expanded(query, agg_key, agg_bias, config, scale)
     return DGALayout(
         lengths=lengths,
         focal_pos=focal_pos,
@@ -110,7 +118,45 @@ def build_layout(
         agg_bias=agg_bias,
         focal=focal,
         group_size=config.group_size,
+        expanded=expanded,
     )
+
+
+def select_expanded(
+    query: torch.Tensor, agg_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig, scale: float
+) -> torch.Tensor:
+    """Step 6 of docs/spec.md: per query and kv head, the `expand_blocks` aggregated blocks (old for the
+    query, with members outside F) of highest ``max_g s*Q[g,i]*K_hat_c``, ties to the earlier block.
+    query [B, H, G, L, d], agg_key [B, H, nb, d] and agg_bias [B, H, nb] (-inf: no members) ->
+    [B, H, L, X] block indices, ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of
+    whole blocks of queries at a time (EXPANSION_CHUNK_SCORES logits), each over the blocks old for the
+    chunk's last query only."""
+    batch, heads, group, seq_len, _ = query.shape
+    m, n = config.group_size, config.local_blocks
+    num_blocks = agg_key.shape[2]
+    last_block = rule.block_of(seq_len - 1, m)
+    width = min(config.expand_blocks, rule.old_block_count(last_block, n))
+    chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long, device=query.device)
+    if width == 0:
+        return chosen
+    no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
+    budget = torch.full((1, 1, 1, 1), config.expand_blocks, dtype=torch.long, device=query.device)
+    first_block = rule.first_block_seeing_as_old(0, n)  # earlier queries have no old block
+    per_chunk = max(1, EXPANSION_CHUNK_SCORES // max(batch * heads * group * m * num_blocks, 1))
+    for first in range(first_block, last_block + 1, per_chunk):
+        last = min(last_block, first + per_chunk - 1)
+        q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
+        old = rule.old_block_count(last, n)
+        keys = agg_key[:, :, None, :old].transpose(-1, -2)
+        score = (scale * query[:, :, :, q_lo:q_hi].to(agg_key.dtype) @ keys).amax(2)  # [B, H, T, old]
+        q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(-1, 1)
+        blocks = torch.arange(old, device=query.device)
+        eligible = rule.is_old_block(blocks, q_block, n) & torch.isfinite(agg_bias[:, :, None, :old])
+        picked = select_focal(score, eligible, no_sink, budget)
+        index = torch.where(picked, blocks, num_blocks)
+        count = min(width, old)
+        chosen[:, :, q_lo:q_hi, :count] = torch.topk(index, count, dim=-1, largest=False).values
+    return chosen
 
 
 def last_queries(query: torch.Tensor, counts: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:

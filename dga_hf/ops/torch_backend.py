@@ -41,22 +41,70 @@ def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_bloc
     """Blocks per query tile: an eighth of the local window (a tile of T queries computes T x (T + n*m)
     local logits, so larger tiles waste work on the local stream; measured on CPU at 8K with
     local_blocks=128, tiles of n/8 blocks ran 2.7x faster than tiles of n), at least MIN_TILE_QUERIES
-    queries, and within the logits budget."""
+    queries, and within the logits budget. With expansion the tile also reads the union of its queries'
+    expanded blocks: at most every old block, so the budget counts them all."""
     m, n = config.group_size, config.local_blocks
     wanted = max(-(-n // 8), -(-MIN_TILE_QUERIES // m))
-    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + (n + wanted) * m
+    expanded = num_blocks * m if layout.expanded is not None else 0
+    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + (n + wanted) * m + expanded
     affordable = TILE_LOGITS_BUDGET // max(heads_total * m * keys_per_query, 1)
     return max(1, min(num_blocks, wanted, affordable))
 
 
 @dataclass
+class _Expansion:
+    """What the queries q_lo..q_hi-1 of a tile expand (docs/spec.md step 6): the union of their expanded
+    blocks as raw key positions, and which query reads which of them and which aggregates it skips."""
+
+    positions: torch.Tensor  # [U * m]: the members of the union's blocks, ascending (clamped into the sequence)
+    hidden: torch.Tensor  # [B, H, T, U * m] bool: the query does not read this key through its expansion
+    agg_hidden: torch.Tensor  # [B, H, T, old] bool: the query reads this block raw, not its aggregate
+
+
+def _expansion(layout: DGALayout, q_lo: int, q_hi: int, old_blocks: int) -> _Expansion | None:
+    """The tile's expansion; None when its queries expand nothing. A member reached through an expanded
+    block is read unless it is focal (the focal stream reads it already) or past the sequence."""
+    if layout.expanded is None or old_blocks == 0:
+        return None
+    chosen = layout.expanded[:, :, q_lo:q_hi]  # [B, H, T, X], padded with nb
+    blocks = chosen.unique()
+    blocks = blocks[blocks < old_blocks]
+    if blocks.numel() == 0:
+        return None
+    m = layout.group_size
+    seq_len = layout.focal.shape[-1]
+    positions = (blocks[:, None] * m + torch.arange(m, device=blocks.device)).flatten()
+    inside = positions < seq_len
+    positions = positions.clamp(max=seq_len - 1)
+    reads_block = (chosen[..., None, :] == blocks[:, None]).any(-1)  # [B, H, T, U]
+    focal = layout.focal.index_select(2, positions)[:, :, None, :]
+    hidden = ~(reads_block.repeat_interleave(m, dim=-1) & ~focal & inside)
+    agg_hidden = torch.zeros(*chosen.shape[:3], old_blocks + 1, dtype=torch.bool, device=chosen.device)
+    agg_hidden.scatter_(-1, chosen.clamp(max=old_blocks), True)
+    return _Expansion(positions, hidden, agg_hidden[..., :old_blocks])
+
+
+@dataclass
 class _Stream:
-    """One key stream as a tile sees it: masked logits [B, H, G, T, K] over ``source[:, :, lo:hi]``."""
+    """One key stream as a tile sees it: masked logits [B, H, G, T, K] over ``source[:, :, lo:hi]``, or
+    over ``source[:, :, index]`` when an index is given (the members of expanded blocks)."""
 
     logits: torch.Tensor
     source: str  # "focal", "agg" or "local"
     lo: int
     hi: int
+    index: torch.Tensor | None = None
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The stream's keys (or values, or their gradients' rows) of a [B, H, N, d] source."""
+        return tensor[:, :, self.lo : self.hi] if self.index is None else tensor.index_select(2, self.index)
+
+    def add_to(self, total: torch.Tensor, rows: torch.Tensor) -> None:
+        """total[:, :, the stream's keys] += rows (the positions of a stream are distinct)."""
+        if self.index is None:
+            total[:, :, self.lo : self.hi] += rows
+        else:
+            total.index_add_(2, self.index, rows)
 
 
 def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> Iterator[tuple[int, int, list[_Stream]]]:
@@ -86,6 +134,13 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
             logits = scale * q_tile @ layout.agg_key[:, :, None, :old_blocks].transpose(-1, -2)
             logits += layout.agg_bias[:, :, None, None, :old_blocks]
             hidden = ~rule.is_old_block(agg_blocks, q_block, n)
+            expansion = _expansion(layout, q_lo, q_hi, old_blocks)
+            if expansion is not None:
+                hidden = hidden | expansion.agg_hidden[:, :, None]
+                members = key.index_select(2, expansion.positions)[:, :, None]
+                logits_expanded = scale * q_tile @ members.transpose(-1, -2)
+                logits_expanded.masked_fill_(expansion.hidden[:, :, None], -math.inf)
+                streams.append(_Stream(logits_expanded, "local", 0, 0, expansion.positions))
             streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "agg", 0, old_blocks))
 
         w_lo = rule.first_local_position(first, m, n)
@@ -93,7 +148,7 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
         logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
         hidden = ~rule.reads_raw(w_pos, q_pos, m, n)
         streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "local", w_lo, q_hi))
-        yield q_lo, q_hi, [stream for stream in streams if stream.hi > stream.lo]
+        yield q_lo, q_hi, [stream for stream in streams if stream.index is not None or stream.hi > stream.lo]
 
 
 def _sources(key: torch.Tensor, value: torch.Tensor, layout: DGALayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -125,7 +180,7 @@ def attend_forward(
         total = torch.zeros_like(peak)
         tile = 0.0
         for stream in streams:
-            values = sources[stream.source][1][:, :, None, stream.lo : stream.hi]
+            values = stream.take(sources[stream.source][1])[:, :, None]
             weights = stream.logits.sub_(peak).exp_()
             total += weights.sum(-1, keepdim=True)
             tile = tile + weights @ values
@@ -137,14 +192,16 @@ def attend_forward(
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
     """The output of `attend_forward` without its log-sum-exp (inference): per query tile one fused
-    `scaled_dot_product_attention` over [keys old for the tile | the tile's local window], the spec's
-    rule and the aggregates' bias in an additive mask, so no [G, T, K] logits are materialised.
+    `scaled_dot_product_attention` over [keys old for the tile | the tile's local window | the members of
+    the blocks its queries expand], the spec's rule and the aggregates' bias in an additive mask, so no
+    [G, T, K] logits are materialised.
 
     The focal keys and the aggregates are merged into one stream sorted by block (`_old_stream`), so
     the keys old for a tile are a prefix of it. Key, value and mask buffers persist across tiles: a
-    tile copies only the old entries it adds, its local window, and the mask columns of the blocks
-    that are old for some of its queries but not all (the other old columns are the bias for every
-    query, written once)."""
+    tile copies only the old entries it adds, its local window, its expanded members, and the mask
+    columns of the blocks that are old for some of its queries but not all (the other old columns are
+    the bias for every query, written once). The aggregates a query expands are hidden in its mask row
+    for the tile and restored after it."""
     batch, heads, group, seq_len, dim = query.shape
     m, n = config.group_size, config.local_blocks
     num_blocks = math.ceil(seq_len / m)
@@ -152,11 +209,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     rows = batch * heads
     # budgeted as if the [G, T, K] logits were materialised, as SDPA's math fallback does
     step = tile_blocks(layout, rows * group, config, num_blocks)
-    old_block, old_key, old_value, old_bias = _old_stream(layout, num_blocks)
+    old_block, old_key, old_value, old_bias, agg_column = _old_stream(layout, num_blocks)
     tile_rows = min(seq_len, step * m)
+    tiles = range(0, num_blocks, step)
+    expanded_members = max((_expanded_union_size(layout, first * m, min(seq_len, (first + step) * m)) for first in tiles), default=0) * m
     # a row stride of the mask that is a multiple of 16 elements spares the GPU's memory-efficient SDPA a
-    # padded copy of the mask per tile
-    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m)) // 16) * 16
+    # padded copy of the mask per tile; the last column is a spare that no tile reads (see below)
+    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m) + expanded_members + 1) // 16) * 16
+    spare = capacity - 1
     key_buffer = key.new_empty(rows, 1, capacity, dim)
     value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
     mask = query.new_empty(rows, 1, tile_rows, capacity)
@@ -165,7 +225,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     out = query.new_empty(rows, group, seq_len, value.shape[-1])
     copied = final = 0  # old entries in the buffers; old mask columns that are the bias for every query
     local_pattern = None
-    for first in range(0, num_blocks, step):
+    for first in tiles:
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
         visible = int(rule.is_old_block(old_block, last, n).sum(-1).max())
@@ -187,18 +247,43 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
         if local_pattern is None or local_pattern[0] != (q_lo - w_lo, q_hi - q_lo):
             local_pattern = ((q_lo - w_lo, q_hi - q_lo), _local_mask(q_lo, q_hi, w_lo, m, n, device, dtype))
         mask[:, 0, : q_hi - q_lo, visible:end] = local_pattern[1]
+        rows_mask = mask[:, 0, : q_hi - q_lo]
+        expansion = _expansion(layout, q_lo, q_hi, rule.old_block_count(last, n))
+        if expansion is not None:
+            members = expansion.positions.numel()
+            key_buffer[:, 0, end : end + members] = keys[:, expansion.positions]
+            value_buffer[:, 0, end : end + members] = values[:, expansion.positions]
+            rows_mask[:, :, end : end + members] = additive_mask(expansion.hidden.flatten(0, 1), dtype)
+            end += members
+            # the expanded aggregates' columns; the sentinel (no block) lands in the spare column
+            chosen = layout.expanded[:, :, q_lo:q_hi].flatten(0, 1)  # [rows, T, X]
+            columns = torch.where(chosen < num_blocks, agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen), spare)
+            columns = columns.flatten(1)
+            kept = rows_mask.gather(-1, columns.view(rows, q_hi - q_lo, -1))
+            rows_mask.scatter_(-1, columns.view(rows, q_hi - q_lo, -1), -math.inf)
         out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(
             queries[:, :, q_lo:q_hi], key_buffer[:, :, :end], value_buffer[:, :, :end],
             attn_mask=mask[:, :, : q_hi - q_lo, :end], scale=scale, enable_gqa=True,
         )
+        if expansion is not None:
+            rows_mask.scatter_(-1, columns.view(rows, q_hi - q_lo, -1), kept)
     out = out.view(batch, heads, group, seq_len, -1)
     return out.masked_fill_(_padded_rows(layout, seq_len, device).unsqueeze(-1), 0.0)
+
+
+def _expanded_union_size(layout: DGALayout, q_lo: int, q_hi: int) -> int:
+    """How many distinct blocks the queries q_lo..q_hi-1 expand (over every row and kv head)."""
+    if layout.expanded is None:
+        return 0
+    blocks = layout.expanded[:, :, q_lo:q_hi].unique()
+    return int((blocks < layout.agg_bias.shape[-1]).sum())
 
 
 def _old_stream(layout: DGALayout, num_blocks: int) -> tuple[torch.Tensor, ...]:
     """Focal keys and aggregates of each kv head merged into one stream sorted by block (the focal keys
     and the aggregate of one block are visible to the same queries), flattened over batch and heads:
-    block [BH, F+nb], key, value and additive bias (0 for focal keys, the aggregate's bias)."""
+    block [BH, F+nb], key, value, additive bias (0 for focal keys, the aggregate's bias) and the column
+    of each block's aggregate in the stream [BH, nb]."""
     batch, heads, slots = layout.focal_pos.shape
     device = layout.focal_pos.device
     agg_block = torch.arange(num_blocks, device=device).expand(batch, heads, num_blocks)
@@ -215,6 +300,7 @@ def _old_stream(layout: DGALayout, num_blocks: int) -> tuple[torch.Tensor, ...]:
         merged(layout.focal_key, layout.agg_key),
         merged(layout.focal_value, layout.agg_value),
         bias.gather(-1, order).flatten(0, 1),
+        order.argsort(dim=-1)[..., slots:].flatten(0, 1),
     )
 
 
@@ -251,11 +337,11 @@ def attend_backward(
     for q_lo, q_hi, streams in _tiles(query, key, layout, config, scale):
         q_tile, d_out = query[:, :, :, q_lo:q_hi], grad_out[:, :, :, q_lo:q_hi]
         for stream in streams:
-            keys, values = (x[:, :, None, stream.lo : stream.hi] for x in sources[stream.source])
-            grad_keys, grad_values = (g[:, :, stream.lo : stream.hi] for g in grads[stream.source])
+            keys, values = (stream.take(x)[:, :, None] for x in sources[stream.source])
+            grad_keys, grad_values = grads[stream.source]
             probs = stream.logits.sub_(lse[:, :, :, q_lo:q_hi]).exp_()
-            grad_values += (probs.transpose(-1, -2) @ d_out).sum(2)
+            stream.add_to(grad_values, (probs.transpose(-1, -2) @ d_out).sum(2))
             grad_logits = probs.mul_(d_out @ values.transpose(-1, -2) - row_dot[:, :, :, q_lo:q_hi]).mul_(scale)
             grad_query[:, :, :, q_lo:q_hi] += grad_logits @ keys
-            grad_keys += (grad_logits.transpose(-1, -2) @ q_tile).sum(2)
+            stream.add_to(grad_keys, (grad_logits.transpose(-1, -2) @ q_tile).sum(2))
     return (grad_query, *grads["local"], *grads["focal"], *grads["agg"])

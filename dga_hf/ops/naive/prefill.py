@@ -90,6 +90,16 @@ def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: DGAConfig,
     raw_allowed = causal & (focal[None, :] | ~rule.is_old_block(block[None, :], q_block, n))
     agg_allowed = rule.is_old_block(torch.arange(num_blocks)[None, :], q_block, n) & (members[None, :] > 0)
     agg_logits = s * q @ agg_k.T
+
+    # 6. each query expands the E aggregated blocks it scores highest (ties: the earlier block)
+    if cfg.expand_blocks:
+        score = agg_logits.amax(0)  # [L, nb]
+        for i in range(seq_len):
+            candidates = agg_allowed[i].nonzero().flatten().tolist()
+            chosen = sorted(candidates, key=lambda c: (-score[i, c].item(), c))[: cfg.expand_blocks]
+            for c in chosen:
+                agg_allowed[i, c] = False
+                raw_allowed[i] |= block == c
     if cfg.group_bias == "log_size":
         agg_logits = agg_logits + members.clamp(min=1).log()
     logits = torch.cat([s * q @ k.T, agg_logits], dim=-1)

@@ -40,6 +40,13 @@ def stage5_reference(
     agg_visible = agg_visible & torch.isfinite(layout.agg_bias).unsqueeze(2)
     local_visible = rule.reads_raw(pos.view(1, -1), pos.view(-1, 1), m, n)  # [L, L]
     local_visible = local_visible.expand(*focal_visible.shape[:2], seq_len, seq_len)
+    if layout.expanded is not None:  # step 6: the expanded blocks' non-focal members raw, not their aggregates
+        num_blocks = agg_key.shape[2]
+        expanded = torch.zeros(*layout.expanded.shape[:3], num_blocks + 1, dtype=torch.bool, device=query.device)
+        expanded = expanded.scatter_(-1, layout.expanded, True)[..., :num_blocks]  # [B, H, L, nb]
+        agg_visible = agg_visible & ~expanded
+        member = expanded.gather(-1, rule.block_of(pos, m).expand(*expanded.shape[:3], seq_len))
+        local_visible = local_visible | (member & ~layout.focal.unsqueeze(2))
     real_row = (pos.view(1, -1) < layout.lengths.view(-1, 1)).view(-1, 1, seq_len, 1)
     visible = torch.cat([focal_visible, agg_visible.expand(*focal_visible.shape[:2], -1, -1), local_visible], -1)
     visible = (visible & real_row).unsqueeze(2)  # [B, H, 1, L, K]
