@@ -25,7 +25,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from . import decoding
 from .config import DGAConfig, StoredDGAConfig, resolve_config
-from .ops import dense_attention, dga_attention
+from .ops import dense_attention, dga_attention, stats
 
 try:  # AttentionMaskInterface appeared in transformers 4.53
     from transformers import AttentionMaskInterface
@@ -110,6 +110,9 @@ def dga_attention_forward(
         out = dga_attention(query, key, value, config, scale=scaling, padding_mask=attention_mask)
     else:
         out = dense_attention(query, key, value, scale=scaling, padding_mask=attention_mask)
+        if stats.counting() and query.shape[-2] == key.shape[-2]:  # a dense prefill (not a decoding step)
+            lengths = torch.full((key.shape[0],), key.shape[-2], device=key.device) if attention_mask is None else attention_mask.sum(-1)
+            stats.record_dense(lengths, key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

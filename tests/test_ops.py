@@ -347,3 +347,44 @@ def test_layout_of_bf16_inputs_holds_no_float32_copy_of_k_and_v():
     extra, fp32_kv, dtype, finite = result.stdout.split()
     assert dtype == "torch.float32" and finite == "True"
     assert int(extra) < 0.75 * int(fp32_kv), f"peak extra {int(extra) / 2**20:.0f} MiB; float32 K+V {int(fp32_kv) / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ keys read
+
+
+def keys_read_one_by_one(layout, config, lengths):
+    """docs/spec.md steps 5-6 counted key by key: raw keys a query reads, plus the aggregates it reads."""
+    m, n = config.group_size, config.local_blocks
+    total = 0
+    for b in range(layout.focal.shape[0]):
+        length = int(lengths[b])
+        for h in range(layout.focal.shape[1]):
+            focal = layout.focal[b, h]
+            for i in range(length):
+                first = i // m - n + 1
+                expanded = set(layout.expanded[b, h, i].tolist()) if layout.expanded is not None else set()
+                total += sum(1 for j in range(i + 1) if j // m >= first or focal[j] or j // m in expanded)
+                for c in range(max(0, first)):
+                    has_members = any(not focal[j] for j in range(c * m, min((c + 1) * m, length)))
+                    total += has_members and c not in expanded
+    return total
+
+
+@pytest.mark.parametrize("expand_blocks", [0, 2, 5])
+def test_counted_keys_are_the_keys_the_rule_reads(expand_blocks):
+    from dga_hf.ops import stats
+    from dga_hf.ops.layout import build_layout, compact_padding
+
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=2, expand_blocks=expand_blocks, probe_queries=3)
+    q, k, v = qkv(2, 4, 2, 57, 8, seed=expand_blocks)
+    mask = left_padding(2, 57, seed=1)
+    with stats.counting_keys() as count:
+        dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+        dga_attention(q[:, :, :9], k[:, :, :9], v[:, :, :9], config.replace(min_seq_len=10), backend="torch")
+    compact_q, compact_k, compact_v, lengths, _ = compact_padding(q, k, v, mask)
+    layout = build_layout(compact_q.view(2, 2, 2, 57, 8), compact_k, compact_v, lengths, config, 8**-0.5)
+    dense = int((lengths * (lengths + 1) // 2).sum()) * 2
+    assert count.calls == 2 and count.per_call[1] == 1.0  # the short call is dense: 2 rows x 2 heads x 45 keys
+    assert count.read == keys_read_one_by_one(layout, config, lengths) + 4 * 45
+    assert count.dense == dense + 4 * 45
+    assert stats.counting() is False

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import BACKENDS, DGAConfig, resolve_config
-from . import autograd, torch_backend
+from . import autograd, stats, torch_backend
 from .dense import dense_attention
 from .inputs import autocast_inputs, boolean_padding_mask, check_attention_inputs, checked_scale
 from .layout import build_layout, compact_padding, compute_dtype, uncompact
@@ -163,8 +163,12 @@ def prefill(
     if dense or short:
         out = dense_attention(query, key, value, scale=scale, padding_mask=padding_mask)
         real = torch.arange(seq_len, device=query.device)[None, :] < lengths[:, None]
+        if stats.counting():
+            stats.record_dense(lengths, kv_heads)
         return Prefill(out, q, k, v, lengths, real[:, None, :].expand(batch, kv_heads, seq_len), chosen)
     layout = build_layout(q, k, v, lengths, config, scale)
+    if stats.counting():
+        stats.record_layout(layout, config)
     if chosen == "naive":
         out = naive_dga_attention(query, key, value, config, scale=scale, padding_mask=padding_mask).to(query)
     else:
