@@ -248,6 +248,24 @@ def test_ties_in_expansion_pick_the_earlier_block():
     torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected_out, atol=FP32_TOL, rtol=FP32_TOL)
 
 
+@pytest.mark.parametrize("tile", [1, 2, 7])
+def test_expanding_inference_matches_the_reference(monkeypatch, tile):
+    """Inference with expansion: per tile one SDPA whose keys include the union of the blocks its queries
+    expand (each query masked to its own), the expanded aggregates hidden in its mask row for that tile
+    only; tiles of 1, 2 and 7 blocks, a left-padded batch, and values of another head size than the keys.
+    Equal to the float64 transcription."""
+    from dga_hf.ops import torch_backend
+
+    config = DGAConfig(group_size=4, focal_ratio=0.15, local_blocks=2, expand_blocks=3, probe_queries=5, sink_tokens=1)
+    q, k, v = qkv(2, 6, 2, 77, 8, seed=21, dtype=torch.float64)
+    v = torch.cat([v, v[..., :3] ** 2], dim=-1)
+    mask = left_padding(2, 77, seed=21)
+    monkeypatch.setattr(torch_backend, "tile_blocks", lambda *args: tile)
+    with torch.no_grad():
+        actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    torch.testing.assert_close(actual, naive_dga_attention(q, k, v, config, padding_mask=mask), atol=1e-12, rtol=1e-12)
+
+
 def test_expansion_reads_the_members_of_the_chosen_blocks():
     """With V = identity, a query's mass on an expanded block's members follows their own logits, and
     query-aware expansion moves every output towards dense attention."""

@@ -53,58 +53,78 @@ def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_bloc
 
 @dataclass
 class _Expansion:
-    """What the queries q_lo..q_hi-1 of a tile expand (docs/spec.md step 6): the union of their expanded
-    blocks as raw key positions, and which query reads which of them and which aggregates it skips."""
+    """What the queries q_lo..q_hi-1 of a tile expand (docs/spec.md step 6): per query, the members of its
+    expanded blocks as raw key positions (each query its own keys, as in NSA's selected attention), and
+    the aggregates it therefore skips."""
 
-    positions: torch.Tensor  # [U * m]: the members of the union's blocks, ascending (clamped into the sequence)
-    hidden: torch.Tensor  # [B, H, T, U * m] bool: the query does not read this key through its expansion
+    positions: torch.Tensor  # [B, H, T, X * m]: each query's expanded members (clamped into the sequence)
+    hidden: torch.Tensor  # [B, H, T, X * m] bool: not read (a focal member, the sentinel, past the sequence)
     agg_hidden: torch.Tensor  # [B, H, T, old] bool: the query reads this block raw, not its aggregate
 
 
 def _expansion(layout: DGALayout, q_lo: int, q_hi: int, old_blocks: int) -> _Expansion | None:
-    """The tile's expansion; None when its queries expand nothing. A member reached through an expanded
-    block is read unless it is focal (the focal stream reads it already) or past the sequence."""
+    """The tile's expansion; None when its queries expand nothing. A member of an expanded block is read
+    through the expansion unless it is focal (the focal stream reads it already)."""
     if layout.expanded is None or old_blocks == 0:
         return None
-    chosen = layout.expanded[:, :, q_lo:q_hi]  # [B, H, T, X], padded with nb
-    blocks = chosen.unique()
-    blocks = blocks[blocks < old_blocks]
-    if blocks.numel() == 0:
+    chosen = layout.expanded[:, :, q_lo:q_hi, : min(layout.expanded.shape[-1], old_blocks)]  # [B, H, T, X]
+    if chosen.numel() == 0 or not bool((chosen < old_blocks).any()):
         return None
     m = layout.group_size
     seq_len = layout.focal.shape[-1]
-    positions = (blocks[:, None] * m + torch.arange(m, device=blocks.device)).flatten()
-    inside = positions < seq_len
+    positions = (chosen[..., None] * m + torch.arange(m, device=chosen.device)).flatten(-2)
+    outside = positions >= seq_len  # the sentinel's members, and those of a short last block
     positions = positions.clamp(max=seq_len - 1)
-    reads_block = (chosen[..., None, :] == blocks[:, None]).any(-1)  # [B, H, T, U]
-    focal = layout.focal.index_select(2, positions)[:, :, None, :]
-    hidden = ~(reads_block.repeat_interleave(m, dim=-1) & ~focal & inside)
+    focal = layout.focal.gather(2, positions.flatten(2)).view_as(positions)
     agg_hidden = torch.zeros(*chosen.shape[:3], old_blocks + 1, dtype=torch.bool, device=chosen.device)
     agg_hidden.scatter_(-1, chosen.clamp(max=old_blocks), True)
-    return _Expansion(positions, hidden, agg_hidden[..., :old_blocks])
+    return _Expansion(positions, outside | focal, agg_hidden[..., :old_blocks])
 
 
 @dataclass
 class _Stream:
-    """One key stream as a tile sees it: masked logits [B, H, G, T, K] over ``source[:, :, lo:hi]``, or
-    over ``source[:, :, index]`` when an index is given (the members of expanded blocks)."""
+    """One key stream as a tile sees it: masked logits [B, H, G, T, K] over ``source[:, :, lo:hi]`` (keys
+    shared by the tile's queries), or, with ``per_query`` positions [B, H, T, K], over each query's own
+    keys (the members of its expanded blocks)."""
 
     logits: torch.Tensor
     source: str  # "focal", "agg" or "local"
-    lo: int
-    hi: int
-    index: torch.Tensor | None = None
+    lo: int = 0
+    hi: int = 0
+    per_query: torch.Tensor | None = None
 
-    def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The stream's keys (or values, or their gradients' rows) of a [B, H, N, d] source."""
-        return tensor[:, :, self.lo : self.hi] if self.index is None else tensor.index_select(2, self.index)
+    def keys(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The stream's rows of a [B, H, N, d] source: [B, H, 1, K, d], or [B, H, T, K, d] per query."""
+        if self.per_query is None:
+            return tensor[:, :, None, self.lo : self.hi]
+        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, self._flat(tensor)).view(*self.per_query.shape, -1)
+
+    def _flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The per-query positions as rows of ``tensor`` [B, H, N, d] flattened to [B * H * N, d] (whole rows
+        by index_select: a gather of the same elements is about 10x slower on the CPU)."""
+        batch, heads, length = tensor.shape[:3]
+        offset = length * torch.arange(batch * heads, device=tensor.device).view(batch, heads, 1, 1)
+        return (self.per_query + offset).flatten()
+
+    def apply(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """weights [B, H, G, T, K] times the stream's rows (from `keys`) -> [B, H, G, T, d]."""
+        if self.per_query is None:
+            return weights @ rows
+        return (weights.transpose(2, 3) @ rows).transpose(2, 3)  # batched over (B, H, T), the G heads as rows
+
+    def apply_transposed(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The stream's gradient rows: weights [B, H, G, T, K] transposed times rows [B, H, G, T, d],
+        summed over G -> [B, H, K, d] (shared keys) or [B, H, T, K, d] (per query)."""
+        if self.per_query is None:
+            return (weights.transpose(-1, -2) @ rows).sum(2)
+        return weights.permute(0, 1, 3, 4, 2) @ rows.transpose(2, 3)
 
     def add_to(self, total: torch.Tensor, rows: torch.Tensor) -> None:
-        """total[:, :, the stream's keys] += rows (the positions of a stream are distinct)."""
-        if self.index is None:
+        """total[:, :, the stream's keys] += rows (from `apply_transposed`); per-query keys may repeat."""
+        if self.per_query is None:
             total[:, :, self.lo : self.hi] += rows
-        else:
-            total.index_add_(2, self.index, rows)
+            return
+        total.view(-1, total.shape[-1]).index_add_(0, self._flat(total), rows.reshape(-1, total.shape[-1]))
 
 
 def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> Iterator[tuple[int, int, list[_Stream]]]:
@@ -137,10 +157,11 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
             expansion = _expansion(layout, q_lo, q_hi, old_blocks)
             if expansion is not None:
                 hidden = hidden | expansion.agg_hidden[:, :, None]
-                members = key.index_select(2, expansion.positions)[:, :, None]
-                logits_expanded = scale * q_tile @ members.transpose(-1, -2)
-                logits_expanded.masked_fill_(expansion.hidden[:, :, None], -math.inf)
-                streams.append(_Stream(logits_expanded, "local", 0, 0, expansion.positions))
+                stream = _Stream(None, "local", per_query=expansion.positions)
+                members = stream.keys(key)  # [B, H, T, K, d]
+                logits_expanded = (q_tile.transpose(2, 3) @ members.transpose(-1, -2)).transpose(2, 3).mul_(scale)
+                stream.logits = logits_expanded.masked_fill_(expansion.hidden[:, :, None], -math.inf)
+                streams.append(stream)
             streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "agg", 0, old_blocks))
 
         w_lo = rule.first_local_position(first, m, n)
@@ -148,7 +169,7 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
         logits = scale * q_tile @ key[:, :, None, w_lo:q_hi].transpose(-1, -2)
         hidden = ~rule.reads_raw(w_pos, q_pos, m, n)
         streams.append(_Stream(logits.masked_fill_(hidden, -math.inf), "local", w_lo, q_hi))
-        yield q_lo, q_hi, [stream for stream in streams if stream.index is not None or stream.hi > stream.lo]
+        yield q_lo, q_hi, [stream for stream in streams if stream.per_query is not None or stream.hi > stream.lo]
 
 
 def _sources(key: torch.Tensor, value: torch.Tensor, layout: DGALayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -180,10 +201,9 @@ def attend_forward(
         total = torch.zeros_like(peak)
         tile = 0.0
         for stream in streams:
-            values = stream.take(sources[stream.source][1])[:, :, None]
             weights = stream.logits.sub_(peak).exp_()
             total += weights.sum(-1, keepdim=True)
-            tile = tile + weights @ values
+            tile = tile + stream.apply(weights, stream.keys(sources[stream.source][1]))
         out[:, :, :, q_lo:q_hi] = tile / total.clamp(min=torch.finfo(total.dtype).tiny)
         lse[:, :, :, q_lo:q_hi] = (total.log() + peak).squeeze(-1)
     padded = _padded_rows(layout, seq_len, query.device)
@@ -193,12 +213,12 @@ def attend_forward(
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
     """The output of `attend_forward` without its log-sum-exp (inference): per query tile one fused
     `scaled_dot_product_attention` over [keys old for the tile | the tile's local window | the members of
-    the blocks its queries expand], the spec's rule and the aggregates' bias in an additive mask, so no
-    [G, T, K] logits are materialised.
+    the blocks its queries expand (`_tile_union`)], the spec's rule and the aggregates' bias in an
+    additive mask, so no [G, T, K] logits are materialised.
 
     The focal keys and the aggregates are merged into one stream sorted by block (`_old_stream`), so
     the keys old for a tile are a prefix of it. Key, value and mask buffers persist across tiles: a
-    tile copies only the old entries it adds, its local window, its expanded members, and the mask
+    tile copies only the old entries it adds, its local window, its expanded blocks, and the mask
     columns of the blocks that are old for some of its queries but not all (the other old columns are
     the bias for every query, written once). The aggregates a query expands are hidden in its mask row
     for the tile and restored after it."""
@@ -211,21 +231,23 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     step = tile_blocks(layout, rows * group, config, num_blocks)
     old_block, old_key, old_value, old_bias, agg_column = _old_stream(layout, num_blocks)
     tile_rows = min(seq_len, step * m)
-    tiles = range(0, num_blocks, step)
-    expanded_members = max((_expanded_union_size(layout, first * m, min(seq_len, (first + step) * m)) for first in tiles), default=0) * m
+    # the members of the blocks a tile's queries expand: at most every block's
+    expanded = 0 if layout.expanded is None else min(num_blocks, tile_rows * layout.expanded.shape[-1]) * m
     # a row stride of the mask that is a multiple of 16 elements spares the GPU's memory-efficient SDPA a
-    # padded copy of the mask per tile; the last column is a spare that no tile reads (see below)
-    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m) + expanded_members + 1) // 16) * 16
-    spare = capacity - 1
+    # padded copy of the mask per tile; the last column is a spare no tile reads (expansion's sentinel)
+    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m) + expanded + 1) // 16) * 16
     key_buffer = key.new_empty(rows, 1, capacity, dim)
     value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
     mask = query.new_empty(rows, 1, tile_rows, capacity)
     queries = query.reshape(rows, group, seq_len, dim)
     keys, values = key.reshape(rows, seq_len, dim), value.reshape(rows, seq_len, -1)  # once: may copy
+    if layout.expanded is not None:
+        key_blocks, value_blocks = _blocks(keys, m), _blocks(values, m)
+        focal = layout.focal.flatten(0, 1)
     out = query.new_empty(rows, group, seq_len, value.shape[-1])
     copied = final = 0  # old entries in the buffers; old mask columns that are the bias for every query
     local_pattern = None
-    for first in tiles:
+    for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
         visible = int(rule.is_old_block(old_block, last, n).sum(-1).max())
@@ -247,36 +269,64 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
         if local_pattern is None or local_pattern[0] != (q_lo - w_lo, q_hi - q_lo):
             local_pattern = ((q_lo - w_lo, q_hi - q_lo), _local_mask(q_lo, q_hi, w_lo, m, n, device, dtype))
         mask[:, 0, : q_hi - q_lo, visible:end] = local_pattern[1]
-        rows_mask = mask[:, 0, : q_hi - q_lo]
-        expansion = _expansion(layout, q_lo, q_hi, rule.old_block_count(last, n))
-        if expansion is not None:
-            members = expansion.positions.numel()
-            key_buffer[:, 0, end : end + members] = keys[:, expansion.positions]
-            value_buffer[:, 0, end : end + members] = values[:, expansion.positions]
-            rows_mask[:, :, end : end + members] = additive_mask(expansion.hidden.flatten(0, 1), dtype)
+        tile_mask = mask[:, 0, : q_hi - q_lo]
+        chosen = None
+        if layout.expanded is not None and rule.old_block_count(last, n) > 0:
+            chosen = layout.expanded[:, :, q_lo:q_hi].flatten(0, 1).contiguous()  # [rows, T, X]
+            union, reads = _tile_union(chosen, num_blocks)
+            chosen = chosen if union.shape[1] else None
+        if chosen is not None:  # the union of the tile's expanded blocks joins its keys
+            members = union.shape[1] * m
+            index = union.clamp(max=num_blocks - 1) + num_blocks * torch.arange(rows, device=device).view(-1, 1)
+            key_buffer[:, 0, end : end + members] = key_blocks.index_select(0, index.flatten()).view(rows, members, dim)
+            value_buffer[:, 0, end : end + members] = value_blocks.index_select(0, index.flatten()).view(rows, members, -1)
+            positions = (union[..., None] * m + torch.arange(m, device=device)).flatten(1)  # [rows, U * m]
+            readable = (positions < seq_len) & ~focal.gather(1, positions.clamp(max=seq_len - 1))
+            tile_mask[:, :, end : end + members] = additive_mask(~(reads.repeat_interleave(m, -1) & readable[:, None]), dtype)
             end += members
-            # the expanded aggregates' columns; the sentinel (no block) lands in the spare column
-            chosen = layout.expanded[:, :, q_lo:q_hi].flatten(0, 1)  # [rows, T, X]
-            columns = torch.where(chosen < num_blocks, agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen), spare)
-            columns = columns.flatten(1)
-            kept = rows_mask.gather(-1, columns.view(rows, q_hi - q_lo, -1))
-            rows_mask.scatter_(-1, columns.view(rows, q_hi - q_lo, -1), -math.inf)
+            # the aggregates each query expands are hidden in its mask row for this tile only
+            columns = agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen)
+            columns = torch.where(chosen < num_blocks, columns, capacity - 1)
+            kept = tile_mask.gather(-1, columns)
+            tile_mask.scatter_(-1, columns, -math.inf)
         out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(
             queries[:, :, q_lo:q_hi], key_buffer[:, :, :end], value_buffer[:, :, :end],
             attn_mask=mask[:, :, : q_hi - q_lo, :end], scale=scale, enable_gqa=True,
         )
-        if expansion is not None:
-            rows_mask.scatter_(-1, columns.view(rows, q_hi - q_lo, -1), kept)
+        if chosen is not None:
+            tile_mask.scatter_(-1, columns, kept)
     out = out.view(batch, heads, group, seq_len, -1)
     return out.masked_fill_(_padded_rows(layout, seq_len, device).unsqueeze(-1), 0.0)
 
 
-def _expanded_union_size(layout: DGALayout, q_lo: int, q_hi: int) -> int:
-    """How many distinct blocks the queries q_lo..q_hi-1 expand (over every row and kv head)."""
-    if layout.expanded is None:
-        return 0
-    blocks = layout.expanded[:, :, q_lo:q_hi].unique()
-    return int((blocks < layout.agg_bias.shape[-1]).sum())
+def _tile_union(chosen: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks a tile's queries expand, as one set per row (batch row x kv head), so that they join the
+    tile's shared keys (one SDPA, keys read once per tile: on the CPU, memory traffic, not arithmetic,
+    bounds this step, and per-query copies of X blocks cost far more than the logits of a union).
+    chosen [rows, T, X] (sentinel nb) -> (the union's block indices [rows, U] (sentinel nb), and which
+    query reads which of them [rows, T, U] bool)."""
+    rows = chosen.shape[0]
+    ordered = chosen.flatten(1).sort(-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first &= ordered < num_blocks
+    width = int(first.sum(-1).max())
+    slot = torch.where(first, first.cumsum(-1) - 1, width)
+    union = torch.full((rows, width + 1), num_blocks, dtype=chosen.dtype, device=chosen.device)
+    union = union.scatter_(1, slot, ordered)[:, :width].contiguous()
+    place = torch.searchsorted(union, chosen.flatten(1)).view_as(chosen).clamp(max=width)
+    place = torch.where(chosen < num_blocks, place, width)
+    reads = torch.zeros(*chosen.shape[:2], width + 1, dtype=torch.bool, device=chosen.device)
+    return union, reads.scatter_(-1, place, True)[..., :width]
+
+
+def _blocks(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[R, L, d] -> [R * nb, m * d]: whole blocks as rows (one index_select fetches a block), the last block
+    zero-padded (a view when L is a multiple of m)."""
+    missing = -rows.shape[1] % group_size
+    if missing:
+        rows = F.pad(rows, (0, 0, 0, missing))
+    return rows.reshape(-1, group_size * rows.shape[-1])
 
 
 def _old_stream(layout: DGALayout, num_blocks: int) -> tuple[torch.Tensor, ...]:
@@ -337,11 +387,12 @@ def attend_backward(
     for q_lo, q_hi, streams in _tiles(query, key, layout, config, scale):
         q_tile, d_out = query[:, :, :, q_lo:q_hi], grad_out[:, :, :, q_lo:q_hi]
         for stream in streams:
-            keys, values = (stream.take(x)[:, :, None] for x in sources[stream.source])
+            keys, values = (stream.keys(x) for x in sources[stream.source])
             grad_keys, grad_values = grads[stream.source]
             probs = stream.logits.sub_(lse[:, :, :, q_lo:q_hi]).exp_()
-            stream.add_to(grad_values, (probs.transpose(-1, -2) @ d_out).sum(2))
-            grad_logits = probs.mul_(d_out @ values.transpose(-1, -2) - row_dot[:, :, :, q_lo:q_hi]).mul_(scale)
-            grad_query[:, :, :, q_lo:q_hi] += grad_logits @ keys
-            stream.add_to(grad_keys, (grad_logits.transpose(-1, -2) @ q_tile).sum(2))
+            stream.add_to(grad_values, stream.apply_transposed(probs, d_out))
+            d_probs = stream.apply(d_out, values.transpose(-1, -2))  # dP = dO V^T
+            grad_logits = probs.mul_(d_probs - row_dot[:, :, :, q_lo:q_hi]).mul_(scale)
+            grad_query[:, :, :, q_lo:q_hi] += stream.apply(grad_logits, keys)
+            stream.add_to(grad_keys, stream.apply_transposed(grad_logits, q_tile))
     return (grad_query, *grads["local"], *grads["focal"], *grads["agg"])
