@@ -99,6 +99,23 @@ def expanded_members(chosen, focal_row, start, count, length, GROUP_SIZE: tl.con
     return pos, inside & (focal == 0)
 
 
+@triton.jit
+def expanded_keys(chosen, focal_row, k_base, v_base, stride_kl, stride_vl, start, count, length,
+                  HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [BLOCK_N, D] and values [BLOCK_N, DV] of `expanded_members` columns [start, start + BLOCK_N)
+    (k_base / v_base: K / V at the query's batch row and kv head), and which of them the query reads."""
+    pos, read = expanded_members(chosen, focal_row, start, count, length, GROUP_SIZE, BLOCK_N)
+    pos64 = pos.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_rows(k_base + pos64[:, None] * stride_kl + offs_d[None, :], read, offs_d < HEAD_DIM,
+                  BLOCK_D == HEAD_DIM, True)
+    v = load_rows(v_base + pos64[:, None] * stride_vl + offs_dv[None, :], read, offs_dv < VALUE_DIM,
+                  BLOCK_DV == VALUE_DIM, True)
+    return k, v, read
+
+
 # sizes that change with the sequence length are not specialised on (no recompilation per length)
 @triton.jit(do_not_specialize=["H", "L", "NB", "X"])
 def _expanded_attend_kernel(
@@ -143,10 +160,8 @@ def _expanded_attend_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     for start in range(0, count * GROUP_SIZE, BLOCK_N):
-        pos, read = expanded_members(chosen, FOCAL + bh64 * L, start, count, length, GROUP_SIZE, BLOCK_N)
-        pos64 = pos.to(tl.int64)
-        k = load_rows(k_base + pos64[:, None] * stride_kl + offs_d[None, :], read, mask_d, EVEN_D, True)
-        v = load_rows(v_base + pos64[:, None] * stride_vl + offs_dv[None, :], read, mask_dv, EVEN_DV, True)
+        k, v, read = expanded_keys(chosen, FOCAL + bh64 * L, k_base, v_base, stride_kl, stride_vl, start, count,
+                                   length, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, BLOCK_N)
         s = tl.where(read[None, :], logits(q, k, qk_scale, DOT_PRECISION, UPCAST), float("-inf"))
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
