@@ -75,12 +75,21 @@ CASES = {
     "d96": (1, 1, 2, 21, 96, CFG_D, None, 32, 16),
     "d128": (1, 1, 2, 21, 128, CFG_B, None, 16, 32),
 }
+# query-aware expansion (docs/spec.md step 6): E = 1, a few, and more than the blocks (every old block)
+EXPAND_CASES = {
+    "E1-G3-pad": (2, 1, 3, 37, 64, CFG_D.replace(expand_blocks=1), [37, 22], 16, 16),
+    "E3-G4-sink-bias-n3": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3), None, 32, 16),
+    "E-all-G8-pad": (2, 1, 8, 70, 64, CFG_A.replace(expand_blocks=20), [70, 41], 64, 16),
+    "E2-G1-d128": (1, 1, 1, 30, 128, CFG_A.replace(expand_blocks=2), None, 16, 32),
+    "E1-m20-G2-d16": (1, 1, 2, 61, 16, CFG_C.replace(group_size=20, expand_blocks=1), None, 16, 16),
+    "E2-G4-default-tiles": (1, 1, 4, 70, 64, CFG_D.replace(expand_blocks=2), [50], None, None),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(EXPAND_CASES))
 def test_matches_torch_backend_fp32(case, device):
-    batch, heads, group, seq_len, dim, cfg, lengths, rows, block_n = CASES[case]
+    batch, heads, group, seq_len, dim, cfg, lengths, rows, block_n = {**CASES, **EXPAND_CASES}[case]
     _compare(device, batch, heads, group, seq_len, dim, cfg, lengths=lengths, rows=rows, block_n=block_n)
 
 
@@ -90,8 +99,10 @@ def test_matches_torch_backend_fp32(case, device):
     [(torch.bfloat16, 32, 16), (torch.bfloat16, None, None), (torch.float16, 16, 32)],
     ids=["bf16", "bf16-default-tiles", "fp16"],
 )
-def test_matches_torch_backend_16bit(dtype, rows, block_n, device):
-    _compare(device, 2, 1, 4, 70, 64, CFG_D, lengths=[70, 50], rows=rows, block_n=block_n, dtype=dtype, seed=1)
+@pytest.mark.parametrize("expand_blocks", [0, 2], ids=["E0", "E2"])
+def test_matches_torch_backend_16bit(dtype, rows, block_n, expand_blocks, device):
+    cfg = CFG_D.replace(expand_blocks=expand_blocks)
+    _compare(device, 2, 1, 4, 70, 64, cfg, lengths=[70, 50], rows=rows, block_n=block_n, dtype=dtype, seed=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,8 +113,11 @@ def test_matches_torch_backend_16bit(dtype, rows, block_n, device):
         (3, 17, CFG_B, [5, 0]),
         (1, 40, CFG_C.replace(min_seq_len=24), [0, 20]),  # second row shorter than min_seq_len: dense
         (2, 12, CFG_A, [0, 12]),  # an all-padding row: zeros, no NaN
+        (3, 29, CFG_A.replace(expand_blocks=2), [0, 6]),
+        (8, 35, CFG_B.replace(expand_blocks=1), [4, 0]),
+        (1, 26, CFG_A.replace(expand_blocks=7), [0, 9]),  # 7 blocks: every old block is expanded
     ],
-    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row"],
+    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row", "G3-L29-E2", "G8-L35-E1", "G1-L26-E-all"],
 )
 def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
     """dga_attention(backend="triton") with left padding, against the float64 transcription of the spec."""
@@ -120,10 +134,12 @@ def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_full_focal_is_dense(device):
-    """focal_ratio = 1: every earlier token is focal, so the result is dense causal attention."""
+@pytest.mark.parametrize("cfg", [CFG_A.replace(focal_ratio=1.0), CFG_B.replace(expand_blocks=8)],
+                         ids=["focal_ratio=1", "expand_blocks>=blocks"])
+def test_exact_settings_are_dense(cfg, device):
+    """focal_ratio = 1 (every earlier token is focal) or expand_blocks >= the number of blocks (every old
+    block is expanded): the result is dense causal attention (docs/spec.md, Invariants)."""
     q, k, v, lens = _inputs(1, 2, 2, 30, 64, device, seed=5)
-    cfg = CFG_A.replace(focal_ratio=1.0)
     scale = 64**-0.5
     layout = build_layout(q, k, v, lens, cfg, scale)
     got = triton_backend.attend(q, k, v, layout, cfg, scale, block_rows=16, block_n=16)
@@ -183,12 +199,15 @@ def test_cuda_matches_torch_backend_at_bench_shape(preset):
 
 
 @pytest.mark.parametrize(
-    "preset,dtype", [("default", torch.bfloat16), ("paper", torch.bfloat16), ("paper", torch.float32)]
+    "preset,dtype,expand_blocks",
+    [("default", torch.bfloat16, 0), ("paper", torch.bfloat16, 0), ("paper", torch.float32, 0),
+     ("paper", torch.bfloat16, 16), ("paper", torch.float32, 16)],
 )
 @pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
-def test_cuda_long_rows_default_tiles(preset, dtype):
-    """Real shapes on the GPU: default tiles, several thousand tokens, GQA 4, padding."""
-    cfg = DGAConfig.preset(preset)
+def test_cuda_long_rows_default_tiles(preset, dtype, expand_blocks):
+    """Real shapes on the GPU: default tiles, several thousand tokens, GQA 4, padding; with and without
+    query-aware expansion."""
+    cfg = DGAConfig.preset(preset).replace(expand_blocks=expand_blocks)
     _compare("cuda", 2, 2, 4, 3000, 128, cfg, lengths=[3000, 2222], dtype=dtype, seed=11)
 
 

@@ -16,8 +16,6 @@ streams ("L90-G4-unmasked") and the unmasked middle and masked tail of the raw-k
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -25,12 +23,11 @@ from helpers import CFG_A, CFG_B, CFG_C, CFG_D, CUDA_COMPILED, DEVICES, INTERPRE
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from dga_hf import rule  # noqa: E402
 from dga_hf.bench.attention_workload import LLAMA3_8B, random_qkv, stage5_inputs  # noqa: E402
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
-from dga_hf.ops.naive import stage5_reference  # noqa: E402
+from dga_hf.ops.naive import stage5_logits, stage5_reference  # noqa: E402
 
 CFG_WINDOW = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=8, local_blocks=8)
 NAMES = ("query", "key", "value", "focal_key", "focal_value", "agg_key", "agg_value")
@@ -46,10 +43,17 @@ CASES = {
     "d80-G3": (1, 1, 3, 21, 80, CFG_A, None, 16, 16),
     "d96-G4": (1, 1, 4, 21, 96, CFG_D, None, 32, 16),
     "d128-G2-n3": (1, 1, 2, 21, 128, CFG_B, None, 16, 32),
+    # query-aware expansion (docs/spec.md step 6): E = 1, a few, more than the blocks (every old block);
+    # block sizes below, at and above the 16-member chunk of the key-major expansion kernel
+    "E1-G3-pad-d128": (2, 1, 3, 37, 128, CFG_D.replace(expand_blocks=1), [37, 22], 16, 16),
+    "E3-G4-sink-bias-n3": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3), None, 32, 16),
+    "E-all-G8-pad-empty-row": (2, 1, 8, 42, 64, CFG_A.replace(expand_blocks=11), [42, 0], 64, 16),
+    "E2-G1-m20": (1, 1, 1, 70, 64, CFG_C.replace(group_size=20, expand_blocks=2), [61], 16, 16),
+    "E2-G4-m16-default-tiles": (1, 1, 4, 90, 64, CFG_C.replace(expand_blocks=2), None, None, None),
 }
 # the kernels compile once per head dim / tiles / config: the GPU run (scripts/gpu_check.sh, one time-boxed
 # step) takes the cases that run every loop, and test_cuda_long_rows_default_tiles the real shapes
-CUDA_CASES = ("L70-G8-pad-empty-row", "L90-G4-unmasked", "L70-window")
+CUDA_CASES = ("L70-G8-pad-empty-row", "L90-G4-unmasked", "L70-window", "E3-G4-sink-bias-n3", "E-all-G8-pad-empty-row")
 
 
 def _tol(device: str, dtype: torch.dtype) -> float:
@@ -83,30 +87,14 @@ def _setup(case: str, device: str, dtype=torch.float32, seed=0):
 
 
 def _reference(q, k, v, grad_out, layout, cfg, scale):
-    """out, lse and the seven gradients in float64, by autograd through stage5_reference."""
+    """out, lse and the seven gradients in float64, by autograd through stage5_reference; lse is the
+    log-sum-exp of `stage5_logits` (-inf for padded rows)."""
     leaves = [x.double().requires_grad_() for x in (q, k, v, *(getattr(layout, n) for n in NAMES[3:]))]
     out = stage5_reference(*leaves, layout, cfg, scale)
     out.backward(grad_out.double())
-    return out.detach(), _reference_lse(*(x.detach() for x in leaves), layout, cfg, scale), [x.grad for x in leaves]
-
-
-def _reference_lse(q, k, v, focal_key, focal_value, agg_key, agg_value, layout, cfg, scale):
-    """logsumexp of each row's visible logits, -inf for padded rows (float64, explicit masks)."""
-    seq_len, m, n = q.shape[3], cfg.group_size, cfg.local_blocks
-    pos = torch.arange(seq_len, device=q.device)
-    blk = rule.block_of(pos, m).view(-1, 1)
-    focal = rule.is_old_block(rule.block_of(layout.focal_pos, m).unsqueeze(2), blk, n)  # [B, H, L, F]
-    agg = rule.is_old_block(torch.arange(agg_key.shape[2], device=q.device), blk, n)  # [L, nb]
-    local = rule.reads_raw(pos, pos.view(-1, 1), m, n)  # [L, L]
-    bias = layout.agg_bias.double().unsqueeze(2).unsqueeze(2)  # [B, H, 1, 1, nb]
-    logits = [
-        (scale * q @ focal_key.unsqueeze(2).transpose(-1, -2)).masked_fill(~focal.unsqueeze(2), -math.inf),
-        (scale * q @ agg_key.unsqueeze(2).transpose(-1, -2) + bias).masked_fill(~agg, -math.inf),
-        (scale * q @ k.unsqueeze(2).transpose(-1, -2)).masked_fill(~local, -math.inf),
-    ]
-    lse = torch.logsumexp(torch.cat(logits, dim=-1), dim=-1)
-    padded = (pos.view(1, -1) >= layout.lengths.view(-1, 1)).view(-1, 1, 1, seq_len)
-    return lse.masked_fill(padded, -math.inf)
+    detached = [x.detach() for x in leaves]
+    logits = stage5_logits(detached[0], detached[1], detached[3], detached[5], layout, cfg, scale)
+    return out.detach(), torch.logsumexp(logits, dim=-1), [x.grad for x in leaves]
 
 
 def _assert_close(got: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> None:
@@ -165,8 +153,9 @@ def test_gradients_match_reference_fp32(case, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "dtype,case",
-    [(torch.bfloat16, "L17-G3-pad-n2"), (torch.bfloat16, "L70-G1-default-tiles"), (torch.float16, "L33-G4-sink-bias-n3")],
-    ids=["bf16", "bf16-default-tiles", "fp16"],
+    [(torch.bfloat16, "L17-G3-pad-n2"), (torch.bfloat16, "L70-G1-default-tiles"), (torch.float16, "L33-G4-sink-bias-n3"),
+     (torch.bfloat16, "E3-G4-sink-bias-n3"), (torch.float16, "E1-G3-pad-d128")],
+    ids=["bf16", "bf16-default-tiles", "fp16", "bf16-expand", "fp16-expand"],
 )
 def test_gradients_match_reference_16bit(dtype, case, device):
     _check(case, device, dtype, seed=1)
@@ -189,10 +178,11 @@ def test_float64_falls_back_to_torch_backend():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dispatch_gradients_match_naive(device):
+@pytest.mark.parametrize("cfg", [CFG_B, CFG_B.replace(expand_blocks=2)], ids=["E0", "E2"])
+def test_dispatch_gradients_match_naive(cfg, device):
     """Whole path: dga_attention(backend="triton") with left padding, gradients of q, k, v (through the
     layout's gathers and aggregates too) against autograd through the float64 naive transcription."""
-    cfg, batch, kv_heads, group, seq_len, dim = CFG_B, 2, 1, 2, 23, 64
+    batch, kv_heads, group, seq_len, dim = 2, 1, 2, 23, 64
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(batch, kv_heads * group, seq_len, dim, generator=gen)
     k = torch.randn(batch, kv_heads, seq_len, dim, generator=gen)

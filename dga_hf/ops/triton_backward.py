@@ -33,6 +33,12 @@ kernel recomputes its logits tile by tile from ``lse``. Three small kernels, exp
   Rows past ``length`` (padding) load ``lse = -inf``, which the kernels turn into ``+inf`` so that
   ``P = exp2(S - inf) = 0``: they contribute nothing and their ``dQ`` is 0.
 
+Query-aware expansion (docs/spec.md step 6, ``layout.expanded``; design in `triton_expand`): the dq kernel
+and the aggregate programs of the dk/dv kernel hide, per row, the aggregates the row expands (the forward's
+mask); the expanded members' gradients come from `triton_expand_backward`'s kernels, launched first, as
+fp32 partials [B, H, G, L, d] (dQ) and [B, H, L, d] (dK, dV of raw keys), which the dq kernel and the
+raw-key programs add before their single store: deterministic, no atomics, one rounding per gradient.
+
   Known limit: a chunk of the earliest focal slots or aggregates walks all later queries (O(L) steps),
   so with few kv heads the longest program bounds the launch. If a GPU profile shows that tail, split
   those chunks' query ranges over several programs and sum their partial dK/dV (a [splits, F, d]

@@ -2,7 +2,10 @@
 visibility rule, the interpreter fix, and the precision and input checks of the launchers.
 
 The forward (`triton_forward`), backward (`triton_backward`) and decode (`triton_decode`) kernels import
-from here and from `triton_plan` (the prefill tiles), never from each other.
+from here and from `triton_plan` (the prefill tiles), never from each other; the prefill kernels also
+from `triton_expand` / `triton_expand_backward` (query-aware expansion, which both directions launch).
+The backward's row loads and updates (`grad_rows`, `dq_update`, `kv_update`) live here so that the
+expansion's backward kernels share them.
 
 The rule. Kernels cannot call Python, so `first_local_block` below is the jit twin of
 `dga_hf.rule.first_local_block` (docs/spec.md: a query of block ``beta`` reads raw the blocks from

@@ -1,13 +1,16 @@
 """The forward kernel of DGA stage 5 (Triton): a flash-attention style kernel over the three key streams.
 
-Same function as `torch_backend.attend` (docs/spec.md, step 5): for query ``i`` in block
+Same function as `torch_backend.attend` (docs/spec.md, steps 5 and 6): for query ``i`` in block
 ``beta = i // m`` one softmax over
 
   (a) focal keys ``layout.focal_key`` at positions ``layout.focal_pos`` (sorted ascending, unused slots
       hold ``L``), visible iff ``focal_pos // m <= beta - n``;
   (b) block aggregates ``layout.agg_key`` with the additive logit bias ``layout.agg_bias`` (``-inf`` for
       a block with no non-focal member), visible iff ``c <= beta - n``;
-  (c) raw local keys ``j <= i`` with ``j // m >= beta - n + 1`` (``j < length`` follows from ``j <= i``).
+  (c) raw local keys ``j <= i`` with ``j // m >= beta - n + 1`` (``j < length`` follows from ``j <= i``);
+  (d) with query-aware expansion (``layout.expanded``, step 6): the non-focal members of the blocks the
+      query expands, whose aggregates (b) then hides. (d) is `triton_expand`'s kernel, which merges its
+      softmax with this kernel's by their log-sum-exp (this kernel then stores an fp32 partial output).
 
 Design (one program per tile of queries and one kv head, grid ``(tiles, B * H * head_chunks)``):
 
