@@ -25,6 +25,7 @@ from dga_hf.bench.attention_workload import LLAMA3_8B, executed_pairs, random_qk
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend, triton_plan  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
+from dga_hf.ops.naive import stage5_logits  # noqa: E402
 from dga_hf.ops.triton_common import first_block_seeing_as_old, first_local_block  # noqa: E402
 from dga_hf.ops.triton_plan import tile_key_ranges  # noqa: E402
 
@@ -277,13 +278,17 @@ def test_tile_plan_in_pytorch_is_the_kernels(cfg, block_m, device):
     assert (empty_row[..., [1, 3]] == 0).all() and torch.equal(empty_row[..., 4], empty_row[..., 5])
 
 
-def test_bench_pair_counts_bound_each_other():
-    """The kernel computes every visible pair (and whole chunks more); dense attention would compute the
-    causal triangle of every real row."""
+@pytest.mark.parametrize("expand_blocks", [0, 3], ids=["E0", "E3"])
+def test_bench_pair_counts_bound_each_other(expand_blocks):
+    """The benchmark's useful pairs are the (query, key) pairs stage 5 reads (the finite logits of
+    `stage5_logits`, expansion included); the kernels compute every one of them (and whole chunks more);
+    dense attention would compute the causal triangle of every real row."""
     q, k, v, lens = _inputs(2, 2, 3, 200, 16, "cpu", seed=4, lengths=[200, 130])
-    cfg = CFG_D.replace(min_seq_len=0)
+    cfg = CFG_D.replace(min_seq_len=0, expand_blocks=expand_blocks)
     layout = build_layout(q, k, v, lens, cfg, 0.25)
     useful = visible_pairs(layout, cfg, 200, group=3)
+    read = stage5_logits(q, k, layout.focal_key, layout.agg_key, layout, cfg, 0.25).isfinite().sum()
+    assert useful == int(read)
     executed = executed_pairs(layout, cfg, 200, group=3, dtype=torch.float32)
     dense = sum(n * (n + 1) // 2 for n in (200, 130)) * 2 * 3
     assert 0 < useful < dense and useful <= executed

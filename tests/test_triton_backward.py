@@ -161,6 +161,26 @@ def test_gradients_match_reference_16bit(dtype, case, device):
     _check(case, device, dtype, seed=1)
 
 
+def test_expanding_queries_inverts_the_expansion():
+    """Per kv head and block, the real queries that expand it, ascending: what the key-major expansion
+    kernel walks (`triton_expand_backward.expanding_queries`), against a loop over the layout."""
+    from dga_hf.ops.triton_expand_backward import expanding_queries
+
+    q, k, v, _, layout, cfg, _, _ = _setup("E3-G4-sink-bias-n3", "cpu")
+    layout.lengths = torch.tensor([37])  # the queries past it are padding: never listed
+    offsets, queries = expanding_queries(layout.expanded, layout.lengths, layout.agg_key.shape[2])
+    batch, heads, seq_len, _ = layout.expanded.shape
+    num_blocks = layout.agg_key.shape[2]
+    assert offsets.dtype == queries.dtype == torch.int32 and offsets.shape == (batch * heads * num_blocks + 1,)
+    for bh in range(batch * heads):
+        chosen = layout.expanded.flatten(0, 1)[bh]  # [L, X]
+        for block in range(num_blocks):
+            expected = [i for i in range(37) if block in chosen[i].tolist()]
+            slot = bh * num_blocks + block
+            assert queries[offsets[slot]:offsets[slot + 1]].tolist() == expected, (bh, block)
+    assert int(offsets[-1]) == int(((layout.expanded < num_blocks)[:, :, :37]).sum()) > 0
+
+
 def test_float64_falls_back_to_torch_backend():
     q, k, v, grad_out, layout, cfg, scale, _ = _setup("L17-G3-pad-n2", "cpu")
     q, k, v, grad_out = q.double(), k.double(), v.double(), grad_out.double()
@@ -254,28 +274,28 @@ def test_bench_training_table_cpu_dry_run(tmp_path):
     (tmp_path / "attention.json").write_text(json.dumps(
         {"meta": {"device": "x", "shape": {}, "torch": "t", "repeats": 1, "fp32_dot_precision": "ieee"},
          "results": [{"method": "sdpa_flash", "seq_len": 8, "ms": 1.0}]}))
-    cfg = CFG_C.replace(min_seq_len=0)
+    cfg = CFG_C.replace(min_seq_len=0, group_size=4)
     report = run_training([40], tmp_path, repeats=1, device="cpu",
-                          shape={"q_heads": 2, "kv_heads": 1, "head_dim": 16}, configs={"tiny": cfg},
-                          dtype=torch.float32)
+                          shape={"q_heads": 2, "kv_heads": 1, "head_dim": 16},
+                          configs={"tiny": cfg, "tiny_e2": cfg.replace(expand_blocks=2)}, dtype=torch.float32)
     saved = json.loads((tmp_path / "attention.json").read_text())
     assert saved["results"][0]["method"] == "sdpa_flash"  # the prefill part is kept
     training = saved["training"]
     assert training["meta"]["complete"] and report["training"]["meta"]["complete"]
     methods = {r["method"]: r for r in training["results"]}
-    for method in ("dga_tiny_train", "kernel_tiny_fp32_train"):
+    for method in ("dga_tiny_train", "kernel_tiny_fp32_train", "dga_tiny_e2_train", "kernel_tiny_e2_fp32_train"):
         assert "ms" in methods[method], methods[method]
-    assert methods["dga_tiny_train"]["useful_pairs"] > 0
+    assert 0 < methods["dga_tiny_train"]["useful_pairs"] < methods["dga_tiny_e2_train"]["useful_pairs"]
     markdown = (tmp_path / "attention.md").read_text()
     assert "## Training (forward + backward)" in markdown and "| 40 | dga_tiny_train |" in markdown
 
 
 @pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_long_rows_default_tiles(dtype):
-    """Real shapes on the GPU with default tiles: several thousand tokens, GQA 4, padding; against the
-    PyTorch backend's attend_backward in fp32 on the same rounded inputs."""
-    cfg = DGAConfig.preset("default")
+@pytest.mark.parametrize("dtype,expand_blocks", [(torch.bfloat16, 0), (torch.float32, 0), (torch.bfloat16, 16)])
+def test_cuda_long_rows_default_tiles(dtype, expand_blocks):
+    """Real shapes on the GPU with default tiles: several thousand tokens, GQA 4, padding, with and without
+    query-aware expansion; against the PyTorch backend's attend_backward in fp32 on the same rounded inputs."""
+    cfg = DGAConfig.preset("default").replace(expand_blocks=expand_blocks)
     gen = torch.Generator().manual_seed(11)
     batch, heads, group, seq_len, dim = 2, 2, 4, 3000, 128
     q, grad_out = (torch.randn(batch, heads, group, seq_len, dim, generator=gen).to(dtype).float().cuda() for _ in range(2))
