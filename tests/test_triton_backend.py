@@ -27,6 +27,7 @@ from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton
 from dga_hf.ops.layout import build_layout  # noqa: E402
 from dga_hf.ops.naive import stage5_logits  # noqa: E402
 from dga_hf.ops.triton_common import first_block_seeing_as_old, first_local_block  # noqa: E402
+from dga_hf.ops.triton_expand import expanded_hit, expanded_rows  # noqa: E402
 from dga_hf.ops.triton_plan import tile_key_ranges  # noqa: E402
 
 
@@ -276,6 +277,49 @@ def test_tile_plan_in_pytorch_is_the_kernels(cfg, block_m, device):
     assert torch.equal(got.view(batch, heads, tiles, 6).long(), expected)
     empty_row = expected[2]  # visits nothing: no focal slot, no aggregate, an empty window
     assert (empty_row[..., [1, 3]] == 0).all() and torch.equal(empty_row[..., 4], empty_row[..., 5])
+
+
+@triton.jit
+def _expanded_hit_kernel(CHOSEN, OUT, width, NB, start, ROWS: tl.constexpr, BLOCK_X: tl.constexpr,
+                         BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    lanes = tl.arange(0, BLOCK_N)
+    hit = expanded_hit(expanded_rows(CHOSEN + rows * width, rows < ROWS - 1, width, NB, BLOCK_X), start, BLOCK_N,
+                       KEYS_FIRST)
+    if KEYS_FIRST:
+        tl.store(OUT + lanes[:, None] * ROWS + rows[None, :], hit.to(tl.int8))
+    else:
+        tl.store(OUT + rows[:, None] * BLOCK_N + lanes[None, :], hit.to(tl.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n,keys_first", [(64, False), (64, True), (16, False)])
+def test_expansion_mask_is_membership(block_n, keys_first, device):
+    """The kernels' expansion mask (`expanded_rows` + `expanded_hit`): row r hides block start + j iff
+    start + j is among its chosen blocks (the last row is no row: it hides nothing), the 64th bit
+    (the sign of the word) included."""
+    rows, width, num_blocks, start = 16, 5, 200, 37
+    gen = torch.Generator().manual_seed(2)
+    chosen = torch.stack([torch.randperm(num_blocks, generator=gen)[:width].sort().values for _ in range(rows)])
+    chosen[0, :3] = torch.tensor([start - 1, start, start + block_n - 1])  # both edges of the chunk and one before
+    chosen[1, -2:] = num_blocks  # sentinels
+    out = torch.zeros(rows, block_n, dtype=torch.int8, device=device)
+    _expanded_hit_kernel[(1,)](chosen.to(device=device, dtype=torch.int32).contiguous(), out, width, num_blocks, start,
+                               ROWS=rows, BLOCK_X=8, BLOCK_N=block_n, KEYS_FIRST=keys_first)
+    got = out.view(block_n, rows).T if keys_first else out
+    blocks = torch.arange(start, start + block_n)
+    expected = (blocks[None, :, None] == chosen[:, None, :]).any(-1)
+    expected[-1] = False
+    assert expected[0, 0] and expected[0, -1] and expected.sum() > 2
+    assert torch.equal(got.cpu().bool(), expected)
+
+
+def test_expansion_refuses_chunks_wider_than_its_mask():
+    q, k, v, lens = _inputs(1, 1, 2, 30, 16, "cpu")
+    cfg = CFG_A.replace(expand_blocks=2)
+    layout = build_layout(q, k, v, lens, cfg, 0.25)
+    with pytest.raises(ValueError, match=r"block_n=128 is too wide with expand_blocks.*block_n <= 64"):
+        triton_backend.attend_forward(q, k, v, layout, cfg, 0.25, block_n=128)
 
 
 @pytest.mark.parametrize("expand_blocks", [0, 3], ids=["E0", "E3"])

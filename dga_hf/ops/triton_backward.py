@@ -72,7 +72,7 @@ from .triton_common import (
     row_lse2,
     upcast,
 )
-from .triton_expand import expanded_hit
+from .triton_expand import expanded_hit, expanded_rows
 from .triton_expand_backward import expanded_dk_dv, expanded_dq
 from .triton_plan import plan, prepare, tile_key_ranges
 
@@ -133,7 +133,7 @@ def _bwd_dq_kernel(
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """One program per (query tile, kv head, head chunk), the forward kernel's tiles and key ranges (and
     its expansion mask of the aggregates); with EXPANDED it adds the expanded members' dq (PDQ, fp32
@@ -203,7 +203,8 @@ def _bwd_dq_kernel(
         dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
     # ---- (b) aggregates of old blocks, but those the row expands
-    chosen = EXP + (bh64 * L + qpos64) * X
+    if EXPANDED:
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos64) * X, row_real, X, NB, BLOCK_X)
     ak_base = AK + bh64 * NB * HEAD_DIM
     av_base = AV + bh64 * NB * VALUE_DIM
     ab_base = AB + bh64 * NB
@@ -215,7 +216,7 @@ def _bwd_dq_kernel(
         bias = tl.load(ab_base + blocks)
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         if EXPANDED:
-            s = tl.where(expanded_hit(chosen, row_real, blocks, X, NB, False), float("-inf"), s)
+            s = tl.where(expanded_hit(rows_chosen, start, BLOCK_N, False), float("-inf"), s)
         dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
@@ -226,7 +227,7 @@ def _bwd_dq_kernel(
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         visible = (blocks[None, :] * GROUP_SIZE) < row_local_start[:, None]
         if EXPANDED:
-            visible = visible & ~expanded_hit(chosen, row_real, blocks, X, NB, False)
+            visible = visible & ~expanded_hit(rows_chosen, start, BLOCK_N, False)
         s = tl.where(visible, s, float("-inf"))
         dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
@@ -254,7 +255,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _kv_step(
-    dk, dv, k, v, kpos, bias, start, length, bh64,
+    dk, dv, k, v, kpos, key0, bias, start, length, bh64,
     Q, DO, LSE, DELTA, EXP,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_db, stride_dh, stride_dg, stride_dl,
@@ -264,13 +265,13 @@ def _kv_step(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Add the contribution of queries [start, start + BLOCK_M) of all G heads to a key chunk's dk, dv
     (unscaled: dk = sum dS^T q). MASKED: apply the stream's visibility mask (else every row of the tile
     sees every key of the chunk, up to padding rows, which lse = +inf silences). EXPANDED: an aggregate
-    (STREAM 1) is hidden from the rows that expand its block, masked or not."""
+    (STREAM 1, the chunk's blocks from ``key0``) is hidden from the rows that expand it, masked or not."""
     BLOCK_R: tl.constexpr = HEADS_PER_PROG * BLOCK_M
     rows = tl.arange(0, BLOCK_R)
     qpos = start + rows % BLOCK_M
@@ -281,7 +282,8 @@ def _kv_step(
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     do_base = DO + b64 * stride_db + h64 * stride_dh
     if STREAM == 1 and EXPANDED:  # the same rows for every head chunk
-        expands = expanded_hit(EXP + (bh64 * L + qpos64) * X, row_real, kpos // GROUP_SIZE, X, NKEYS, True)
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos64) * X, row_real, X, NKEYS, BLOCK_X)
+        expands = expanded_hit(rows_chosen, key0, BLOCK_N, True)
     for chunk in range(HEAD_CHUNKS):
         g64 = (chunk * HEADS_PER_PROG + rows // BLOCK_M).to(tl.int64)
         q, do, lse2, delta = grad_rows(Q, DO, LSE, DELTA, q_base, do_base, g64, qpos64, row_real,
@@ -317,7 +319,7 @@ def _kv_chunk(
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """dK, dV of keys [chunk * BLOCK_N, (chunk + 1) * BLOCK_N) of stream STREAM for kv head bh.
     STREAM 0: focal slots (KPOS = their positions), 1: aggregates (BIAS = their log2 bias), 2: raw keys.
@@ -378,20 +380,23 @@ def _kv_chunk(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for t in range(0, t_full):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                           H, L, X, NKEYS, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST, EXPANDED)
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
     for t in range(t_full, t_end):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                           H, L, X, NKEYS, qk_scale, STREAM, False, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST, EXPANDED)
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
     for t in range(t_end, num_tiles):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                           H, L, X, NKEYS, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST, EXPANDED)
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
 
     dk = dk * scale
     out = bh64 * NKEYS + keys64
@@ -421,7 +426,7 @@ def _bwd_kv_kernel(
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Grid (B * H * (focal chunks + aggregate chunks + raw-key chunks),): program p takes chunk p // BH
     of the concatenated streams for kv head p % BH. One launch for the three streams, so the many short
@@ -438,19 +443,19 @@ def _bwd_kv_kernel(
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   H * F64 * HEAD_DIM, F64 * HEAD_DIM, HEAD_DIM, H * F64 * VALUE_DIM, F64 * VALUE_DIM, VALUE_DIM,
                   H, L, F, X, qk_scale, scale, 0, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED)
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
     elif pid < FOCAL_CHUNKS + AGG_CHUNKS:
         _kv_chunk(pid - FOCAL_CHUNKS, bh, Q, DO, LSE, DELTA, AK, AV, DAK, DAV, FP, AB, LENS, EXP, PDK, PDV,
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   H * NB64 * HEAD_DIM, NB64 * HEAD_DIM, HEAD_DIM, H * NB64 * VALUE_DIM, NB64 * VALUE_DIM, VALUE_DIM,
                   H, L, NB, X, qk_scale, scale, 1, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED)
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
     else:
         _kv_chunk(pid - FOCAL_CHUNKS - AGG_CHUNKS, bh, Q, DO, LSE, DELTA, K, V, DK, DV, FP, AB, LENS, EXP, PDK, PDV,
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                   H, L, L, X, qk_scale, scale, 2, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED)
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
 
 
 def plan_backward(group: int, dtype: torch.dtype, head_dim: int, value_dim: int, *, block_rows: int | None = None,
@@ -586,7 +591,8 @@ def _launch_dk_dv(x, grad_out, lse, delta, grads: list, expanded: tuple, num_foc
         GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         HEADS_PER_PROG=kv_cfg["HEADS_PER_PROG"], HEAD_CHUNKS=kv_cfg["HEAD_CHUNKS"],
         BLOCK_M=kv_cfg["BLOCK_M"], BLOCK_N=block_keys,
-        DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype), EXPANDED=x.expand_width > 0,
+        DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
+        EXPANDED=x.constants["EXPANDED"], BLOCK_X=x.constants["BLOCK_X"],
         num_warps=kv_cfg["num_warps"], num_stages=kv_cfg["num_stages"],
     )
 

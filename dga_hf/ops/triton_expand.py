@@ -10,8 +10,10 @@ not focal (the focal ones it reads through the focal stream already), all in one
 Design (two kernels, one softmax):
 
 * The three-stream kernel (`triton_forward`) runs unchanged but for one mask: in its aggregate stream a
-  row hides the aggregates of its own expanded blocks (`expanded_hit`: each aggregate column's block
-  against the row's X chosen blocks, only when ``EXPANDED``). It stores its partial result: the output
+  row hides the aggregates of its own expanded blocks (only when ``EXPANDED``). The row's X chosen blocks
+  are loaded once per program (`expanded_rows`, [rows, X] registers); per chunk of aggregates they become
+  one 64-bit word per row, whose bits are the mask (`expanded_hit`), so the mask costs O(rows * (X +
+  chunk)) per chunk instead of O(rows * chunk * X) compares (hence aggregate chunks of at most 64). It stores its partial result: the output
   normalised over the three streams (kept in fp32) and their log-sum-exp.
 * `_expanded_attend_kernel` (NSA's selected-attention layout, `native_sparse_attention/ops/parallel.py`):
   one program per (query position, kv head); the ``G`` query heads of the group are the rows of the tile
@@ -57,23 +59,34 @@ def expansion_tiles(group: int, dtype: torch.dtype, head_dim: int, value_dim: in
     }
 
 
+# an aggregate chunk's expansion mask is one 64-bit word per row (`expanded_hit`)
+MAX_EXPANDED_CHUNK = 64
+
+
 @triton.jit
-def expanded_hit(chosen, row_ok, blocks, width, NB, KEYS_FIRST: tl.constexpr):
-    """Whether a row expands a block: [R, N] (or [N, R] with KEYS_FIRST) for rows whose X chosen blocks
-    start at ``chosen`` [R] (pointers; ``row_ok`` False: no row) and the blocks ``blocks`` [N]. ``width``
-    (X) >= 1."""
-    c = tl.load(chosen, mask=row_ok, other=NB)
+def expanded_rows(chosen, row_ok, width, NB, BLOCK_X: tl.constexpr):
+    """The chosen blocks of R rows as an [R, BLOCK_X] tile: ``chosen`` [R] points at each row's X entries
+    (``row_ok`` False: no row); the sentinel NB past X and for missing rows."""
+    x = tl.arange(0, BLOCK_X)
+    return tl.load(chosen[:, None] + x[None, :], mask=row_ok[:, None] & (x < width)[None, :], other=NB)
+
+
+@triton.jit
+def expanded_hit(rows_chosen, start, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Whether each row (an `expanded_rows` tile [R, BLOCK_X]) expands each block of the chunk
+    [start, start + BLOCK_N): [R, BLOCK_N], or [BLOCK_N, R] with KEYS_FIRST. Through one 64-bit word per
+    row (bit j: the row expands block start + j), so a chunk costs R * BLOCK_X operations for the words and
+    R * BLOCK_N for the mask, not R * BLOCK_N * X compares."""
+    tl.static_assert(BLOCK_N <= 64, "the expansion mask of a chunk is one 64-bit word per row")
+    offset = rows_chosen - start
+    inside = (offset >= 0) & (offset < BLOCK_N)
+    # a row's chosen blocks are distinct: the sum of their bits is their union, without carries
+    word = tl.sum(inside.to(tl.int64) << tl.where(inside, offset, 0).to(tl.int64), 1)
+    lanes = tl.arange(0, BLOCK_N).to(tl.int64)
     if KEYS_FIRST:
-        hit = blocks[:, None] == c[None, :]
+        return ((word[None, :] >> lanes[:, None]) & 1) != 0
     else:
-        hit = blocks[None, :] == c[:, None]
-    for x in range(1, width):
-        c = tl.load(chosen + x, mask=row_ok, other=NB)
-        if KEYS_FIRST:
-            hit = hit | (blocks[:, None] == c[None, :])
-        else:
-            hit = hit | (blocks[None, :] == c[:, None])
-    return hit
+        return ((word[:, None] >> lanes[None, :]) & 1) != 0
 
 
 @triton.jit

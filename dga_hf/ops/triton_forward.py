@@ -56,7 +56,7 @@ from .triton_common import (
     logits,
     online_update,
 )
-from .triton_expand import attend_expanded, expanded_hit
+from .triton_expand import attend_expanded, expanded_hit, expanded_rows
 from .triton_plan import plan, prepare, tile_key_ranges
 
 
@@ -76,7 +76,7 @@ def _dga_attend_kernel(
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = HEADS_PER_PROG * BLOCK_M
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -141,7 +141,8 @@ def _dga_attend_kernel(
 
     # ---- (b) aggregates of old blocks: [0, old_lo) unmasked, [.., old_hi) masked by block; a row hides
     # the aggregates of the blocks it expands (their members are read raw by `triton_expand`)
-    chosen = EXP + (bh64 * L + qpos) * X
+    if EXPANDED:
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos) * X, row_real, X, NB, BLOCK_X)
     ak_base = AK + bh64 * NB * HEAD_DIM
     av_base = AV + bh64 * NB * VALUE_DIM
     ab_base = AB + bh64 * NB
@@ -153,7 +154,7 @@ def _dga_attend_kernel(
         bias = tl.load(ab_base + blocks)  # log2 units; -inf = empty block
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         if EXPANDED:
-            s = tl.where(expanded_hit(chosen, row_real, blocks, X, NB, False), float("-inf"), s)
+            s = tl.where(expanded_hit(rows_chosen, start, BLOCK_N, False), float("-inf"), s)
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
@@ -164,7 +165,7 @@ def _dga_attend_kernel(
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         visible = (blocks[None, :] * GROUP_SIZE) < row_local_start[:, None]
         if EXPANDED:
-            visible = visible & ~expanded_hit(chosen, row_real, blocks, X, NB, False)
+            visible = visible & ~expanded_hit(rows_chosen, start, BLOCK_N, False)
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 

@@ -23,6 +23,7 @@ from .. import rule
 from ..config import DGAConfig
 from .layout import DGALayout
 from .triton_common import LOG2E, dot_precision, first_local_block, last_dim_contiguous, upcast
+from .triton_expand import MAX_EXPANDED_CHUNK
 
 
 def _pow2_divisor(value: int) -> int:
@@ -162,7 +163,8 @@ class KernelInputs:
             BLOCK_D=cfg["BLOCK_D"], BLOCK_DV=cfg["BLOCK_DV"],
             HEADS_PER_PROG=cfg["HEADS_PER_PROG"], HEAD_CHUNKS=cfg["HEAD_CHUNKS"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype), EXPANDED=self.expand_width > 0,
+            DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
+            EXPANDED=self.expand_width > 0, BLOCK_X=triton.next_power_of_2(max(self.expand_width, 1)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -182,6 +184,11 @@ def prepare(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout:
         focal_value = focal_value.new_zeros(batch, heads, 1, value_dim)
     num_blocks = layout.agg_key.shape[2]
     width = 0 if layout.expanded is None else layout.expanded.shape[-1]
+    if width and cfg["BLOCK_N"] > MAX_EXPANDED_CHUNK:
+        raise ValueError(
+            f"block_n={cfg['BLOCK_N']} is too wide with expand_blocks (the expansion mask of a chunk is one 64-bit "
+            f"word per row): use block_n <= {MAX_EXPANDED_CHUNK}"
+        )
     if width:
         expanded = layout.expanded.to(torch.int32).contiguous()
         focal = layout.focal.to(torch.uint8).contiguous()
