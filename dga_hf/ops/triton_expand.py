@@ -12,9 +12,10 @@ Design (two kernels, one softmax):
 * The three-stream kernel (`triton_forward`) runs unchanged but for one mask: in its aggregate stream a
   row hides the aggregates of its own expanded blocks (only when ``EXPANDED``). The row's X chosen blocks
   are loaded once per program (`expanded_rows`, [rows, X] registers); per chunk of aggregates they become
-  one 64-bit word per row, whose bits are the mask (`expanded_hit`), so the mask costs O(rows * (X +
-  chunk)) per chunk instead of O(rows * chunk * X) compares (hence aggregate chunks of at most 64). It stores its partial result: the output
-  normalised over the three streams (kept in fp32) and their log-sum-exp.
+  one 64-bit word per row, whose bits are the mask (`expanded_hit`), so the mask costs
+  O(rows * (X + chunk)) per chunk instead of O(rows * chunk * X) compares (hence aggregate chunks of at
+  most 64). It stores its partial result: the output normalised over the three streams (kept in fp32)
+  and their log-sum-exp.
 * `_expanded_attend_kernel` (NSA's selected-attention layout, `native_sparse_attention/ops/parallel.py`):
   one program per (query position, kv head); the ``G`` query heads of the group are the rows of the tile
   (padded to ``BLOCK_G`` >= 16 for ``tl.dot``). It walks the members of the query's expanded blocks,
@@ -23,6 +24,10 @@ Design (two kernels, one softmax):
   the online softmax; then merges its partial with the three streams' by their log-sum-exp, exactly:
   ``out = (o_3 * 2^(lse_3 - M) + acc) / (2^(lse_3 - M) + l)``, and stores the final output (query dtype)
   and the final log-sum-exp, which the backward (`triton_backward`, `triton_expand_backward`) reads.
+
+Why not inside the three-stream kernel: its tile's rows are ``BLOCK_M`` queries, each with its own X
+blocks, so the tile would visit the union of up to ``BLOCK_M * X`` blocks with a per-row mask (mostly
+hidden work), where a per-query program reads exactly its own ``X * m`` members.
 
 Each key is read once per query: raw (focal, local, or a non-focal member of an expanded block) or inside
 one aggregate. The expansion kernel's work is at most ``X * m`` keys per query and kv head, a constant in
