@@ -152,7 +152,6 @@ def _expanded_attend_kernel(
     """One program per (query position, kv head): the G heads' softmax over the query's expanded members,
     merged with the three streams' partial (PART fp32 and LSE, same strides as OUT) into OUT and LSE."""
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
-    EVEN_DV: tl.constexpr = BLOCK_DV == VALUE_DIM
     i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
