@@ -43,24 +43,34 @@ import triton.language as tl
 
 from .triton_common import LOG2E, load_rows, logits, online_update
 
-# fp32 operands or head dims > 128 take the smaller key chunk (registers), as in `triton_plan.plan`
-EXPANDED_KEYS_16BIT, EXPANDED_KEYS_WIDE = 64, 32
+# Tiles of the per-(query, kv head) kernels. Not tuned on a GPU (none was available); chosen from ptxas's
+# register reports for sm_90 at head dim 128, G = 4, compiled without a GPU: 32 member columns per step and
+# 2 stages spill nothing with 4 warps for 16-bit operands (64 columns spill 150-190 bytes) and with 8
+# warps for fp32 / head dims > 128 ("wide").
+EXPANDED_KEYS = 32
+EXPANDED_WARPS_16BIT, EXPANDED_WARPS_WIDE = 4, 8
+EXPANDED_STAGES = 2
+
+
+def wide_operands(dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
+    """fp32 operands or head dims > 128: the tiles that need more registers per row."""
+    return dtype == torch.float32 or max(head_dim, value_dim) > 128
 
 
 def expansion_tiles(group: int, dtype: torch.dtype, head_dim: int, value_dim: int, width: int, group_size: int,
                     *, block_n: int | None = None) -> dict:
     """Tile sizes of the per-(query, kv head) expansion kernels: ``BLOCK_G`` rows (the G query heads, padded
     to a power of two >= 16), ``BLOCK_N`` member columns per step (at most what X blocks hold), ``BLOCK_X``
-    (X rounded up to a power of two), ``BLOCK_D`` / ``BLOCK_DV``."""
-    wide = dtype == torch.float32 or max(head_dim, value_dim) > 128
-    keys = block_n or (EXPANDED_KEYS_WIDE if wide else EXPANDED_KEYS_16BIT)
+    (X rounded up to a power of two), ``BLOCK_D`` / ``BLOCK_DV``, warps and stages."""
+    wide = wide_operands(dtype, head_dim, value_dim)
     return {
         "BLOCK_G": max(16, triton.next_power_of_2(group)),
-        "BLOCK_N": max(16, min(keys, triton.next_power_of_2(max(width * group_size, 1)))),
+        "BLOCK_N": max(16, min(block_n or EXPANDED_KEYS, triton.next_power_of_2(max(width * group_size, 1)))),
         "BLOCK_X": triton.next_power_of_2(max(width, 1)),
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "BLOCK_DV": max(16, triton.next_power_of_2(value_dim)),
-        "num_warps": 4,
+        "num_warps": EXPANDED_WARPS_WIDE if wide else EXPANDED_WARPS_16BIT,
+        "num_stages": EXPANDED_STAGES,
     }
 
 
@@ -184,7 +194,7 @@ def _expanded_attend_kernel(
 
     # ---- merge with the three streams' normalised partial by the log-sum-exp (log2 units)
     rows = (bh64 * GROUP + g64) * L + i  # LSE is contiguous [B, H, G, L]
-    lse_streams = tl.load(LSE + rows, mask=heads, other=float("-inf")) * LOG2E
+    lse_streams = tl.load(LSE + rows, mask=heads, other=float("-inf")) * 1.4426950408889634  # log2(e)
     o_off = b64 * stride_ob + h64 * stride_oh + i * stride_ol + (g64 * stride_og)[:, None] + offs_dv[None, :]
     o_streams = tl.load(PART + o_off, mask=heads[:, None] & mask_dv[None, :], other=0.0)
     top = tl.maximum(lse_streams, m_i)

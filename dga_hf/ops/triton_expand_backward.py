@@ -34,7 +34,12 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E, dq_update, grad_rows, kv_update, load_rows, logits
-from .triton_expand import expanded_count, expanded_keys, expansion_tiles
+from .triton_expand import expanded_count, expanded_keys, expansion_tiles, wide_operands
+
+# Pipeline stages of the key-major kernel (its rows and warps are those of `triton_backward`'s dk/dv
+# kernel). From ptxas's register reports for sm_90 at head dim 128, G = 4, without a GPU: no spill at 2
+# stages with 16-bit operands (64 rows, 8 warps); with fp32 (32 rows) 1 stage spills 60 bytes, 2 spill 360.
+EXPANDED_KV_STAGES_16BIT, EXPANDED_KV_STAGES_WIDE = 2, 1
 
 
 @triton.jit(do_not_specialize=["H", "L", "NB", "X"])
@@ -213,5 +218,7 @@ def expanded_dk_dv(x, grad_out: torch.Tensor, lse: torch.Tensor, delta: torch.Te
         HEADS_PER_PROG=kv_cfg["HEADS_PER_PROG"], HEAD_CHUNKS=kv_cfg["HEAD_CHUNKS"],
         BLOCK_M=kv_cfg["BLOCK_M"], BLOCK_N=members,
         DOT_PRECISION=x.constants["DOT_PRECISION"], UPCAST=x.constants["UPCAST"], num_warps=kv_cfg["num_warps"],
+        num_stages=EXPANDED_KV_STAGES_WIDE if wide_operands(query.dtype, head_dim, value.shape[-1])
+        else EXPANDED_KV_STAGES_16BIT,
     )
     return grad_key, grad_value
