@@ -25,7 +25,9 @@ from dga_hf.bench.attention_workload import LLAMA3_8B, executed_pairs, random_qk
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend, triton_plan  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
+from dga_hf.ops.naive import stage5_logits  # noqa: E402
 from dga_hf.ops.triton_common import first_block_seeing_as_old, first_local_block  # noqa: E402
+from dga_hf.ops.triton_expand import expanded_hit, expanded_rows  # noqa: E402
 from dga_hf.ops.triton_plan import tile_key_ranges  # noqa: E402
 
 
@@ -75,12 +77,21 @@ CASES = {
     "d96": (1, 1, 2, 21, 96, CFG_D, None, 32, 16),
     "d128": (1, 1, 2, 21, 128, CFG_B, None, 16, 32),
 }
+# query-aware expansion (docs/spec.md step 6): E = 1, a few, and more than the blocks (every old block)
+EXPAND_CASES = {
+    "E1-G3-pad": (2, 1, 3, 37, 64, CFG_D.replace(expand_blocks=1), [37, 22], 16, 16),
+    "E3-G4-sink-bias-n3": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3), None, 32, 16),
+    "E-all-G8-pad": (2, 1, 8, 70, 64, CFG_A.replace(expand_blocks=20), [70, 41], 64, 16),
+    "E2-G1-d128": (1, 1, 1, 30, 128, CFG_A.replace(expand_blocks=2), None, 16, 32),
+    "E1-m20-G2-d16": (1, 1, 2, 61, 16, CFG_C.replace(group_size=20, expand_blocks=1), None, 16, 16),
+    "E2-G4-default-tiles": (1, 1, 4, 70, 64, CFG_D.replace(expand_blocks=2), [50], None, None),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(EXPAND_CASES))
 def test_matches_torch_backend_fp32(case, device):
-    batch, heads, group, seq_len, dim, cfg, lengths, rows, block_n = CASES[case]
+    batch, heads, group, seq_len, dim, cfg, lengths, rows, block_n = {**CASES, **EXPAND_CASES}[case]
     _compare(device, batch, heads, group, seq_len, dim, cfg, lengths=lengths, rows=rows, block_n=block_n)
 
 
@@ -90,8 +101,10 @@ def test_matches_torch_backend_fp32(case, device):
     [(torch.bfloat16, 32, 16), (torch.bfloat16, None, None), (torch.float16, 16, 32)],
     ids=["bf16", "bf16-default-tiles", "fp16"],
 )
-def test_matches_torch_backend_16bit(dtype, rows, block_n, device):
-    _compare(device, 2, 1, 4, 70, 64, CFG_D, lengths=[70, 50], rows=rows, block_n=block_n, dtype=dtype, seed=1)
+@pytest.mark.parametrize("expand_blocks", [0, 2], ids=["E0", "E2"])
+def test_matches_torch_backend_16bit(dtype, rows, block_n, expand_blocks, device):
+    cfg = CFG_D.replace(expand_blocks=expand_blocks)
+    _compare(device, 2, 1, 4, 70, 64, cfg, lengths=[70, 50], rows=rows, block_n=block_n, dtype=dtype, seed=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,8 +115,11 @@ def test_matches_torch_backend_16bit(dtype, rows, block_n, device):
         (3, 17, CFG_B, [5, 0]),
         (1, 40, CFG_C.replace(min_seq_len=24), [0, 20]),  # second row shorter than min_seq_len: dense
         (2, 12, CFG_A, [0, 12]),  # an all-padding row: zeros, no NaN
+        (3, 29, CFG_A.replace(expand_blocks=2), [0, 6]),
+        (8, 35, CFG_B.replace(expand_blocks=1), [4, 0]),
+        (1, 26, CFG_A.replace(expand_blocks=7), [0, 9]),  # 7 blocks: every old block is expanded
     ],
-    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row"],
+    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row", "G3-L29-E2", "G8-L35-E1", "G1-L26-E-all"],
 )
 def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
     """dga_attention(backend="triton") with left padding, against the float64 transcription of the spec."""
@@ -120,10 +136,12 @@ def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_full_focal_is_dense(device):
-    """focal_ratio = 1: every earlier token is focal, so the result is dense causal attention."""
+@pytest.mark.parametrize("cfg", [CFG_A.replace(focal_ratio=1.0), CFG_B.replace(expand_blocks=8)],
+                         ids=["focal_ratio=1", "expand_blocks>=blocks"])
+def test_exact_settings_are_dense(cfg, device):
+    """focal_ratio = 1 (every earlier token is focal) or expand_blocks >= the number of blocks (every old
+    block is expanded): the result is dense causal attention (docs/spec.md, Invariants)."""
     q, k, v, lens = _inputs(1, 2, 2, 30, 64, device, seed=5)
-    cfg = CFG_A.replace(focal_ratio=1.0)
     scale = 64**-0.5
     layout = build_layout(q, k, v, lens, cfg, scale)
     got = triton_backend.attend(q, k, v, layout, cfg, scale, block_rows=16, block_n=16)
@@ -183,12 +201,15 @@ def test_cuda_matches_torch_backend_at_bench_shape(preset):
 
 
 @pytest.mark.parametrize(
-    "preset,dtype", [("default", torch.bfloat16), ("paper", torch.bfloat16), ("paper", torch.float32)]
+    "preset,dtype,expand_blocks",
+    [("default", torch.bfloat16, 0), ("paper", torch.bfloat16, 0), ("paper", torch.float32, 0),
+     ("paper", torch.bfloat16, 16), ("paper", torch.float32, 16)],
 )
 @pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
-def test_cuda_long_rows_default_tiles(preset, dtype):
-    """Real shapes on the GPU: default tiles, several thousand tokens, GQA 4, padding."""
-    cfg = DGAConfig.preset(preset)
+def test_cuda_long_rows_default_tiles(preset, dtype, expand_blocks):
+    """Real shapes on the GPU: default tiles, several thousand tokens, GQA 4, padding; with and without
+    query-aware expansion."""
+    cfg = DGAConfig.preset(preset).replace(expand_blocks=expand_blocks)
     _compare("cuda", 2, 2, 4, 3000, 128, cfg, lengths=[3000, 2222], dtype=dtype, seed=11)
 
 
@@ -258,13 +279,60 @@ def test_tile_plan_in_pytorch_is_the_kernels(cfg, block_m, device):
     assert (empty_row[..., [1, 3]] == 0).all() and torch.equal(empty_row[..., 4], empty_row[..., 5])
 
 
-def test_bench_pair_counts_bound_each_other():
-    """The kernel computes every visible pair (and whole chunks more); dense attention would compute the
-    causal triangle of every real row."""
+@triton.jit
+def _expanded_hit_kernel(CHOSEN, OUT, width, NB, start, ROWS: tl.constexpr, BLOCK_X: tl.constexpr,
+                         BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    lanes = tl.arange(0, BLOCK_N)
+    hit = expanded_hit(expanded_rows(CHOSEN + rows * width, rows < ROWS - 1, width, NB, BLOCK_X), start, BLOCK_N,
+                       KEYS_FIRST)
+    if KEYS_FIRST:
+        tl.store(OUT + lanes[:, None] * ROWS + rows[None, :], hit.to(tl.int8))
+    else:
+        tl.store(OUT + rows[:, None] * BLOCK_N + lanes[None, :], hit.to(tl.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n,keys_first", [(64, False), (64, True), (16, False)])
+def test_expansion_mask_is_membership(block_n, keys_first, device):
+    """The kernels' expansion mask (`expanded_rows` + `expanded_hit`): row r hides block start + j iff
+    start + j is among its chosen blocks (the last row is no row: it hides nothing), the 64th bit
+    (the sign of the word) included."""
+    rows, width, num_blocks, start = 16, 5, 200, 37
+    gen = torch.Generator().manual_seed(2)
+    chosen = torch.stack([torch.randperm(num_blocks, generator=gen)[:width].sort().values for _ in range(rows)])
+    chosen[0, :3] = torch.tensor([start - 1, start, start + block_n - 1])  # both edges of the chunk and one before
+    chosen[1, -2:] = num_blocks  # sentinels
+    out = torch.zeros(rows, block_n, dtype=torch.int8, device=device)
+    _expanded_hit_kernel[(1,)](chosen.to(device=device, dtype=torch.int32).contiguous(), out, width, num_blocks, start,
+                               ROWS=rows, BLOCK_X=8, BLOCK_N=block_n, KEYS_FIRST=keys_first)
+    got = out.view(block_n, rows).T if keys_first else out
+    blocks = torch.arange(start, start + block_n)
+    expected = (blocks[None, :, None] == chosen[:, None, :]).any(-1)
+    expected[-1] = False
+    assert expected[0, 0] and expected[0, -1] and expected.sum() > 2
+    assert torch.equal(got.cpu().bool(), expected)
+
+
+def test_expansion_refuses_chunks_wider_than_its_mask():
+    q, k, v, lens = _inputs(1, 1, 2, 30, 16, "cpu")
+    cfg = CFG_A.replace(expand_blocks=2)
+    layout = build_layout(q, k, v, lens, cfg, 0.25)
+    with pytest.raises(ValueError, match=r"block_n=128 is too wide with expand_blocks.*block_n <= 64"):
+        triton_backend.attend_forward(q, k, v, layout, cfg, 0.25, block_n=128)
+
+
+@pytest.mark.parametrize("expand_blocks", [0, 3], ids=["E0", "E3"])
+def test_bench_pair_counts_bound_each_other(expand_blocks):
+    """The benchmark's useful pairs are the (query, key) pairs stage 5 reads (the finite logits of
+    `stage5_logits`, expansion included); the kernels compute every one of them (and whole chunks more);
+    dense attention would compute the causal triangle of every real row."""
     q, k, v, lens = _inputs(2, 2, 3, 200, 16, "cpu", seed=4, lengths=[200, 130])
-    cfg = CFG_D.replace(min_seq_len=0)
+    cfg = CFG_D.replace(min_seq_len=0, expand_blocks=expand_blocks)
     layout = build_layout(q, k, v, lens, cfg, 0.25)
     useful = visible_pairs(layout, cfg, 200, group=3)
+    read = stage5_logits(q, k, layout.focal_key, layout.agg_key, layout, cfg, 0.25).isfinite().sum()
+    assert useful == int(read)
     executed = executed_pairs(layout, cfg, 200, group=3, dtype=torch.float32)
     dense = sum(n * (n + 1) // 2 for n in (200, 130)) * 2 * 3
     assert 0 < useful < dense and useful <= executed

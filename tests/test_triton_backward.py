@@ -16,8 +16,6 @@ streams ("L90-G4-unmasked") and the unmasked middle and masked tail of the raw-k
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -25,12 +23,11 @@ from helpers import CFG_A, CFG_B, CFG_C, CFG_D, CUDA_COMPILED, DEVICES, INTERPRE
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from dga_hf import rule  # noqa: E402
 from dga_hf.bench.attention_workload import LLAMA3_8B, random_qkv, stage5_inputs  # noqa: E402
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend  # noqa: E402
 from dga_hf.ops.layout import build_layout  # noqa: E402
-from dga_hf.ops.naive import stage5_reference  # noqa: E402
+from dga_hf.ops.naive import stage5_logits, stage5_reference  # noqa: E402
 
 CFG_WINDOW = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=8, local_blocks=8)
 NAMES = ("query", "key", "value", "focal_key", "focal_value", "agg_key", "agg_value")
@@ -46,10 +43,17 @@ CASES = {
     "d80-G3": (1, 1, 3, 21, 80, CFG_A, None, 16, 16),
     "d96-G4": (1, 1, 4, 21, 96, CFG_D, None, 32, 16),
     "d128-G2-n3": (1, 1, 2, 21, 128, CFG_B, None, 16, 32),
+    # query-aware expansion (docs/spec.md step 6): E = 1, a few, more than the blocks (every old block);
+    # block sizes below, at and above the 16-member chunk of the key-major expansion kernel
+    "E1-G3-pad-d128": (2, 1, 3, 37, 128, CFG_D.replace(expand_blocks=1), [37, 22], 16, 16),
+    "E3-G4-sink-bias-n3": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3), None, 32, 16),
+    "E-all-G8-pad-empty-row": (2, 1, 8, 42, 64, CFG_A.replace(expand_blocks=11), [42, 0], 64, 16),
+    "E2-G1-m20": (1, 1, 1, 70, 64, CFG_C.replace(group_size=20, expand_blocks=2), [61], 16, 16),
+    "E2-G4-m16-default-tiles": (1, 1, 4, 90, 64, CFG_C.replace(expand_blocks=2), None, None, None),
 }
 # the kernels compile once per head dim / tiles / config: the GPU run (scripts/gpu_check.sh, one time-boxed
 # step) takes the cases that run every loop, and test_cuda_long_rows_default_tiles the real shapes
-CUDA_CASES = ("L70-G8-pad-empty-row", "L90-G4-unmasked", "L70-window")
+CUDA_CASES = ("L70-G8-pad-empty-row", "L90-G4-unmasked", "L70-window", "E3-G4-sink-bias-n3", "E-all-G8-pad-empty-row")
 
 
 def _tol(device: str, dtype: torch.dtype) -> float:
@@ -83,30 +87,14 @@ def _setup(case: str, device: str, dtype=torch.float32, seed=0):
 
 
 def _reference(q, k, v, grad_out, layout, cfg, scale):
-    """out, lse and the seven gradients in float64, by autograd through stage5_reference."""
+    """out, lse and the seven gradients in float64, by autograd through stage5_reference; lse is the
+    log-sum-exp of `stage5_logits` (-inf for padded rows)."""
     leaves = [x.double().requires_grad_() for x in (q, k, v, *(getattr(layout, n) for n in NAMES[3:]))]
     out = stage5_reference(*leaves, layout, cfg, scale)
     out.backward(grad_out.double())
-    return out.detach(), _reference_lse(*(x.detach() for x in leaves), layout, cfg, scale), [x.grad for x in leaves]
-
-
-def _reference_lse(q, k, v, focal_key, focal_value, agg_key, agg_value, layout, cfg, scale):
-    """logsumexp of each row's visible logits, -inf for padded rows (float64, explicit masks)."""
-    seq_len, m, n = q.shape[3], cfg.group_size, cfg.local_blocks
-    pos = torch.arange(seq_len, device=q.device)
-    blk = rule.block_of(pos, m).view(-1, 1)
-    focal = rule.is_old_block(rule.block_of(layout.focal_pos, m).unsqueeze(2), blk, n)  # [B, H, L, F]
-    agg = rule.is_old_block(torch.arange(agg_key.shape[2], device=q.device), blk, n)  # [L, nb]
-    local = rule.reads_raw(pos, pos.view(-1, 1), m, n)  # [L, L]
-    bias = layout.agg_bias.double().unsqueeze(2).unsqueeze(2)  # [B, H, 1, 1, nb]
-    logits = [
-        (scale * q @ focal_key.unsqueeze(2).transpose(-1, -2)).masked_fill(~focal.unsqueeze(2), -math.inf),
-        (scale * q @ agg_key.unsqueeze(2).transpose(-1, -2) + bias).masked_fill(~agg, -math.inf),
-        (scale * q @ k.unsqueeze(2).transpose(-1, -2)).masked_fill(~local, -math.inf),
-    ]
-    lse = torch.logsumexp(torch.cat(logits, dim=-1), dim=-1)
-    padded = (pos.view(1, -1) >= layout.lengths.view(-1, 1)).view(-1, 1, 1, seq_len)
-    return lse.masked_fill(padded, -math.inf)
+    detached = [x.detach() for x in leaves]
+    logits = stage5_logits(detached[0], detached[1], detached[3], detached[5], layout, cfg, scale)
+    return out.detach(), torch.logsumexp(logits, dim=-1), [x.grad for x in leaves]
 
 
 def _assert_close(got: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> None:
@@ -165,11 +153,32 @@ def test_gradients_match_reference_fp32(case, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "dtype,case",
-    [(torch.bfloat16, "L17-G3-pad-n2"), (torch.bfloat16, "L70-G1-default-tiles"), (torch.float16, "L33-G4-sink-bias-n3")],
-    ids=["bf16", "bf16-default-tiles", "fp16"],
+    [(torch.bfloat16, "L17-G3-pad-n2"), (torch.bfloat16, "L70-G1-default-tiles"), (torch.float16, "L33-G4-sink-bias-n3"),
+     (torch.bfloat16, "E3-G4-sink-bias-n3"), (torch.float16, "E1-G3-pad-d128")],
+    ids=["bf16", "bf16-default-tiles", "fp16", "bf16-expand", "fp16-expand"],
 )
 def test_gradients_match_reference_16bit(dtype, case, device):
     _check(case, device, dtype, seed=1)
+
+
+def test_expanding_queries_inverts_the_expansion():
+    """Per kv head and block, the real queries that expand it, ascending: what the key-major expansion
+    kernel walks (`triton_expand_backward.expanding_queries`), against a loop over the layout."""
+    from dga_hf.ops.triton_expand_backward import expanding_queries
+
+    q, k, v, _, layout, cfg, _, _ = _setup("E3-G4-sink-bias-n3", "cpu")
+    layout.lengths = torch.tensor([37])  # the queries past it are padding: never listed
+    offsets, queries = expanding_queries(layout.expanded, layout.lengths, layout.agg_key.shape[2])
+    batch, heads, seq_len, _ = layout.expanded.shape
+    num_blocks = layout.agg_key.shape[2]
+    assert offsets.dtype == queries.dtype == torch.int32 and offsets.shape == (batch * heads * num_blocks + 1,)
+    for bh in range(batch * heads):
+        chosen = layout.expanded.flatten(0, 1)[bh]  # [L, X]
+        for block in range(num_blocks):
+            expected = [i for i in range(37) if block in chosen[i].tolist()]
+            slot = bh * num_blocks + block
+            assert queries[offsets[slot]:offsets[slot + 1]].tolist() == expected, (bh, block)
+    assert int(offsets[-1]) == int(((layout.expanded < num_blocks)[:, :, :37]).sum()) > 0
 
 
 def test_float64_falls_back_to_torch_backend():
@@ -189,10 +198,11 @@ def test_float64_falls_back_to_torch_backend():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dispatch_gradients_match_naive(device):
+@pytest.mark.parametrize("cfg", [CFG_B, CFG_B.replace(expand_blocks=2)], ids=["E0", "E2"])
+def test_dispatch_gradients_match_naive(cfg, device):
     """Whole path: dga_attention(backend="triton") with left padding, gradients of q, k, v (through the
     layout's gathers and aggregates too) against autograd through the float64 naive transcription."""
-    cfg, batch, kv_heads, group, seq_len, dim = CFG_B, 2, 1, 2, 23, 64
+    batch, kv_heads, group, seq_len, dim = 2, 1, 2, 23, 64
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(batch, kv_heads * group, seq_len, dim, generator=gen)
     k = torch.randn(batch, kv_heads, seq_len, dim, generator=gen)
@@ -264,28 +274,28 @@ def test_bench_training_table_cpu_dry_run(tmp_path):
     (tmp_path / "attention.json").write_text(json.dumps(
         {"meta": {"device": "x", "shape": {}, "torch": "t", "repeats": 1, "fp32_dot_precision": "ieee"},
          "results": [{"method": "sdpa_flash", "seq_len": 8, "ms": 1.0}]}))
-    cfg = CFG_C.replace(min_seq_len=0)
+    cfg = CFG_C.replace(min_seq_len=0, group_size=4)
     report = run_training([40], tmp_path, repeats=1, device="cpu",
-                          shape={"q_heads": 2, "kv_heads": 1, "head_dim": 16}, configs={"tiny": cfg},
-                          dtype=torch.float32)
+                          shape={"q_heads": 2, "kv_heads": 1, "head_dim": 16},
+                          configs={"tiny": cfg, "tiny_e2": cfg.replace(expand_blocks=2)}, dtype=torch.float32)
     saved = json.loads((tmp_path / "attention.json").read_text())
     assert saved["results"][0]["method"] == "sdpa_flash"  # the prefill part is kept
     training = saved["training"]
     assert training["meta"]["complete"] and report["training"]["meta"]["complete"]
     methods = {r["method"]: r for r in training["results"]}
-    for method in ("dga_tiny_train", "kernel_tiny_fp32_train"):
+    for method in ("dga_tiny_train", "kernel_tiny_fp32_train", "dga_tiny_e2_train", "kernel_tiny_e2_fp32_train"):
         assert "ms" in methods[method], methods[method]
-    assert methods["dga_tiny_train"]["useful_pairs"] > 0
+    assert 0 < methods["dga_tiny_train"]["useful_pairs"] < methods["dga_tiny_e2_train"]["useful_pairs"]
     markdown = (tmp_path / "attention.md").read_text()
     assert "## Training (forward + backward)" in markdown and "| 40 | dga_tiny_train |" in markdown
 
 
 @pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_long_rows_default_tiles(dtype):
-    """Real shapes on the GPU with default tiles: several thousand tokens, GQA 4, padding; against the
-    PyTorch backend's attend_backward in fp32 on the same rounded inputs."""
-    cfg = DGAConfig.preset("default")
+@pytest.mark.parametrize("dtype,expand_blocks", [(torch.bfloat16, 0), (torch.float32, 0), (torch.bfloat16, 16)])
+def test_cuda_long_rows_default_tiles(dtype, expand_blocks):
+    """Real shapes on the GPU with default tiles: several thousand tokens, GQA 4, padding, with and without
+    query-aware expansion; against the PyTorch backend's attend_backward in fp32 on the same rounded inputs."""
+    cfg = DGAConfig.preset("default").replace(expand_blocks=expand_blocks)
     gen = torch.Generator().manual_seed(11)
     batch, heads, group, seq_len, dim = 2, 2, 4, 3000, 128
     q, grad_out = (torch.randn(batch, heads, group, seq_len, dim, generator=gen).to(dtype).float().cuda() for _ in range(2))

@@ -2,6 +2,7 @@
 
     python -m dga_hf.bench.attention [--lengths 8192,16384,32768,65536,131072] [--out runs/bench]
                                      [--repeats 5] [--quick] [--train | --train-only] [--train-lengths 16K,32K]
+                                     [--expand-blocks E]
 
 Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head dim 128), bf16, batch 1. For each length:
 
@@ -13,6 +14,9 @@ Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head dim 128), bf16, ba
 * ``kernel_<preset>_bf16`` / ``kernel_<preset>_fp32``: stage 5 alone (`triton_backend.attend`) on a prebuilt
   layout;
 * ``torch_<preset>``: the PyTorch backend's whole path, only up to 16K (it is slow).
+
+``<preset>``: the shipped presets ``default`` and ``paper``, and with ``--expand-blocks E`` each again with
+query-aware expansion of E blocks (docs/spec.md step 6), ``<preset>_e<E>``.
 
 With ``--train`` (or ``--train-only``) a training table follows, at ``--train-lengths`` (default 16K, 32K):
 one step of forward + backward (gradients of q, k, v for a random dO) of ``sdpa_flash_train``,
@@ -89,16 +93,27 @@ def _flash_attn(q, k, v):
     return lambda: flash_attn_func(qt, kt, vt, causal=True)
 
 
-def run(lengths, out_dir: Path, repeats: int, device: str = "cuda") -> dict:
-    """The prefill table at the Llama-3-8B shape (a fresh attention.json / attention.md in out_dir)."""
+def bench_configs(expand_blocks: int = 0) -> dict:
+    """The presets by name, and with ``expand_blocks`` > 0 each again with query-aware expansion
+    (docs/spec.md step 6) as ``<preset>_e<E>``."""
     from dga_hf.config import DGAConfig
+
+    configs = {name: DGAConfig.preset(name) for name in PRESETS}
+    if expand_blocks:
+        configs.update({f"{name}_e{expand_blocks}": cfg.replace(expand_blocks=expand_blocks) for name, cfg in list(configs.items())})
+    return configs
+
+
+def run(lengths, out_dir: Path, repeats: int, device: str = "cuda", *, configs: dict | None = None) -> dict:
+    """The prefill table at the Llama-3-8B shape (a fresh attention.json / attention.md in out_dir), for
+    ``configs`` (name -> DGAConfig; default `bench_configs()`)."""
     from dga_hf.ops import dga_attention, triton_backend
 
     shape = dict(LLAMA3_8B)
     q_heads, kv_heads, head_dim = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
     group = q_heads // kv_heads
     dtype = torch.bfloat16
-    configs = {name: DGAConfig.preset(name) for name in PRESETS}
+    configs = configs or bench_configs()
     meta = _meta(shape, repeats, device, configs)
     print(f"DGA attention benchmark on {meta['device']}: {meta['shape']}", flush=True)
 
@@ -218,13 +233,12 @@ def run_training(lengths, out_dir: Path, repeats: int, device: str = "cuda", *,
     requires_grad inputs) and the stage-5 kernels alone. Added to the report in ``out_dir`` (a prefill
     run's attention.json is kept, its "training" section replaced). ``shape`` / ``configs`` (name ->
     DGAConfig) / ``dtype`` override the defaults (tests run it tiny, on CPU, under Triton's interpreter)."""
-    from dga_hf.config import DGAConfig
     from dga_hf.ops import dga_attention
 
     shape = dict(shape or LLAMA3_8B)
     q_heads, kv_heads, head_dim = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
     group = q_heads // kv_heads
-    configs = configs or {name: DGAConfig.preset(name) for name in PRESETS}
+    configs = configs or bench_configs()
     short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     meta = _meta(shape, repeats, device, configs, dtype)
     print(f"DGA attention training benchmark on {meta['device']}: {meta['shape']}", flush=True)
@@ -332,6 +346,8 @@ def main(argv=None) -> int:
                         help="only the training table, added to the report already in --out (if any)")
     parser.add_argument("--train-lengths", type=str, default=None,
                         help=f"lengths of the training table (default {','.join(map(str, TRAIN_LENGTHS))})")
+    parser.add_argument("--expand-blocks", type=int, default=0,
+                        help="also time each preset with query-aware expansion of this many blocks (expand_blocks)")
     args = parser.parse_args(argv)
 
     if args.lengths:
@@ -346,10 +362,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("dga_hf.bench.attention needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
+    configs = bench_configs(args.expand_blocks)
     if not args.train_only:
-        run(lengths, args.out, repeats, device="cuda")
+        run(lengths, args.out, repeats, device="cuda", configs=configs)
     if args.train or args.train_only:
-        run_training(train_lengths, args.out, repeats, device="cuda")
+        run_training(train_lengths, args.out, repeats, device="cuda", configs=configs)
     return 0
 
 

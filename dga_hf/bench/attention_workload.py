@@ -1,6 +1,7 @@
 """The work of the attention benchmark (`dga_hf.bench.attention`): its inputs, and how many (query, key)
-pairs DGA really reads (`visible_pairs`, from the rule of docs/spec.md) and the prefill kernel computes
-(`executed_pairs`, from the kernel's own tile plan, `dga_hf.ops.triton_plan`)."""
+pairs DGA really reads (`visible_pairs`, from the rule of docs/spec.md, query-aware expansion included)
+and the prefill kernels compute (`executed_pairs`, from the kernels' own tile plans, `dga_hf.ops.triton_plan`
+and `dga_hf.ops.triton_expand`)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def stage5_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DGA
 
 def visible_pairs(layout: DGALayout, config: DGAConfig, seq_len: int, group: int) -> float:
     """Sum over real queries and query heads of the keys a query really sees (focal + aggregates of
-    non-empty old blocks + local window)."""
+    non-empty old blocks + local window; with expansion, docs/spec.md step 6, an expanded block's
+    non-focal members instead of its aggregate)."""
     m, n = config.group_size, config.local_blocks
     device = layout.focal_pos.device
     pos = torch.arange(seq_len, device=device)
@@ -56,13 +58,32 @@ def visible_pairs(layout: DGALayout, config: DGAConfig, seq_len: int, group: int
     old = rule.old_block_count(query_block, n)
     aggs = nonempty.gather(-1, old.view(1, 1, -1).expand(batch, heads, -1))
     real = (pos[None, :] < layout.lengths[:, None].to(device)).double()[:, None, :]
-    return float(((local + focal + aggs) * real).sum()) * group
+    expanded_members, expanded_blocks = _expansion_counts(layout, seq_len)
+    return float(((local + focal + aggs + expanded_members - expanded_blocks) * real).sum()) * group
+
+
+def _expansion_counts(layout: DGALayout, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query and kv head [B, H, L] (or 0 without expansion): the non-focal members of the blocks it
+    expands (what it reads raw through them) and how many blocks it expands (aggregates it does not read)."""
+    if layout.expanded is None or layout.expanded.shape[-1] == 0:
+        return torch.zeros(()), torch.zeros(())
+    m = layout.group_size
+    batch, heads, _ = layout.focal.shape
+    num_blocks = layout.agg_bias.shape[-1]
+    real = torch.arange(seq_len, device=layout.focal.device)[None, :] < layout.lengths[:, None]
+    members = torch.nn.functional.pad(~layout.focal & real[:, None, :], (0, num_blocks * m - seq_len))
+    members = members.view(batch, heads, num_blocks, m).sum(-1).double()
+    members = torch.nn.functional.pad(members, (0, 1))  # the sentinel block nb has no member
+    chosen = layout.expanded
+    read = members.gather(-1, chosen.flatten(2)).view_as(chosen).sum(-1)
+    return read, (chosen < num_blocks).sum(-1).double()
 
 
 def executed_pairs(layout: DGALayout, config: DGAConfig, seq_len: int, group: int, dtype: torch.dtype) -> float:
-    """(query, key) pairs the forward kernel computes with its default tiles for ``dtype``: whole key
-    chunks of every range of `triton_plan.tile_key_ranges`, for every row of the tile."""
-    from ..ops import triton_plan
+    """(query, key) pairs the forward kernels compute with their default tiles for ``dtype``: whole key
+    chunks of every range of `triton_plan.tile_key_ranges`, for every row of the tile; with expansion also
+    the expansion kernel's whole member chunks, for its rows (the G heads padded to ``BLOCK_G``)."""
+    from ..ops import triton_expand, triton_plan
 
     d, dv = layout.agg_key.shape[-1], layout.agg_value.shape[-1]
     tiles = triton_plan.plan(group, dtype, d, dv)
@@ -74,4 +95,13 @@ def executed_pairs(layout: DGALayout, config: DGAConfig, seq_len: int, group: in
         return (count + chunk - 1) // chunk * chunk
 
     per_tile = whole(ranges.focal_hi) + whole(ranges.old_hi) + whole(ranges.win_hi - ranges.win_lo)  # [B, H, T]
-    return float(per_tile.sum()) * block_m * group
+    executed = float(per_tile.sum()) * block_m * group
+    if layout.expanded is None or layout.expanded.shape[-1] == 0:
+        return executed
+    width = layout.expanded.shape[-1]
+    expansion = triton_expand.expansion_tiles(group, dtype, d, dv, width, config.group_size)
+    real = torch.arange(seq_len, device=layout.expanded.device)[None, :] < layout.lengths[:, None]
+    columns = (layout.expanded < layout.agg_bias.shape[-1]).sum(-1) * config.group_size * real[:, None, :]
+    member_chunk = expansion["BLOCK_N"]
+    whole_columns = (columns + member_chunk - 1) // member_chunk * member_chunk
+    return executed + float(whole_columns.sum()) * expansion["BLOCK_G"]

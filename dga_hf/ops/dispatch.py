@@ -150,13 +150,6 @@ def prefill(
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
     chosen = resolve_backend(config.backend if backend == "auto" else backend, query.device)
-    if config.expand_blocks and chosen == "triton":
-        if (config.backend if backend == "auto" else backend) == "triton":
-            raise ValueError(
-                f"backend='triton' does not implement expand_blocks={config.expand_blocks} yet: use backend='torch' "
-                "or 'auto' (which runs the PyTorch backend for settings with expand_blocks > 0)"
-            )
-        chosen = "torch"
     q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
     q = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
     short = padding_mask is None and seq_len < config.min_seq_len and chosen != "naive"

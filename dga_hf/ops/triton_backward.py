@@ -33,6 +33,12 @@ kernel recomputes its logits tile by tile from ``lse``. Three small kernels, exp
   Rows past ``length`` (padding) load ``lse = -inf``, which the kernels turn into ``+inf`` so that
   ``P = exp2(S - inf) = 0``: they contribute nothing and their ``dQ`` is 0.
 
+Query-aware expansion (docs/spec.md step 6, ``layout.expanded``; design in `triton_expand`): the dq kernel
+and the aggregate programs of the dk/dv kernel hide, per row, the aggregates the row expands (the forward's
+mask); the expanded members' gradients come from `triton_expand_backward`'s kernels, launched first, as
+fp32 partials [B, H, G, L, d] (dQ) and [B, H, L, d] (dK, dV of raw keys), which the dq kernel and the
+raw-key programs add before their single store: deterministic, no atomics, one rounding per gradient.
+
   Known limit: a chunk of the earliest focal slots or aggregates walks all later queries (O(L) steps),
   so with few kv heads the longest program bounds the launch. If a GPU profile shows that tail, split
   those chunks' query ranges over several programs and sum their partial dK/dV (a [splits, F, d]
@@ -53,16 +59,21 @@ from .layout import DGALayout
 from .triton_common import (
     LOG2E,
     check_supported,
-    dot,
     dot_precision,
+    dq_update,
     first_block_seeing_as_old,
     first_local_block,
+    grad_rows,
     is_float64,
+    kv_update,
     last_dim_contiguous,
     load_rows,
     logits,
+    row_lse2,
     upcast,
 )
+from .triton_expand import expanded_hit, expanded_rows
+from .triton_expand_backward import expanded_dk_dv, expanded_dq
 from .triton_plan import plan, prepare, tile_key_ranges
 
 # Block sizes. Not tuned on a GPU yet (none was available); chosen from the register reports of
@@ -79,22 +90,6 @@ KV_KEYS_16BIT, KV_ROWS_16BIT = 64, 64
 KV_KEYS_WIDE, KV_ROWS_WIDE = 32, 32
 KV_WARPS = 8
 
-
-
-@triton.jit
-def _row_lse2(LSE, lse_off, row_real):
-    """The rows' lse in log2 units; +inf for padded rows and rows that see nothing, so exp2(s - lse) = 0."""
-    lse = tl.load(LSE + lse_off, mask=row_real, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-
-
-@triton.jit
-def _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """s [R, N] logits in log2 units (hidden = -inf) of the rows against a key chunk k [N, D], v [N, DV]."""
-    p = tl.math.exp2(s - lse2[:, None])
-    dp = logits(do, v, 1.0, DOT_PRECISION, UPCAST)  # dO . v^T  [R, N]
-    ds = p * (dp - delta[:, None])
-    return dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -123,24 +118,26 @@ def _bwd_delta_kernel(
 
 
 # sizes that change with the sequence length are not specialised on (no recompilation per length)
-@triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES"])
+@triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES", "X"])
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
-    FK, FV, FP, AK, AV, AB, LENS, FCNT,
+    FK, FV, FP, AK, AV, AB, LENS, FCNT, EXP, PDQ,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dg, stride_dl,
     stride_gb, stride_gh, stride_gg, stride_gl,
-    H, L, F, NB, NUM_TILES, qk_scale, scale,
+    H, L, F, NB, NUM_TILES, X, qk_scale, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
-    """One program per (query tile, kv head, head chunk), the forward kernel's tiles and key ranges."""
+    """One program per (query tile, kv head, head chunk), the forward kernel's tiles and key ranges (and
+    its expansion mask of the aggregates); with EXPANDED it adds the expanded members' dq (PDQ, fp32
+    [B, H, G, L, D] contiguous, scaled) before its store."""
     BLOCK_R: tl.constexpr = HEADS_PER_PROG * BLOCK_M
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     EVEN_DV: tl.constexpr = BLOCK_DV == VALUE_DIM
@@ -174,7 +171,7 @@ def _bwd_dq_kernel(
     do = load_rows(DO + b64 * stride_db + h64 * stride_dh + (g64 * stride_dg + qpos64 * stride_dl)[:, None]
                     + offs_dv[None, :], row_real, mask_dv, EVEN_DV, True)
     row_off = (bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g64) * L + qpos64
-    lse2 = _row_lse2(LSE, row_off, row_real)
+    lse2 = row_lse2(LSE, row_off, row_real)
     delta = tl.load(DELTA + row_off, mask=row_real, other=0.0)
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
@@ -194,7 +191,7 @@ def _bwd_dq_kernel(
         k = load_rows(fk_base + slots[:, None] * HEAD_DIM + offs_d[None, :], slots < F, mask_d, EVEN_D, False)
         v = load_rows(fv_base + slots[:, None] * VALUE_DIM + offs_dv[None, :], slots < F, mask_dv, EVEN_DV, False)
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
-        dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
+        dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
     for start in range(focal_full, focal_hi, BLOCK_N):
         slots = start + offs_n
         in_range = slots < focal_hi
@@ -203,9 +200,11 @@ def _bwd_dq_kernel(
         fpos = tl.load(fp_base + slots, mask=in_range, other=2147483647)
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         s = tl.where(fpos[None, :] < row_local_start[:, None], s, float("-inf"))
-        dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
+        dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
-    # ---- (b) aggregates of old blocks
+    # ---- (b) aggregates of old blocks, but those the row expands
+    if EXPANDED:
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos64) * X, row_real, X, NB, BLOCK_X)
     ak_base = AK + bh64 * NB * HEAD_DIM
     av_base = AV + bh64 * NB * VALUE_DIM
     ab_base = AB + bh64 * NB
@@ -216,7 +215,9 @@ def _bwd_dq_kernel(
         v = load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], blocks < NB, mask_dv, EVEN_DV, False)
         bias = tl.load(ab_base + blocks)
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
-        dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
+        if EXPANDED:
+            s = tl.where(expanded_hit(rows_chosen, start, BLOCK_N, False), float("-inf"), s)
+        dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
         in_range = blocks < old_hi
@@ -224,8 +225,11 @@ def _bwd_dq_kernel(
         v = load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], in_range, mask_dv, EVEN_DV, True)
         bias = tl.load(ab_base + blocks, mask=in_range, other=float("-inf"))
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
-        s = tl.where((blocks[None, :] * GROUP_SIZE) < row_local_start[:, None], s, float("-inf"))
-        dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
+        visible = (blocks[None, :] * GROUP_SIZE) < row_local_start[:, None]
+        if EXPANDED:
+            visible = visible & ~expanded_hit(rows_chosen, start, BLOCK_N, False)
+        s = tl.where(visible, s, float("-inf"))
+        dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
     # ---- (c) raw local keys
     k_base = K + b64 * stride_kb + h64 * stride_kh
@@ -239,58 +243,57 @@ def _bwd_dq_kernel(
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST)
         visible = (keys[None, :] <= qpos[:, None]) & (keys[None, :] >= row_local_start[:, None])
         s = tl.where(visible, s, float("-inf"))
-        dq = _dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
+        dq = dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION, UPCAST)
 
     dq = dq * scale
+    if EXPANDED:
+        rows_off = ((bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g64) * L + qpos64) * HEAD_DIM
+        dq += tl.load(PDQ + rows_off[:, None] + offs_d[None, :], mask=(qpos < L)[:, None] & mask_d[None, :], other=0.0)
     tl.store(DQ + b64 * stride_gb + h64 * stride_gh + (g64 * stride_gg + qpos64 * stride_gl)[:, None] + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(qpos < L)[:, None] & mask_d[None, :])
 
 
 @triton.jit
 def _kv_step(
-    dk, dv, k, v, kpos, bias, start, length, bh64,
-    Q, DO, LSE, DELTA,
+    dk, dv, k, v, kpos, key0, bias, start, length, bh64,
+    Q, DO, LSE, DELTA, EXP,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_db, stride_dh, stride_dg, stride_dl,
-    H, L, qk_scale,
+    H, L, X, NKEYS, qk_scale,
     STREAM: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Add the contribution of queries [start, start + BLOCK_M) of all G heads to a key chunk's dk, dv
     (unscaled: dk = sum dS^T q). MASKED: apply the stream's visibility mask (else every row of the tile
-    sees every key of the chunk, up to padding rows, which lse = +inf silences)."""
+    sees every key of the chunk, up to padding rows, which lse = +inf silences). EXPANDED: an aggregate
+    (STREAM 1, the chunk's blocks from ``key0``) is hidden from the rows that expand it, masked or not."""
     BLOCK_R: tl.constexpr = HEADS_PER_PROG * BLOCK_M
-    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
-    EVEN_DV: tl.constexpr = BLOCK_DV == VALUE_DIM
     rows = tl.arange(0, BLOCK_R)
     qpos = start + rows % BLOCK_M
     qpos64 = qpos.to(tl.int64)
     row_real = qpos < length
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < HEAD_DIM
-    mask_dv = offs_dv < VALUE_DIM
     b64 = bh64 // H
     h64 = bh64 % H
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     do_base = DO + b64 * stride_db + h64 * stride_dh
+    if STREAM == 1 and EXPANDED:  # the same rows for every head chunk
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos64) * X, row_real, X, NKEYS, BLOCK_X)
+        expands = expanded_hit(rows_chosen, key0, BLOCK_N, True)
     for chunk in range(HEAD_CHUNKS):
         g64 = (chunk * HEADS_PER_PROG + rows // BLOCK_M).to(tl.int64)
-        q = load_rows(q_base + (g64 * stride_qg + qpos64 * stride_ql)[:, None] + offs_d[None, :],
-                       row_real, mask_d, EVEN_D, True)
-        do = load_rows(do_base + (g64 * stride_dg + qpos64 * stride_dl)[:, None] + offs_dv[None, :],
-                        row_real, mask_dv, EVEN_DV, True)
-        row_off = (bh64 * (HEADS_PER_PROG * HEAD_CHUNKS) + g64) * L + qpos64
-        lse2 = _row_lse2(LSE, row_off, row_real)
-        delta = tl.load(DELTA + row_off, mask=row_real, other=0.0)
+        q, do, lse2, delta = grad_rows(Q, DO, LSE, DELTA, q_base, do_base, g64, qpos64, row_real,
+                                       HEADS_PER_PROG * HEAD_CHUNKS, bh64, L, stride_qg, stride_ql, stride_dg,
+                                       stride_dl, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
         st = logits(k, q, qk_scale, DOT_PRECISION, UPCAST)  # [N, R] = S^T, log2 units
         if STREAM == 1:
             st = st + bias[:, None]
+            if EXPANDED:
+                st = tl.where(expands, float("-inf"), st)
         if MASKED:
             row_local_start = first_local_block(qpos // GROUP_SIZE, LOCAL_BLOCKS) * GROUP_SIZE
             if STREAM == 2:
@@ -298,33 +301,30 @@ def _kv_step(
             else:  # focal position / aggregate block start is old for the row's block
                 visible = kpos[:, None] < row_local_start[None, :]
             st = tl.where(visible, st, float("-inf"))
-        pt = tl.math.exp2(st - lse2[None, :])
-        dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
-        dpt = logits(v, do, 1.0, DOT_PRECISION, UPCAST)  # (dO . v^T)^T  [N, R]
-        dst = pt * (dpt - delta[None, :])
-        dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
+        dk, dv = kv_update(dk, dv, st, q, do, v, lse2, delta, DOT_PRECISION, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _kv_chunk(
-    chunk, bh, Q, DO, LSE, DELTA, K, V, DK, DV, KPOS, BIAS, LENS,
+    chunk, bh, Q, DO, LSE, DELTA, K, V, DK, DV, KPOS, BIAS, LENS, EXP, PDK, PDV,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_db, stride_dh, stride_dg, stride_dl,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
-    H, L, NKEYS, qk_scale, scale,
+    H, L, NKEYS, X, qk_scale, scale,
     STREAM: tl.constexpr,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """dK, dV of keys [chunk * BLOCK_N, (chunk + 1) * BLOCK_N) of stream STREAM for kv head bh.
     STREAM 0: focal slots (KPOS = their positions), 1: aggregates (BIAS = their log2 bias), 2: raw keys.
-    DK / DV are contiguous [B, H, NKEYS, d]."""
+    DK / DV are contiguous [B, H, NKEYS, d]. EXPANDED: aggregates are hidden from the rows that expand
+    them (EXP), and raw keys add the expanded members' gradients (PDK / PDV, fp32 [B, H, L, d], scaled)."""
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     EVEN_DV: tl.constexpr = BLOCK_DV == VALUE_DIM
     m: tl.constexpr = GROUP_SIZE
@@ -380,75 +380,82 @@ def _kv_chunk(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for t in range(0, t_full):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
-                          H, L, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST)
+                          H, L, X, NKEYS, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
     for t in range(t_full, t_end):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
-                          H, L, qk_scale, STREAM, False, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST)
+                          H, L, X, NKEYS, qk_scale, STREAM, False, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
     for t in range(t_end, num_tiles):
-        dk, dv = _kv_step(dk, dv, k, v, kpos, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA,
+        dk, dv = _kv_step(dk, dv, k, v, kpos, k0, bias, q_lo + t * BLOCK_M, length, bh64, Q, DO, LSE, DELTA, EXP,
                           stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
-                          H, L, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
-                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, DOT_PRECISION, UPCAST)
+                          H, L, X, NKEYS, qk_scale, STREAM, True, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV,
+                          GROUP_SIZE, LOCAL_BLOCKS, HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST,
+                          EXPANDED, BLOCK_X)
 
     dk = dk * scale
     out = bh64 * NKEYS + keys64
+    if STREAM == 2 and EXPANDED:
+        dk += tl.load(PDK + out[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        dv += tl.load(PDV + out[:, None] * VALUE_DIM + offs_dv[None, :], mask=key_ok[:, None] & mask_dv[None, :],
+                      other=0.0)
     tl.store(DK + out[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=key_ok[:, None] & mask_d[None, :])
     tl.store(DV + out[:, None] * VALUE_DIM + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok[:, None] & mask_dv[None, :])
 
 
-@triton.jit(do_not_specialize=["BH", "H", "L", "F", "NB", "FOCAL_CHUNKS", "AGG_CHUNKS"])
+@triton.jit(do_not_specialize=["BH", "H", "L", "F", "NB", "FOCAL_CHUNKS", "AGG_CHUNKS", "X"])
 def _bwd_kv_kernel(
-    Q, DO, LSE, DELTA, LENS,
+    Q, DO, LSE, DELTA, LENS, EXP,
     FK, FV, DFK, DFV, FP,
     AK, AV, DAK, DAV, AB,
-    K, V, DK, DV,
+    K, V, DK, DV, PDK, PDV,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_db, stride_dh, stride_dg, stride_dl,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
-    BH, H, L, F, NB, FOCAL_CHUNKS, AGG_CHUNKS, qk_scale, scale,
+    BH, H, L, F, NB, FOCAL_CHUNKS, AGG_CHUNKS, X, qk_scale, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Grid (B * H * (focal chunks + aggregate chunks + raw-key chunks),): program p takes chunk p // BH
     of the concatenated streams for kv head p % BH. One launch for the three streams, so the many short
     raw-key programs fill the GPU around the few long focal/aggregate ones (which see every later query);
     with the kv head varying fastest, the heaviest chunks (earliest focal slots and aggregates) of every
     head start first. (A 1-D grid: no 65535 limit on the chunk count.) Focal / aggregate tensors and their
-    gradients are contiguous [B, H, F or NB, d]."""
+    gradients are contiguous [B, H, F or NB, d]; EXP, PDK, PDV: see `_kv_chunk`."""
     bh = tl.program_id(0) % BH
     pid = tl.program_id(0) // BH
     F64 = F.to(tl.int64)  # strides of the [B, H, F, d] / [B, H, NB, d] tensors, in int64
     NB64 = NB.to(tl.int64)
     if pid < FOCAL_CHUNKS:
-        _kv_chunk(pid, bh, Q, DO, LSE, DELTA, FK, FV, DFK, DFV, FP, AB, LENS,
+        _kv_chunk(pid, bh, Q, DO, LSE, DELTA, FK, FV, DFK, DFV, FP, AB, LENS, EXP, PDK, PDV,
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   H * F64 * HEAD_DIM, F64 * HEAD_DIM, HEAD_DIM, H * F64 * VALUE_DIM, F64 * VALUE_DIM, VALUE_DIM,
-                  H, L, F, qk_scale, scale, 0, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST)
+                  H, L, F, X, qk_scale, scale, 0, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
     elif pid < FOCAL_CHUNKS + AGG_CHUNKS:
-        _kv_chunk(pid - FOCAL_CHUNKS, bh, Q, DO, LSE, DELTA, AK, AV, DAK, DAV, FP, AB, LENS,
+        _kv_chunk(pid - FOCAL_CHUNKS, bh, Q, DO, LSE, DELTA, AK, AV, DAK, DAV, FP, AB, LENS, EXP, PDK, PDV,
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   H * NB64 * HEAD_DIM, NB64 * HEAD_DIM, HEAD_DIM, H * NB64 * VALUE_DIM, NB64 * VALUE_DIM, VALUE_DIM,
-                  H, L, NB, qk_scale, scale, 1, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST)
+                  H, L, NB, X, qk_scale, scale, 1, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
     else:
-        _kv_chunk(pid - FOCAL_CHUNKS - AGG_CHUNKS, bh, Q, DO, LSE, DELTA, K, V, DK, DV, FP, AB, LENS,
+        _kv_chunk(pid - FOCAL_CHUNKS - AGG_CHUNKS, bh, Q, DO, LSE, DELTA, K, V, DK, DV, FP, AB, LENS, EXP, PDK, PDV,
                   stride_qb, stride_qh, stride_qg, stride_ql, stride_db, stride_dh, stride_dg, stride_dl,
                   stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                  H, L, L, qk_scale, scale, 2, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
-                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST)
+                  H, L, L, X, qk_scale, scale, 2, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, GROUP_SIZE, LOCAL_BLOCKS,
+                  HEADS_PER_PROG, HEAD_CHUNKS, BLOCK_M, BLOCK_N, DOT_PRECISION, UPCAST, EXPANDED, BLOCK_X)
 
 
 def plan_backward(group: int, dtype: torch.dtype, head_dim: int, value_dim: int, *, block_rows: int | None = None,
@@ -508,8 +515,14 @@ def attend_backward(
     out = last_dim_contiguous(out)
     lse = lse.float().contiguous()
     delta = _row_dots(out, grad_out, dq_cfg["BLOCK_DV"])
-    _launch_dq(x, grad_out, lse, delta, grads[0], config, scale, dq_cfg)
-    _launch_dk_dv(x, grad_out, lse, delta, grads, layout.focal_key.shape[2], config, scale, kv_cfg)
+    # the expanded members' gradients first (fp32 partials), which the three-stream kernels add to theirs
+    grad_query_expanded = grad_key_expanded = grad_value_expanded = delta  # placeholders: EXPANDED is off
+    if x.expand_width:
+        grad_query_expanded = expanded_dq(x, grad_out, lse, delta, config.group_size, scale, block_n=block_n)
+        grad_key_expanded, grad_value_expanded = expanded_dk_dv(x, grad_out, lse, delta, config.group_size, scale, kv_cfg)
+    _launch_dq(x, grad_out, lse, delta, grads[0], grad_query_expanded, config, scale, dq_cfg)
+    _launch_dk_dv(x, grad_out, lse, delta, grads, (grad_key_expanded, grad_value_expanded), layout.focal_key.shape[2],
+                  config, scale, kv_cfg)
     return tuple(grads)
 
 
@@ -527,28 +540,31 @@ def _row_dots(out: torch.Tensor, grad_out: torch.Tensor, block_dv: int) -> torch
     return delta
 
 
-def _launch_dq(x, grad_out, lse, delta, dq, config: DGAConfig, scale: float, dq_cfg: dict) -> None:
-    """dq, query-major: one program per query tile and chunk of a kv head's query heads."""
+def _launch_dq(x, grad_out, lse, delta, dq, dq_expanded, config: DGAConfig, scale: float, dq_cfg: dict) -> None:
+    """dq, query-major: one program per query tile and chunk of a kv head's query heads (plus
+    ``dq_expanded``, the expanded members' fp32 partial, with expansion)."""
     query, key, value = x.query, x.key, x.value
     batch, heads, _, seq_len, _ = query.shape
     _bwd_dq_kernel[(x.tiles, batch * heads * dq_cfg["HEAD_CHUNKS"])](
         query, key, value, grad_out, dq, lse, delta,
         x.focal_key, x.focal_value, x.focal_pos, x.agg_key, x.agg_value, x.agg_bias, x.lengths, x.counts,
+        x.expanded, dq_expanded,
         query.stride(0), query.stride(1), query.stride(2), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, float(scale) * LOG2E, float(scale),
-        GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
+        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, x.expand_width, float(scale) * LOG2E,
+        float(scale), GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         **x.constants,
     )
 
 
-def _launch_dk_dv(x, grad_out, lse, delta, grads: list, num_focal: int, config: DGAConfig, scale: float,
-                  kv_cfg: dict) -> None:
+def _launch_dk_dv(x, grad_out, lse, delta, grads: list, expanded: tuple, num_focal: int, config: DGAConfig,
+                  scale: float, kv_cfg: dict) -> None:
     """dk, dv: key-major, the three streams in one launch (one program per kv head and chunk of any stream).
-    `grads`: the seven gradient tensors of `attend_backward`, written in place."""
+    `grads`: the seven gradient tensors of `attend_backward`, written in place; `expanded`: the expanded
+    members' fp32 partial dk, dv (added to the raw keys' with expansion)."""
     query, key, value = x.query, x.key, x.value
     batch, heads, _, seq_len, head_dim = query.shape
     dtype = query.dtype
@@ -561,20 +577,22 @@ def _launch_dk_dv(x, grad_out, lse, delta, grads: list, num_focal: int, config: 
     dk, dv = grads[1], grads[2]
     assert dk.is_contiguous() and dv.is_contiguous()
     _bwd_kv_kernel[(batch * heads * chunks,)](
-        query, grad_out, lse, delta, x.lengths,
+        query, grad_out, lse, delta, x.lengths, x.expanded,
         x.focal_key, x.focal_value, grad_fk, grad_fv, x.focal_pos,
         x.agg_key, x.agg_value, grads[5], grads[6], x.agg_bias,
-        key, value, dk, dv,
+        key, value, dk, dv, *expanded,
         query.stride(0), query.stride(1), query.stride(2), query.stride(3),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        batch * heads, heads, seq_len, num_focal, num_blocks, focal_chunks, agg_chunks, float(scale) * LOG2E, float(scale),
+        batch * heads, heads, seq_len, num_focal, num_blocks, focal_chunks, agg_chunks, x.expand_width,
+        float(scale) * LOG2E, float(scale),
         HEAD_DIM=head_dim, VALUE_DIM=value.shape[-1], BLOCK_D=kv_cfg["BLOCK_D"], BLOCK_DV=kv_cfg["BLOCK_DV"],
         GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         HEADS_PER_PROG=kv_cfg["HEADS_PER_PROG"], HEAD_CHUNKS=kv_cfg["HEAD_CHUNKS"],
         BLOCK_M=kv_cfg["BLOCK_M"], BLOCK_N=block_keys,
         DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
+        EXPANDED=x.constants["EXPANDED"], BLOCK_X=x.constants["BLOCK_X"],
         num_warps=kv_cfg["num_warps"], num_stages=kv_cfg["num_stages"],
     )
 

@@ -2,7 +2,10 @@
 visibility rule, the interpreter fix, and the precision and input checks of the launchers.
 
 The forward (`triton_forward`), backward (`triton_backward`) and decode (`triton_decode`) kernels import
-from here and from `triton_plan` (the prefill tiles), never from each other.
+from here and from `triton_plan` (the prefill tiles), never from each other; the prefill kernels also
+from `triton_expand` / `triton_expand_backward` (query-aware expansion, which both directions launch).
+The backward's row loads and updates (`grad_rows`, `dq_update`, `kv_update`) live here so that the
+expansion's backward kernels share them.
 
 The rule. Kernels cannot call Python, so `first_local_block` below is the jit twin of
 `dga_hf.rule.first_local_block` (docs/spec.md: a query of block ``beta`` reads raw the blocks from
@@ -106,6 +109,53 @@ def online_update(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr, UPCAST: tl.c
     acc = acc * alpha[:, None]
     acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def row_lse2(LSE, lse_off, row_real):
+    """The rows' lse in log2 units; +inf for padded rows and rows that see nothing, so exp2(s - lse) = 0."""
+    lse = tl.load(LSE + lse_off, mask=row_real, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def dq_update(dq, s, do, lse2, delta, k, v, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dq + dS k (unscaled) for s [R, N] logits in log2 units (hidden = -inf) of the rows against a key
+    chunk k [N, D], v [N, DV]; dS = P * (dO . v^T - D) with P = exp2(s - lse2)."""
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = logits(do, v, 1.0, DOT_PRECISION, UPCAST)  # dO . v^T  [R, N]
+    ds = p * (dp - delta[:, None])
+    return dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def kv_update(dk, dv, st, q, do, v, lse2, delta, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dk + dS^T q (unscaled) and dv + P^T dO of a key chunk (k: what st was computed from, v [N, DV])
+    for st [N, R] = S^T against R rows q [R, D], do [R, DV] (log2 units, hidden = -inf)."""
+    pt = tl.math.exp2(st - lse2[None, :])
+    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+    dpt = logits(v, do, 1.0, DOT_PRECISION, UPCAST)  # (dO . v^T)^T  [N, R]
+    dst = pt * (dpt - delta[None, :])
+    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def grad_rows(Q, DO, LSE, DELTA, q_base, do_base, g64, qpos64, row_real, lse_heads, bh64, L,
+              stride_qg, stride_ql, stride_dg, stride_dl,
+              HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the key-major kernels read of R query rows (query head g64, position qpos64; ``row_real``
+    False: padding or no row, which reads as lse = +inf): q [R, D], dO [R, DV], lse in log2 units, D.
+    q_base / do_base: Q / DO at the row's (batch, kv head); LSE and DELTA are contiguous [B, H, G, L]
+    (``lse_heads`` = G)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(q_base + (g64 * stride_qg + qpos64 * stride_ql)[:, None] + offs_d[None, :],
+                  row_real, offs_d < HEAD_DIM, BLOCK_D == HEAD_DIM, True)
+    do = load_rows(do_base + (g64 * stride_dg + qpos64 * stride_dl)[:, None] + offs_dv[None, :],
+                   row_real, offs_dv < VALUE_DIM, BLOCK_DV == VALUE_DIM, True)
+    row_off = (bh64 * lse_heads + g64) * L + qpos64
+    return q, do, row_lse2(LSE, row_off, row_real), tl.load(DELTA + row_off, mask=row_real, other=0.0)
 
 
 @triton.jit

@@ -1,13 +1,16 @@
 """The forward kernel of DGA stage 5 (Triton): a flash-attention style kernel over the three key streams.
 
-Same function as `torch_backend.attend` (docs/spec.md, step 5): for query ``i`` in block
+Same function as `torch_backend.attend` (docs/spec.md, steps 5 and 6): for query ``i`` in block
 ``beta = i // m`` one softmax over
 
   (a) focal keys ``layout.focal_key`` at positions ``layout.focal_pos`` (sorted ascending, unused slots
       hold ``L``), visible iff ``focal_pos // m <= beta - n``;
   (b) block aggregates ``layout.agg_key`` with the additive logit bias ``layout.agg_bias`` (``-inf`` for
       a block with no non-focal member), visible iff ``c <= beta - n``;
-  (c) raw local keys ``j <= i`` with ``j // m >= beta - n + 1`` (``j < length`` follows from ``j <= i``).
+  (c) raw local keys ``j <= i`` with ``j // m >= beta - n + 1`` (``j < length`` follows from ``j <= i``);
+  (d) with query-aware expansion (``layout.expanded``, step 6): the non-focal members of the blocks the
+      query expands, whose aggregates (b) then hides. (d) is `triton_expand`'s kernel, which merges its
+      softmax with this kernel's by their log-sum-exp (this kernel then stores an fp32 partial output).
 
 Design (one program per tile of queries and one kv head, grid ``(tiles, B * H * head_chunks)``):
 
@@ -53,26 +56,27 @@ from .triton_common import (
     logits,
     online_update,
 )
+from .triton_expand import attend_expanded, expanded_hit, expanded_rows
 from .triton_plan import plan, prepare, tile_key_ranges
 
 
 # sizes that change with the sequence length are not specialised on (no recompilation per length; the
 # addresses they scale are aligned by the constexpr head dims anyway)
-@triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES"])
+@triton.jit(do_not_specialize=["H", "L", "F", "NB", "NUM_TILES", "X"])
 def _dga_attend_kernel(
     Q, K, V, O, LSE,
-    FK, FV, FP, AK, AV, AB, LENS, FCNT,
+    FK, FV, FP, AK, AV, AB, LENS, FCNT, EXP,
     stride_qb, stride_qh, stride_qg, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_og, stride_ol,
-    H, L, F, NB, NUM_TILES, qk_scale,
+    H, L, F, NB, NUM_TILES, X, qk_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     GROUP_SIZE: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPANDED: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     BLOCK_R: tl.constexpr = HEADS_PER_PROG * BLOCK_M
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -135,7 +139,10 @@ def _dga_attend_kernel(
         s = tl.where(fpos[None, :] < row_local_start[:, None], s, float("-inf"))
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
-    # ---- (b) aggregates of old blocks: [0, old_lo) unmasked, [.., old_hi) masked by block
+    # ---- (b) aggregates of old blocks: [0, old_lo) unmasked, [.., old_hi) masked by block; a row hides
+    # the aggregates of the blocks it expands (their members are read raw by `triton_expand`)
+    if EXPANDED:
+        rows_chosen = expanded_rows(EXP + (bh64 * L + qpos) * X, row_real, X, NB, BLOCK_X)
     ak_base = AK + bh64 * NB * HEAD_DIM
     av_base = AV + bh64 * NB * VALUE_DIM
     ab_base = AB + bh64 * NB
@@ -146,6 +153,8 @@ def _dga_attend_kernel(
         v = load_rows(av_base + blocks[:, None] * VALUE_DIM + offs_dv[None, :], blocks < NB, mask_dv, EVEN_DV, False)
         bias = tl.load(ab_base + blocks)  # log2 units; -inf = empty block
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
+        if EXPANDED:
+            s = tl.where(expanded_hit(rows_chosen, start, BLOCK_N, False), float("-inf"), s)
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
     for start in range(agg_full, old_hi, BLOCK_N):
         blocks = start + offs_n
@@ -155,6 +164,8 @@ def _dga_attend_kernel(
         bias = tl.load(ab_base + blocks, mask=in_range, other=float("-inf"))
         s = logits(q, k, qk_scale, DOT_PRECISION, UPCAST) + bias[None, :]
         visible = (blocks[None, :] * GROUP_SIZE) < row_local_start[:, None]
+        if EXPANDED:
+            visible = visible & ~expanded_hit(rows_chosen, start, BLOCK_N, False)
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PRECISION, UPCAST)
 
@@ -224,18 +235,22 @@ def attend_forward(
     cfg = plan(group, dtype, head_dim, value_dim, block_rows=block_rows, block_n=block_n)
     x = prepare(query, key, value, layout, config, cfg)
     query, key, value = x.query, x.key, x.value
+    # with expansion the three streams' output is a partial that `attend_expanded` merges: kept in fp32
+    part = out if not x.expand_width or dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
     grid = (x.tiles, batch * heads * cfg["HEAD_CHUNKS"])
     _dga_attend_kernel[grid](
-        query, key, value, out, lse,
-        x.focal_key, x.focal_value, x.focal_pos, x.agg_key, x.agg_value, x.agg_bias, x.lengths, x.counts,
+        query, key, value, part, lse,
+        x.focal_key, x.focal_value, x.focal_pos, x.agg_key, x.agg_value, x.agg_bias, x.lengths, x.counts, x.expanded,
         query.stride(0), query.stride(1), query.stride(2), query.stride(3),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, float(scale) * LOG2E,
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        heads, seq_len, x.focal_key.shape[2], x.agg_key.shape[2], x.tiles, x.expand_width, float(scale) * LOG2E,
         GROUP_SIZE=config.group_size, LOCAL_BLOCKS=config.local_blocks,
         **x.constants,
     )
+    if x.expand_width:
+        attend_expanded(x, part, lse, out, config.group_size, scale, block_n=block_n)
     return out, lse
 
 

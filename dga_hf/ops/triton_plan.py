@@ -23,6 +23,7 @@ from .. import rule
 from ..config import DGAConfig
 from .layout import DGALayout
 from .triton_common import LOG2E, dot_precision, first_local_block, last_dim_contiguous, upcast
+from .triton_expand import MAX_EXPANDED_CHUNK
 
 
 def _pow2_divisor(value: int) -> int:
@@ -146,6 +147,11 @@ class KernelInputs:
     agg_bias: torch.Tensor  # [B, H, nb] fp32, log2 units
     lengths: torch.Tensor  # [B] int32
     counts: torch.Tensor  # focal_tile_counts for cfg["BLOCK_M"]
+    # docs/spec.md step 6: X = expand_width (0: no expansion), the layout's expanded blocks [B, H, L, X]
+    # int32 and focal flags [B, H, L] uint8 (one-element placeholders when X = 0)
+    expand_width: int
+    expanded: torch.Tensor
+    focal: torch.Tensor
 
     @property
     def constants(self) -> dict:
@@ -158,13 +164,15 @@ class KernelInputs:
             HEADS_PER_PROG=cfg["HEADS_PER_PROG"], HEAD_CHUNKS=cfg["HEAD_CHUNKS"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             DOT_PRECISION=dot_precision(dtype), UPCAST=upcast(dtype),
+            EXPANDED=self.expand_width > 0, BLOCK_X=triton.next_power_of_2(max(self.expand_width, 1)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 
 def prepare(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig,
             cfg: dict) -> KernelInputs:
-    """Cast key/value and the layout to the query dtype (bias to log2 units), count focal slots per tile."""
+    """Cast key/value and the layout to the query dtype (bias to log2 units), count focal slots per tile;
+    the expansion's blocks and focal flags in the kernels' integer types."""
     batch, heads, _, seq_len, head_dim = query.shape
     value_dim = value.shape[-1]
     dtype = query.dtype
@@ -174,6 +182,19 @@ def prepare(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout:
         focal_pos = torch.full((batch, heads, 1), seq_len, dtype=focal_pos.dtype, device=focal_pos.device)
         focal_key = focal_key.new_zeros(batch, heads, 1, head_dim)
         focal_value = focal_value.new_zeros(batch, heads, 1, value_dim)
+    num_blocks = layout.agg_key.shape[2]
+    width = 0 if layout.expanded is None else layout.expanded.shape[-1]
+    if width and cfg["BLOCK_N"] > MAX_EXPANDED_CHUNK:
+        raise ValueError(
+            f"block_n={cfg['BLOCK_N']} is too wide with expand_blocks (the expansion mask of a chunk is one 64-bit "
+            f"word per row): use block_n <= {MAX_EXPANDED_CHUNK}"
+        )
+    if width:
+        expanded = layout.expanded.to(torch.int32).contiguous()
+        focal = layout.focal.to(torch.uint8).contiguous()
+    else:  # never read: EXPANDED is off
+        expanded = torch.full((1,), num_blocks, dtype=torch.int32, device=query.device)
+        focal = torch.ones(1, dtype=torch.uint8, device=query.device)
     return KernelInputs(
         cfg=cfg,
         tiles=triton.cdiv(seq_len, cfg["BLOCK_M"]),
@@ -188,4 +209,7 @@ def prepare(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout:
         agg_bias=(layout.agg_bias.float() * LOG2E).contiguous(),
         lengths=layout.lengths.to(device=query.device, dtype=torch.int32),
         counts=focal_tile_counts(focal_pos, layout.lengths, config, seq_len, cfg["BLOCK_M"]),
+        expand_width=width,
+        expanded=expanded,
+        focal=focal,
     )

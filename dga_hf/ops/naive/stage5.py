@@ -1,4 +1,4 @@
-"""A differentiable transcription of docs/spec.md step 5 over a given layout, with explicit masks.
+"""A differentiable transcription of docs/spec.md steps 5 and 6 over a given layout, with explicit masks.
 
 It materialises [L, F + nb + L] logits, so it is for small shapes only; its value is that autograd
 through it gives the exact gradients every backend's stage-5 backward must reproduce (the layout's
@@ -29,6 +29,20 @@ def stage5_reference(
 ) -> torch.Tensor:
     """query [B, H, G, L, d], key/value [B, H, L, d], focal_* [B, H, F, d], agg_* [B, H, nb, d] ->
     [B, H, G, L, dv]; rows at positions >= layout.lengths[b] (and rows that see nothing) are 0."""
+    logits = stage5_logits(query, key, focal_key, agg_key, layout, config, scale)
+    values = torch.cat([focal_value, agg_value, value], dim=2).unsqueeze(2)
+    weights = torch.softmax(logits, dim=-1)
+    sees_nothing = torch.isneginf(logits).all(-1, keepdim=True)
+    return torch.where(sees_nothing, torch.zeros_like(weights), weights) @ values
+
+
+def stage5_logits(
+    query: torch.Tensor, key: torch.Tensor, focal_key: torch.Tensor, agg_key: torch.Tensor, layout: DGALayout,
+    config: DGAConfig, scale: float,
+) -> torch.Tensor:
+    """Every query's logits over [focal slots | aggregates (with their bias) | raw keys], -inf where the
+    query does not read the key (steps 5 and 6): [B, H, G, L, F + nb + L]; rows at positions >=
+    layout.lengths[b] read nothing. A row's log-sum-exp is the ``lse`` of the backends' attend_forward."""
     seq_len = query.shape[3]
     m, n = config.group_size, config.local_blocks
     pos = torch.arange(seq_len, device=query.device)
@@ -52,13 +66,10 @@ def stage5_reference(
     visible = (visible & real_row).unsqueeze(2)  # [B, H, 1, L, K]
 
     keys = torch.cat([focal_key, agg_key, key], dim=2).unsqueeze(2)
-    values = torch.cat([focal_value, agg_value, value], dim=2).unsqueeze(2)
     bias = torch.cat(
         [torch.zeros_like(layout.focal_pos, dtype=query.dtype), layout.agg_bias.to(query.dtype).nan_to_num(0.0, neginf=0.0),
          torch.zeros(*key.shape[:3], dtype=query.dtype, device=query.device)],
         dim=-1,
     ).view(*keys.shape[:2], 1, 1, -1)
     logits = scale * query @ keys.transpose(-1, -2) + bias
-    weights = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
-    weights = torch.where(visible.any(-1, keepdim=True), weights, torch.zeros_like(weights))
-    return weights @ values
+    return logits.masked_fill(~visible, -math.inf)
