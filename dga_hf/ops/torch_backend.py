@@ -276,17 +276,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
             union, reads = _tile_union(chosen, num_blocks)
             chosen = chosen if union.shape[1] else None
         if chosen is not None:  # the union of the tile's expanded blocks joins its keys
-            members = union.shape[1] * m
-            index = union.clamp(max=num_blocks - 1) + num_blocks * torch.arange(rows, device=device).view(-1, 1)
-            key_buffer[:, 0, end : end + members] = key_blocks.index_select(0, index.flatten()).view(rows, members, dim)
-            value_buffer[:, 0, end : end + members] = value_blocks.index_select(0, index.flatten()).view(rows, members, -1)
-            positions = (union[..., None] * m + torch.arange(m, device=device)).flatten(1)  # [rows, U * m]
-            readable = (positions < seq_len) & ~focal.gather(1, positions.clamp(max=seq_len - 1))
-            tile_mask[:, :, end : end + members] = additive_mask(~(reads.repeat_interleave(m, -1) & readable[:, None]), dtype)
-            end += members
+            blocks = (key_blocks, value_blocks)
+            end = _write_expanded_members((key_buffer, value_buffer, tile_mask), end, union, reads, blocks, focal, m, seq_len)
             # the aggregates each query expands are hidden in its mask row for this tile only
-            columns = agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen)
-            columns = torch.where(chosen < num_blocks, columns, capacity - 1)
+            columns = torch.where(chosen < num_blocks, agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen), capacity - 1)
             kept = tile_mask.gather(-1, columns)
             tile_mask.scatter_(-1, columns, -math.inf)
         out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(
@@ -297,6 +290,24 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
             tile_mask.scatter_(-1, columns, kept)
     out = out.view(batch, heads, group, seq_len, -1)
     return out.masked_fill_(_padded_rows(layout, seq_len, device).unsqueeze(-1), 0.0)
+
+
+def _write_expanded_members(buffers, end: int, union, reads, blocks, focal, group_size: int, seq_len: int) -> int:
+    """Append the members of a tile's union of expanded blocks after column ``end`` of its key and value
+    buffers [rows, 1, C, d] and mask rows [rows, T, C] (a query reads the non-focal members of its own
+    blocks); ``blocks`` are the keys and values as whole blocks (`_blocks`). Returns the new end."""
+    key_buffer, value_buffer, tile_mask = buffers
+    rows, width = union.shape
+    num_blocks = blocks[0].shape[0] // rows
+    members = width * group_size
+    index = (union.clamp(max=num_blocks - 1) + num_blocks * torch.arange(rows, device=union.device).view(-1, 1)).flatten()
+    key_buffer[:, 0, end : end + members] = blocks[0].index_select(0, index).view(rows, members, -1)
+    value_buffer[:, 0, end : end + members] = blocks[1].index_select(0, index).view(rows, members, -1)
+    positions = (union[..., None] * group_size + torch.arange(group_size, device=union.device)).flatten(1)
+    readable = (positions < seq_len) & ~focal.gather(1, positions.clamp(max=seq_len - 1))
+    hidden = ~(reads.repeat_interleave(group_size, -1) & readable[:, None])
+    tile_mask[:, :, end : end + members] = additive_mask(hidden, tile_mask.dtype)
+    return end + members
 
 
 def _tile_union(chosen: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
