@@ -213,14 +213,15 @@ def test_dga_settings_from_strings_and_run_configs():
     assert named_dga_config({"group_size": 4}, 3) == ("dga3", dga_hf.DGAConfig(group_size=4))
     assert list(dga_configs({"dga_configs": ["default", "paper"]})) == [DENSE, "default", "paper"]
     settings = dga_configs({"dga_configs": ["paper", {"name": "c", "preset": "paper", "decoding": "compact"},
-                                            {"name": "e", "preset": "paper", "decoding": {"expand_blocks": 32}}]})
+                                            {"name": "e", "preset": "paper", "expand_blocks": 32,
+                                             "decoding": {"refresh_every": 18}}]})
     paper = dga_hf.DGAConfig.preset("paper")
     assert settings[DENSE] == Setting() and settings["paper"] == Setting(paper)
     assert settings["c"] == Setting(paper, dga_hf.DecodingConfig(mode="compact"))
-    assert settings["e"].describe()["decoding"] == {"mode": "keep_full", "refresh_every": "auto", "expand_blocks": 32,
-                                                    "dense_share": "auto"}
+    assert settings["e"].dga == paper.replace(expand_blocks=32)
+    assert settings["e"].describe()["decoding"] == {"mode": "keep_full", "refresh_every": 18, "dense_share": "auto"}
     assert settings["paper"].describe()["decoding"] == "dense"
-    assert _setting_text(settings["e"].describe()["decoding"]) == "keep_full(expand_blocks=32)"
+    assert _setting_text(settings["e"].describe()["decoding"]) == "keep_full(refresh_every=18)"
     assert _setting_text(settings["c"].describe()["decoding"]) == "compact"
     with pytest.raises(ValueError, match=r"decoding='full' is invalid: allowed values are 'dense', a DGACache mode"):
         dga_configs({"dga_configs": [{"preset": "paper", "decoding": "full"}]})
@@ -228,6 +229,10 @@ def test_dga_settings_from_strings_and_run_configs():
         dga_configs({"dga_configs": [{"preset": "paper", "decoding": {"expand": 3}}]})
     with pytest.raises(ValueError, match="needs DGA settings"):
         Setting(None, dga_hf.DecodingConfig())
+    with pytest.raises(ValueError, match=r"decoding=\{'expand_blocks': 32\} is invalid: .*moved to DGAConfig.expand_blocks"):
+        dga_configs({"dga_configs": [{"preset": "paper", "decoding": {"expand_blocks": 32}}]})
+    with pytest.raises(ValueError, match=r"mode='compact' cannot decode with DGAConfig.expand_blocks=4"):
+        dga_configs({"dga_configs": [{"preset": "paper", "expand_blocks": 4, "decoding": "compact"}]})
     with pytest.raises(ValueError, match="unknown tasks"):
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
