@@ -161,12 +161,14 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
     torch.testing.assert_close(out[:, :, :70], base[:, :, :70], rtol=0, atol=0)
 
 
-def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
+@pytest.mark.parametrize("expand", [0, 2])
+def test_refresh_off_is_the_spec_with_the_prefill_focal_set(expand):
     """keep_full, no refresh: every position (prompt and decoded) gets the spec's output for F fixed at
-    the prefill's selection; the prompt part is the spec's prefill output."""
+    the prefill's selection, block expansion (step 6) included; the prompt part is the spec's prefill output."""
+    cfg = DECODE_CFG.replace(expand_blocks=expand)
     q, k, v = decode_qkv(1, 120, seed=2)
-    out, cache = run_cache(q, k, v, DECODE_CFG, 64, [1] * 56, "keep_full", None)
-    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], DECODE_CFG, scale=DECODE_SCALE))
+    out, cache = run_cache(q, k, v, cfg, 64, [1] * 56, "keep_full", None)
+    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], cfg, scale=DECODE_SCALE))
     buffers = cache.layers[0].state.buffers
     for h in range(H):
         focal = set(buffers.focal_pos[0, h, : buffers.focal_hi].tolist())
@@ -174,8 +176,33 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
         for i in range(120):
-            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, DECODE_CFG, DECODE_SCALE)
+            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, cfg, DECODE_SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
+@pytest.mark.parametrize("expand", [1, 3, 40])
+def test_decoded_positions_are_the_spec_prefill_with_expansion(expand, steps):
+    """docs/decoding.md, "Consequences": keep_full, refreshing off, no dense steps: every position, prompt
+    and decoded (one-token steps and chunks), is the spec's prefill output over the whole sequence, step 6
+    included with E = expand_blocks (a decode step is a prefill row), with the prefill's F. The 14 sinks
+    cover the focal budget at the prompt's length and the whole sequence's, so the prefill's F (each row's
+    first 14 real tokens) is the whole sequence's F and `naive_dga_attention` can be the reference.
+    Left-padded batch; E = 40 is at least the 33 blocks: dense attention."""
+    cfg = DECODE_CFG.replace(group_size=4, focal_ratio=0.1, sink_tokens=14, expand_blocks=expand)
+    q, k, v = decode_qkv(2, 140, seed=29)
+    mask = torch.ones(2, 140, dtype=torch.bool)
+    mask[1, :11] = False
+    fed = 70 + sum(steps)
+    assert focal_count(fed, cfg.focal_ratio) <= cfg.sink_tokens
+    out, cache = run_cache(q, k, v, cfg, 70, steps, "keep_full", None, mask=mask)
+    q, k, v, mask = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], mask[:, :fed]
+    expected = naive_dga_attention(q, k, v, cfg, scale=DECODE_SCALE, padding_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    base = naive_dga_attention(q, k, v, cfg.replace(expand_blocks=0), scale=DECODE_SCALE, padding_mask=mask)
+    assert (out[:, :, 70:] - base[:, :, 70:]).abs().max() > 1e-3  # expansion changes the decoded positions
+    if expand >= 33:
+        torch.testing.assert_close(out, dense_reference(q, k, v, mask), rtol=0, atol=1e-12)
 
 
 def test_prefill_runs_the_dispatch_of_dga_attention():
@@ -626,6 +653,37 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
 
 
+def test_compact_refuses_dga_settings_that_expand_and_expand_blocks_is_a_dga_setting():
+    """compact drops the raw tokens of old blocks, so it cannot expand them: a compact cache for DGA settings
+    with expand_blocks > 0 is refused where it is made (with the model), else at its prefill, and by
+    generate() when the settings changed after enable_decoding. expand_blocks as a decoding option is
+    refused with the setting that replaced it."""
+    settings = SPARSE_DECODING.replace(expand_blocks=2)
+    model = dga_hf.patch(make_decoding_model("llama"), settings)
+    ids = random_ids(1, 40, seed=30)
+    refused = r"DecodingConfig.mode='compact' cannot decode with DGAConfig.expand_blocks=2: compact drops the raw tokens"
+    with pytest.raises(ValueError, match=refused):
+        DGACache(model, mode="compact")
+    with pytest.raises(ValueError, match=refused):
+        dga_hf.enable_decoding(model, mode="compact")
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    with pytest.raises(ValueError, match=refused), torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{CACHE: DGACache(mode="compact")})
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), mode="compact")
+    dga_hf.patch(model, settings)
+    with pytest.raises(ValueError, match=refused):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    moved = r"DecodingConfig.expand_blocks=2 is refused: the setting moved to DGAConfig.expand_blocks"
+    with pytest.raises(ValueError, match=moved):
+        DGACache(model, expand_blocks=2)
+    with pytest.raises(ValueError, match=moved):
+        DGACache(model, DecodingConfig(), expand_blocks=2)
+    dga_hf.enable_decoding(model, mode="keep_full")  # keep_full expands: the cache generate() makes reads E
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    state = cache_of(out).layers[0].state
+    assert state.settings.expand == 2 and state.settings.refresh_every == refresh_interval(8, 8 * 2)  # m=8, n=2
+
+
 @pytest.mark.parametrize("round_trip", ["pickle", "torch.save", "deepcopy"])
 def test_model_with_decoding_enabled_round_trips_through_pickle(round_trip):
     """A model after enable_decoding pickles and unpickles (pickle, and torch.save / torch.load with
@@ -697,6 +755,9 @@ def test_attention_step_benchmark_runs_on_cpu():
         ("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "torch"), ("compact", "torch")]
     assert all(r["median_ms"] > 0 for r in rows) and max(r["speedup_vs_dense"] for r in rows[:2]) == 1.0
     assert "| 300 | compact | torch |" in attention_step_markdown(rows, {"device": "cpu"})
+    rows = attention_step([300], SPARSE_DECODING.replace(expand_blocks=2), device="cpu", steps=3, q_heads=4, kv_heads=2,
+                          head_dim=16)  # compact cannot expand: left out
+    assert [(r["cache"], r["backend"]) for r in rows] == [("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "torch")]
 
 
 def test_interleaved_speed_benchmark_decodes_each_cache_greedily():

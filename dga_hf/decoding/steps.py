@@ -20,7 +20,6 @@ and its aggregate hidden: in keep_full a complete block's members are exactly it
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -77,7 +76,6 @@ def attend_chunk(buffers: DecodeBuffers, storage, settings: DecodeSettings, toke
         agg_hidden = ~rule.is_old_block(agg_blocks, query_block[:, None, lo:hi, None], n).expand(-1, heads, -1, -1)
         parts_k, parts_v, expanded_hidden = [focal_k, agg_k, raw_k], [focal_v, agg_v, raw_v], []
         if settings.expand and old_blocks:
-            _KEY_BOUNDS["storage"] = storage
             picked = expansion(buffers, settings, tokens.query[:, :, :, lo:hi], query_block[:, lo:hi], old_blocks, scale)
             union = picked.flatten(0, 2).any(0).nonzero().flatten()  # the blocks any query of the tile expands
             if union.numel():
@@ -137,30 +135,9 @@ def expansion(buffers: DecodeBuffers, settings: DecodeSettings, query: torch.Ten
     """docs/spec.md step 6 for a step's queries [B, H, G, T, d] in blocks `query_block` [B, T]: the blocks
     among the first `old_blocks` that each query expands, [B, H, T, old_blocks] bool (`choose_expanded` over
     the state's aggregates; a block without members has the bias -inf)."""
-    if os.environ.get("DGA_EXPANSION_SCORE") == "key_bound":  # temporary: the measurement of docs/decoding.md
-        return _key_bound_expansion(buffers, settings, query, query_block, old_blocks, scale)
     return choose_expanded(query, query_block, buffers.agg_k[:, :, :old_blocks],
                            torch.isfinite(buffers.agg_bias[:, :, :old_blocks]), settings.expand, settings.local_blocks,
                            scale)
-
-
-def _key_bound_expansion(buffers, settings, query, query_block, old_blocks, scale):
-    """Temporary, for the measurement only: the earlier score, the bound
-    max_g sum_d max(s q_d Kmin_d, s q_d Kmax_d) of the block's keys, instead of the aggregate's logit."""
-    dtype = settings.compute_dtype
-    storage = _KEY_BOUNDS["storage"]
-    blocks = torch.arange(old_blocks, device=query.device)
-    visible = rule.is_old_block(blocks, query_block[:, None, :, None], settings.local_blocks)
-    visible = visible & torch.isfinite(buffers.agg_bias[..., None, :old_blocks])
-    q = (query.to(buffers.ring_k.dtype) * scale).to(dtype)
-    signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, H, G, T, 2d]
-    bound = (signed @ storage.blk_bound[:, :, None, :old_blocks].to(dtype).transpose(-1, -2)).amax(2)
-    bound = bound.masked_fill(~visible, -math.inf)
-    chosen = torch.topk(bound, min(settings.expand, old_blocks), dim=-1).indices
-    return torch.zeros_like(visible).scatter_(-1, chosen, visible.gather(-1, chosen))
-
-
-_KEY_BOUNDS: dict = {}
 
 
 def expanded_list(picked: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +171,6 @@ def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tok
     tail = buffers.tail
     tail_visible = torch.zeros(batch, heads, tail, dtype=torch.bool, device=device)  # stale rows hidden
     if settings.expand and old_blocks:
-        _KEY_BOUNDS["storage"] = storage
         expanded = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
         chosen, usable = expanded_list(expanded, min(settings.expand, old_blocks))
         agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)
@@ -225,7 +201,6 @@ def attend_fused(buffers: DecodeBuffers, storage, settings: DecodeSettings, toke
     query_block = rule.block_of(tokens.positions[:, 0], m)  # [B]
     expanded = None
     if settings.expand and old_blocks:
-        _KEY_BOUNDS["storage"] = storage
         mask = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
         chosen, usable = expanded_list(mask, min(settings.expand, old_blocks))
         expanded = (mask, chosen, usable, storage.arch_k, storage.arch_v)
