@@ -237,6 +237,26 @@ def test_dga_settings_from_strings_and_run_configs():
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
 
 
+def test_decoding_tool_takes_dga_fields_and_refuses_the_moved_option(monkeypatch, tiny_model_dir, capsys):
+    """`python -m dga_eval.decoding`: --dga sets DGA fields over the preset (block expansion among them; the
+    memory run then leaves compact out, which cannot expand); bad fields and expand_blocks as a decoding
+    option fail before any model loads."""
+    from dga_eval import decoding
+
+    with monkeypatch.context() as patched:
+        patched.setattr(decoding, "load_model", lambda *args: pytest.fail("a model was loaded"))
+        with pytest.raises(ValueError, match=r"DGAConfig got unknown fields \['expand'\]"):
+            decoding.main(["--quality", "--dga", '{"expand": 3}'])
+        with pytest.raises(ValueError, match=r"DecodingConfig.expand_blocks=4 is refused: the setting moved to DGAConfig"):
+            decoding.main(["--quality", "--decoding", '{"expand_blocks": 4}'])
+    decoding.main(["--memory-only", "--model", str(tiny_model_dir), "--length", "96", "--memory-steps", "2",
+                   "--preset", "paper", "--dga", '{"group_size": 4, "local_blocks": 2, "expand_blocks": 3}'])
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"] == {**dga_hf.DGAConfig.preset("paper").to_dict(), "group_size": 4, "local_blocks": 2,
+                                  "expand_blocks": 3}
+    assert set(report["bytes_per_layer"]) == {"dense", "keep_full", "keep_full/dense"}
+
+
 # ---------------------------------------------------------------- end to end
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import rule
 from ..ops.dense import single_query_attention
-from ..ops.layout import choose_expanded
+from ..ops.layout import choose_expanded, expanded_indices
 from ..ops.torch_backend import additive_mask
 from .buffers import DecodeBuffers, NewTokens, RawKeys, gather_rows
 from .settings import DecodeSettings
@@ -141,14 +141,12 @@ def expansion(buffers: DecodeBuffers, settings: DecodeSettings, query: torch.Ten
 
 
 def expanded_list(picked: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The expanded blocks of `picked` [..., nb] bool (at most `count` per query) as a list: block indices
-    [..., count], ascending, and which entries are blocks [..., count] bool (a query with fewer than `count`
-    candidates has fewer; the other entries hold block nb - 1 and are not read)."""
+    """The expanded blocks of `picked` [..., nb] bool (at most `count` per query) as a list
+    (`expanded_indices`): block indices [..., count] and which entries are blocks [..., count] bool (a query
+    with fewer than `count` candidates has fewer; the other entries hold block nb - 1 and are not read)."""
     num_blocks = picked.shape[-1]
-    index = torch.where(picked, torch.arange(num_blocks, device=picked.device), num_blocks)
-    listed = torch.topk(index, count, dim=-1, largest=False).values
-    usable = listed < num_blocks
-    return listed.clamp_(max=num_blocks - 1), usable
+    listed = expanded_indices(picked, count, num_blocks)
+    return listed.clamp(max=num_blocks - 1), listed < num_blocks
 
 
 def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tokens: NewTokens,

@@ -146,9 +146,8 @@ def select_expanded(
         q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(1, -1)
         picked = choose_expanded(query[:, :, :, q_lo:q_hi], q_block, agg_key[:, :, :old],
                                  torch.isfinite(agg_bias[:, :, :old]), config.expand_blocks, n, scale)
-        index = torch.where(picked, torch.arange(old, device=query.device), num_blocks)
         count = min(width, old)
-        chosen[:, :, q_lo:q_hi, :count] = torch.topk(index, count, dim=-1, largest=False).values
+        chosen[:, :, q_lo:q_hi, :count] = expanded_indices(picked, count, num_blocks)
     return chosen
 
 
@@ -177,6 +176,13 @@ def choose_expanded(
     no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
     budget = torch.full((1, 1, 1, 1), expand_blocks, dtype=torch.long, device=query.device)
     return select_focal(score, eligible, no_sink, budget)
+
+
+def expanded_indices(picked: torch.Tensor, count: int, sentinel: int) -> torch.Tensor:
+    """The blocks `choose_expanded` picked ([..., nb] bool, at most `count` per query) as indices
+    [..., count], ascending, padded with `sentinel` where a query picked fewer."""
+    index = torch.where(picked, torch.arange(picked.shape[-1], device=picked.device), sentinel)
+    return torch.topk(index, count, dim=-1, largest=False).values
 
 
 def last_queries(query: torch.Tensor, counts: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
