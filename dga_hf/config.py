@@ -7,6 +7,7 @@ The meaning of every field is defined in docs/spec.md. Named presets live as JSO
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import numbers
@@ -166,16 +167,27 @@ class DGAConfig:
 
 
 def _from_fields(cls: type, data: Mapping[str, Any]) -> Any:
-    """cls(**data), refusing names that are not its fields (a misspelt setting must not be dropped)."""
+    """cls(**data), refusing names that are not its fields (a misspelt setting must not be dropped); a
+    removed setting `cls` still names (an init-only variable) reaches `cls`, which says where it went."""
     if not isinstance(data, Mapping):
         raise TypeError(
             f"{cls.__name__}.from_dict expected a mapping of field names to values, got {type(data).__name__} {data!r}"
         )
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(data) - set(inspect.signature(cls).parameters))  # the fields and init-only variables
     if unknown:
-        raise ValueError(f"{cls.__name__} got unknown fields {unknown}: allowed fields are {sorted(known)}")
+        raise ValueError(f"{cls.__name__} got unknown fields {unknown}: allowed fields are {known}")
     return cls(**dict(data))
+
+
+def moved_expand_blocks(value: Any) -> str:
+    """The error for ``expand_blocks`` given as a decoding option (it is a DGA setting now)."""
+    return (
+        f"DecodingConfig.expand_blocks={value!r} is refused: the setting moved to DGAConfig.expand_blocks, the "
+        "model's DGA settings (docs/spec.md step 6), which prefill and decoding both follow. Set it there, e.g. "
+        "dga_hf.patch(model, settings.replace(expand_blocks=E)); DecodingConfig, enable_decoding and DGACache take "
+        "mode, refresh_every and dense_share"
+    )
 
 
 def _is_integer(value: Any) -> bool:
@@ -207,31 +219,32 @@ def _check_int(name: str, value: Any, *, minimum: int, owner: str = "DGAConfig")
 
 
 DECODING_MODES = ("keep_full", "compact")
-# keep_full decoding steps read the raw tokens of this many old blocks (those whose keys could score highest)
-# instead of their aggregates; measured on SmolLM2-135M (docs/decoding.md): 16 blocks lost 22 points of
-# long-range copy at 4K, 32 blocks 7, 64 blocks none.
-DEFAULT_EXPAND_BLOCKS = 64
 # a keep_full one-token step that would read at least this share of the cached keys runs dense attention
 # over the archive instead (exact). Measured on the CPU with SmolLM2-135M, the shipped preset, DGA steps and
 # dense steps interleaved (docs/decoding.md): at 8K a DGA step reads 52% of the keys and the model decoded
 # at 137 ms per token with DGA steps, 113 ms with dense steps; at 16K (34%) 145 vs 140 ms, a tie. Not
 # measured on a GPU.
 DEFAULT_DENSE_SHARE = 0.35
+_NOT_GIVEN = object()  # the default of a removed setting: anything else passed for it is refused
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
     """Settings of DGA decoding (`dga_hf.DGACache`, `dga_hf.enable_decoding`; the rule: docs/decoding.md).
 
+    How many old blocks each query expands (reads raw instead of as its aggregate) is the model's DGA
+    setting `DGAConfig.expand_blocks` (docs/spec.md step 6), in decoding as in prefill: a decode step is a
+    prefill row. ``DecodingConfig(expand_blocks=...)`` is refused and says so.
+
     Attributes:
         mode: ``"keep_full"`` (every token kept, refreshes may pick any; saves time, not memory) or
             ``"compact"`` (non-focal tokens are dropped once aggregated; refreshes re-rank the held tokens).
+            compact cannot expand blocks (it drops their raw tokens): a compact cache for a model whose
+            ``DGAConfig.expand_blocks`` > 0 is refused.
         refresh_every: re-select the focal set every this many tokens. ``"auto"`` = ceil(1.1 * group_size)
-            (the paper's schedule), or max(that, local window / 8) when keep_full expands blocks; ``None``
-            or ``0`` = never (aggregates still follow new blocks); else an integer ``>= 1``.
-        expand_blocks: keep_full only: each one-token step reads the raw tokens of this many old blocks
-            (those whose keys could score highest for its query) instead of their aggregates.
-            ``"auto"`` = 64 in keep_full, 0 in compact; else an integer ``>= 0``.
+            (the paper's schedule), or max(that, local window / 8) when keep_full expands blocks
+            (``DGAConfig.expand_blocks`` > 0); ``None`` or ``0`` = never (aggregates still follow new
+            blocks); else an integer ``>= 1``.
         dense_share: keep_full only: a one-token step that would read at least this share of the cached
             keys is dense attention over all of them (exact, and cheaper there). ``"auto"`` = 0.35 in
             keep_full, ``None`` (never) in compact; else a number in ``(0, 1]``.
@@ -239,25 +252,18 @@ class DecodingConfig:
 
     mode: str = "keep_full"
     refresh_every: int | str | None = "auto"
-    expand_blocks: int | str = "auto"
     dense_share: float | str | None = "auto"
+    expand_blocks: dataclasses.InitVar[Any] = _NOT_GIVEN  # removed: refused with the setting that replaced it
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, expand_blocks: Any) -> None:
+        if expand_blocks is not _NOT_GIVEN:
+            raise ValueError(moved_expand_blocks(expand_blocks))
         if self.mode not in DECODING_MODES:
             raise ValueError(f"DecodingConfig.mode={self.mode!r} is invalid: allowed values are {DECODING_MODES}")
         if self.refresh_every not in ("auto", None):
             object.__setattr__(
                 self, "refresh_every", _check_int("refresh_every", self.refresh_every, minimum=0, owner="DecodingConfig")
             )
-        if self.expand_blocks != "auto":
-            object.__setattr__(
-                self, "expand_blocks", _check_int("expand_blocks", self.expand_blocks, minimum=0, owner="DecodingConfig")
-            )
-            if self.expand_blocks and self.mode != "keep_full":
-                raise ValueError(
-                    f"DecodingConfig.expand_blocks={self.expand_blocks} needs mode='keep_full': mode={self.mode!r} "
-                    "drops the raw tokens of old blocks"
-                )
         share = self.dense_share
         if share not in ("auto", None):
             if not _is_real(share) or not 0 < share <= 1:
@@ -273,18 +279,21 @@ class DecodingConfig:
             object.__setattr__(self, "dense_share", _as_float(share))
 
     @property
-    def expanded_blocks(self) -> int:
-        """The number of old blocks a one-token step expands ("auto" resolved)."""
-        if self.expand_blocks == "auto":
-            return DEFAULT_EXPAND_BLOCKS if self.mode == "keep_full" else 0
-        return self.expand_blocks
-
-    @property
     def dense_step_share(self) -> float | None:
         """The share of the cached keys from which a keep_full one-token step is dense ("auto" resolved)."""
         if self.dense_share == "auto":
             return DEFAULT_DENSE_SHARE if self.mode == "keep_full" else None
         return self.dense_share
+
+    def check_model_settings(self, config: DGAConfig) -> None:
+        """Refuse a mode that cannot decode the model's DGA settings `config`: compact drops the raw tokens of
+        old blocks, so it cannot expand them (``DGAConfig.expand_blocks`` > 0)."""
+        if self.mode == "compact" and config.expand_blocks:
+            raise ValueError(
+                f"DecodingConfig.mode='compact' cannot decode with DGAConfig.expand_blocks={config.expand_blocks}: "
+                "compact drops the raw tokens of old blocks, which block expansion reads (docs/spec.md step 6). "
+                "Use DecodingConfig(mode='keep_full'), or DGA settings with expand_blocks=0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

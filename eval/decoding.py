@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import dga_hf
-from dga_hf import DecodingConfig
+from dga_hf import DecodingConfig, DGAConfig
 from dga_hf.bench.decoding import decode, named_cache, static_cache, synthetic_memory
 from dga_hf.config import resolve_config
 from dga_hf.decoding import dense_cache
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dga_eval.decoding", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="path or Hub name (default: the embedded SmolLM2-135M)")
     parser.add_argument("--preset", default=None, help="DGA preset name (default: the shipped default)")
+    parser.add_argument("--dga", default="{}",
+                        help='DGAConfig fields overriding the preset as JSON, e.g. \'{"local_blocks": 8, "expand_blocks": 16}\' '
+                             "(block expansion is a DGA setting: prefill and decoding both follow it)")
     parser.add_argument("--length", type=int, default=8192, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -83,14 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=3, help="copy samples (--quality)")
     parser.add_argument("--memory-steps", type=int, default=64, help="decoded tokens in the synthetic memory run")
     parser.add_argument("--decoding", default="{}",
-                        help='DecodingConfig fields of the DGA caches as JSON, e.g. \'{"refresh_every": 18, "expand_blocks": 32}\' '
+                        help='DecodingConfig fields of the DGA caches as JSON, e.g. \'{"refresh_every": 18, "dense_share": null}\' '
                              "(their mode comes from --caches; default: the DecodingConfig defaults)")
     parser.add_argument("--out", default=None, help="folder for decoding_<length>.json (the speed run)")
     args = parser.parse_args(argv)
     options = DecodingConfig.from_value(json.loads(args.decoding))  # a bad field fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_config(args.preset)
+    settings = DGAConfig.from_dict({**resolve_config(args.preset).to_dict(), **json.loads(args.dga)})
     if args.memory_only:
         from transformers import AutoConfig
 

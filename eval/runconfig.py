@@ -13,7 +13,8 @@ except `name` and `decoding` is a `DGAConfig` field overriding it; without `pres
 `DGAConfig()`'s own defaults, as `DGAConfig(**fields)` would. `decoding` chooses the KV cache of the
 generation steps: "dense" (the model's DynamicCache, what `dga_hf.patch` alone gives; the default), a
 `DGACache` mode, "keep_full" or "compact", or a dict of `dga_hf.DecodingConfig` fields such as
-{"mode": "keep_full", "expand_blocks": 32, "refresh_every": 18} (`dga_hf.enable_decoding`).
+{"mode": "keep_full", "refresh_every": 18, "dense_share": null} (`dga_hf.enable_decoding`). Block expansion
+is a DGA field (`"expand_blocks": 16` beside `preset`): prefill and decoding both follow it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Setting:
     def __post_init__(self) -> None:
         if self.dga is None and self.decoding is not None:
             raise ValueError(f"decoding={self.decoding!r} needs DGA settings; dense attention decodes densely")
+        if self.decoding is not None:  # before any model loads: compact cannot expand blocks
+            self.decoding.check_model_settings(self.dga)
 
     def describe(self) -> dict[str, Any]:
         return {**self.dga.to_dict(), "decoding": DENSE if self.decoding is None else self.decoding.to_dict()}

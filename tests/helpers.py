@@ -265,10 +265,10 @@ def decode_qkv(batch: int, length: int, seed: int):
     return q, k, v
 
 
-def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None, expand=0):
-    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d].
-    `expand`: keep_full's expand_blocks (0, the base rule, unless a test is about expansion)."""
-    cache = cache if cache is not None else DGACache(mode=mode, refresh_every=every, expand_blocks=expand, dense_share=None)
+def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=False, cache=None):
+    """Feed the prompt then the steps through one layer of a DGACache; outputs [B, Hq, T, d]. Block expansion
+    is cfg.expand_blocks (the DGA settings), as in a model."""
+    cache = cache if cache is not None else DGACache(mode=mode, refresh_every=every, dense_share=None)
     t, outs = 0, []
     for size in [prompt_len, *steps]:
         key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
@@ -278,7 +278,20 @@ def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=Fal
     return torch.cat(outs, dim=2), cache
 
 
-def decode_reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False, expand=0):
+def triton_decoding(cfg, monkeypatch):
+    """cfg for a cache whose one-token steps run the Triton decode kernels. With expand_blocks > 0, which the
+    prefill kernel does not implement (backend="triton" refuses it), backend "auto" on a device where
+    Triton counts as usable (here also the CPU, whose kernels run in the interpreter): the prefill runs on
+    PyTorch, the decode steps in the kernels."""
+    if not cfg.expand_blocks:
+        return cfg.replace(backend="triton")
+    from dga_hf.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: True)
+    return cfg.replace(backend="auto")
+
+
+def decode_reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False):
     """What `run_cache` must output: the decoding transcription (dga_hf.ops.naive.naive_decode) per row and kv head."""
     fed = prompt_len + sum(steps)
     q, k, v = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed]
@@ -286,6 +299,6 @@ def decode_reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False, 
     for b in range(q.shape[0]):
         for h in range(DECODE_KV_HEADS):
             out[b, h * DECODE_GROUP : (h + 1) * DECODE_GROUP] = naive_decode(
-                q[b, h * DECODE_GROUP : (h + 1) * DECODE_GROUP], k[b, h], v[b, h], cfg, DECODE_SCALE, prompt_len, every, mode, steps, dense, expand
+                q[b, h * DECODE_GROUP : (h + 1) * DECODE_GROUP], k[b, h], v[b, h], cfg, DECODE_SCALE, prompt_len, every, mode, steps, dense
             )
     return out

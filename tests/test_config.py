@@ -219,12 +219,28 @@ def test_keys_per_query_share_monotone_in_settings():
 
 def test_decoding_config_resolves_auto_per_mode():
     full, compact = DecodingConfig(), DecodingConfig(mode="compact")
-    assert (full.expanded_blocks, full.dense_step_share) == (64, 0.35)
-    assert (compact.expanded_blocks, compact.dense_step_share) == (0, None)
-    explicit = DecodingConfig(refresh_every=0, expand_blocks=8, dense_share=1)
-    assert (explicit.expanded_blocks, explicit.dense_step_share) == (8, 1.0)
+    assert full.dense_step_share == 0.35
+    assert compact.dense_step_share is None
+    explicit = DecodingConfig(refresh_every=0, dense_share=1)
+    assert explicit.dense_step_share == 1.0
     assert isinstance(explicit.dense_share, float)
     assert DecodingConfig(dense_share=None).dense_step_share is None
+
+
+def test_block_expansion_is_a_dga_setting_and_compact_cannot_expand():
+    """DecodingConfig has no expand_blocks: every way of passing it names the setting that replaced it
+    (DGAConfig.expand_blocks); compact refuses DGA settings that expand blocks, keep_full takes them."""
+    moved = r"DecodingConfig.expand_blocks=8 is refused: the setting moved to DGAConfig.expand_blocks, the model's DGA settings"
+    assert "expand_blocks" not in DecodingConfig().to_dict()
+    for make in (lambda: DecodingConfig(expand_blocks=8), lambda: DecodingConfig().replace(expand_blocks=8),
+                 lambda: DecodingConfig.from_value({"mode": "keep_full", "expand_blocks": 8})):
+        with pytest.raises(ValueError, match=moved):
+            make()
+    expanding = DGAConfig(expand_blocks=3)
+    DecodingConfig().check_model_settings(expanding)
+    DecodingConfig(mode="compact").check_model_settings(DGAConfig())
+    with pytest.raises(ValueError, match=r"DecodingConfig.mode='compact' cannot decode with DGAConfig.expand_blocks=3"):
+        DecodingConfig(mode="compact").check_model_settings(expanding)
 
 
 @pytest.mark.parametrize(
@@ -234,9 +250,9 @@ def test_decoding_config_resolves_auto_per_mode():
         ({"refresh_every": -1}, r"DecodingConfig.refresh_every=-1 is invalid: allowed range is an integer >= 0"),
         ({"refresh_every": True}, r"DecodingConfig.refresh_every=True is invalid"),
         ({"refresh_every": 2.5}, r"DecodingConfig.refresh_every=2.5 is invalid"),
-        ({"expand_blocks": -1}, r"DecodingConfig.expand_blocks=-1 is invalid: allowed range is an integer >= 0"),
-        ({"expand_blocks": "all"}, r"DecodingConfig.expand_blocks='all' is invalid"),
-        ({"mode": "compact", "expand_blocks": 4}, r"expand_blocks=4 needs mode='keep_full'"),
+        ({"expand_blocks": -1}, r"DecodingConfig.expand_blocks=-1 is refused: the setting moved to DGAConfig.expand_blocks"),
+        ({"expand_blocks": "all"}, r"DecodingConfig.expand_blocks='all' is refused: the setting moved to DGAConfig.expand_blocks"),
+        ({"mode": "compact", "expand_blocks": 4}, r"DecodingConfig.expand_blocks=4 is refused: the setting moved to DGAConfig.expand_blocks"),
         ({"dense_share": 0}, r"DecodingConfig.dense_share=0 is invalid: allowed values are 'auto', None \(never\) or a number in \(0, 1\]"),
         ({"dense_share": 1.5}, r"dense_share=1.5 is invalid"),
         ({"dense_share": "half"}, r"dense_share='half' is invalid"),
@@ -253,11 +269,11 @@ def test_decoding_config_rejects_bad_values(fields, message):
 
 def test_decoding_config_from_value():
     assert DecodingConfig.from_value("compact") == DecodingConfig(mode="compact")
-    options = {"mode": "keep_full", "refresh_every": 18, "expand_blocks": 32, "dense_share": None}
+    options = {"mode": "keep_full", "refresh_every": 18, "dense_share": None}
     assert DecodingConfig.from_value(options).to_dict() == options
-    config = DecodingConfig(expand_blocks=16)
+    config = DecodingConfig(refresh_every=16)
     assert DecodingConfig.from_value(config) is config
-    with pytest.raises(ValueError, match=r"unknown fields \['expand'\]"):
+    with pytest.raises(ValueError, match=r"unknown fields \['expand'\]: allowed fields are \['dense_share', 'mode', 'refresh_every'\]"):
         DecodingConfig.from_value({"expand": 3})
     with pytest.raises(TypeError, match="mode name"):
         DecodingConfig.from_value(3)

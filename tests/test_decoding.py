@@ -33,6 +33,7 @@ from dga_hf.ops.naive import naive_decode, naive_decode_query, naive_dga_attenti
 from dga_hf.rule import focal_budget, focal_count
 from helpers import (
     ARCHS, DECODE_CFG, DECODE_SCALE, DEVICES, VOCAB, decode_qkv, decode_reference, dense_reference, left_pad, make_model, random_ids, run_cache,
+    triton_decoding,
 )
 from helpers import DECODE_GROUP as G, DECODE_HEAD_DIM as D, DECODE_KV_HEADS as H
 
@@ -49,11 +50,11 @@ VARIANTS = {
 @pytest.mark.parametrize("every", [None, 9, 1])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_steps_match_the_transcription(mode, expand, every, variant):
-    cfg = VARIANTS[variant]
+    cfg = VARIANTS[variant].replace(expand_blocks=expand)
     q, k, v = decode_qkv(1, 110, seed=1)
     steps = [1] * 40
-    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, expand=expand)
-    expected = decode_reference(q, k, v, cfg, 70, steps, mode, every, expand=expand)
+    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
+    expected = decode_reference(q, k, v, cfg, 70, steps, mode, every)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -83,17 +84,21 @@ def test_selection_threshold_matches_a_stable_ranking_with_ties(in_position_orde
 
 
 def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token():
-    """Guards the test above (expansion really happens), and its limit: expanding every old block reads
-    every non-focal old token raw (the focal ones are raw anyway), so a decode step is dense attention."""
+    """Guards the test above (expansion really happens, in the prompt and in the steps: one rule, the DGA
+    settings' expand_blocks), and its limit: expanding every old block reads every non-focal old token raw
+    (the focal ones are raw anyway), so every position, prompt and decoded, is dense attention."""
     q, k, v = decode_qkv(1, 110, seed=1)
     base, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9)
-    expanded, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9, expand=3)
+    expanded, _ = run_cache(q, k, v, DECODE_CFG.replace(expand_blocks=3), 70, [1] * 40, "keep_full", 9)
     assert (expanded[:, :, 70:] - base[:, :, 70:]).abs().max() > 1e-3
-    torch.testing.assert_close(expanded[:, :, :70], base[:, :, :70], rtol=0, atol=0)  # the prefill is not touched
+    assert (expanded[:, :, :70] - base[:, :, :70]).abs().max() > 1e-3
+    prompt = (q[:, :, :70], k[:, :, :70], v[:, :, :70])
+    torch.testing.assert_close(expanded[:, :, :70], naive_dga_attention(*prompt, DECODE_CFG.replace(expand_blocks=3),
+                                                                        scale=DECODE_SCALE), rtol=0, atol=1e-12)
     from dga_hf.ops.dense import dense_attention
 
-    everything, _ = run_cache(q, k, v, DECODE_CFG, 70, [1] * 40, "keep_full", 9, expand=100)
-    torch.testing.assert_close(everything[:, :, 70:], dense_attention(q, k, v, scale=DECODE_SCALE)[:, :, 70:], rtol=0, atol=1e-12)
+    everything, _ = run_cache(q, k, v, DECODE_CFG.replace(expand_blocks=100), 70, [1] * 40, "keep_full", 9)
+    torch.testing.assert_close(everything, dense_attention(q, k, v, scale=DECODE_SCALE), rtol=0, atol=1e-12)
 
 
 class ArchiveSteps:
@@ -136,9 +141,10 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
         mask[1, :9] = False
     steps = [1] * 30 + [7] + [1] * 120
     counted = ArchiveSteps(monkeypatch)
-    cache = DGACache(mode="keep_full", refresh_every=9, expand_blocks=2, dense_share=0.6)
-    out, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", 9, mask=mask, cache=cache, expand=2)
-    base, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, "keep_full", 9, mask=mask, expand=2)
+    cfg = DECODE_CFG.replace(expand_blocks=2)
+    cache = DGACache(mode="keep_full", refresh_every=9, dense_share=0.6)
+    out, _ = run_cache(q, k, v, cfg, 70, steps, "keep_full", 9, mask=mask, cache=cache)
+    base, _ = run_cache(q, k, v, cfg, 70, steps, "keep_full", 9, mask=mask)
     fed = 70 + sum(steps)
     dense = dense_attention(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], scale=DECODE_SCALE, padding_mask=mask[:, :fed])
     kinds = counted.dense[1:]  # the prefill is never an archive step
@@ -155,12 +161,14 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
     torch.testing.assert_close(out[:, :, :70], base[:, :, :70], rtol=0, atol=0)
 
 
-def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
+@pytest.mark.parametrize("expand", [0, 2])
+def test_refresh_off_is_the_spec_with_the_prefill_focal_set(expand):
     """keep_full, no refresh: every position (prompt and decoded) gets the spec's output for F fixed at
-    the prefill's selection; the prompt part is the spec's prefill output."""
+    the prefill's selection, block expansion (step 6) included; the prompt part is the spec's prefill output."""
+    cfg = DECODE_CFG.replace(expand_blocks=expand)
     q, k, v = decode_qkv(1, 120, seed=2)
-    out, cache = run_cache(q, k, v, DECODE_CFG, 64, [1] * 56, "keep_full", None)
-    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], DECODE_CFG, scale=DECODE_SCALE))
+    out, cache = run_cache(q, k, v, cfg, 64, [1] * 56, "keep_full", None)
+    torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], cfg, scale=DECODE_SCALE))
     buffers = cache.layers[0].state.buffers
     for h in range(H):
         focal = set(buffers.focal_pos[0, h, : buffers.focal_hi].tolist())
@@ -168,8 +176,33 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set():
         members = {c: set(range(c * 8, c * 8 + 8)) - focal for c in range(120 // 8)}
         qh = q[0, h * G : (h + 1) * G]
         for i in range(120):
-            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, DECODE_CFG, DECODE_SCALE)
+            expected = naive_decode_query(qh, k[0, h], v[0, h], i, focal, members, cfg, DECODE_SCALE)
             torch.testing.assert_close(out[0, h * G : (h + 1) * G, i], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
+@pytest.mark.parametrize("expand", [1, 3, 40])
+def test_decoded_positions_are_the_spec_prefill_with_expansion(expand, steps):
+    """docs/decoding.md, "Consequences": keep_full, refreshing off, no dense steps: every position, prompt
+    and decoded (one-token steps and chunks), is the spec's prefill output over the whole sequence, step 6
+    included with E = expand_blocks (a decode step is a prefill row), with the prefill's F. The 14 sinks
+    cover the focal budget at the prompt's length and the whole sequence's, so the prefill's F (each row's
+    first 14 real tokens) is the whole sequence's F and `naive_dga_attention` can be the reference.
+    Left-padded batch; E = 40 is at least the 33 blocks: dense attention."""
+    cfg = DECODE_CFG.replace(group_size=4, focal_ratio=0.1, sink_tokens=14, expand_blocks=expand)
+    q, k, v = decode_qkv(2, 140, seed=29)
+    mask = torch.ones(2, 140, dtype=torch.bool)
+    mask[1, :11] = False
+    fed = 70 + sum(steps)
+    assert focal_count(fed, cfg.focal_ratio) <= cfg.sink_tokens
+    out, cache = run_cache(q, k, v, cfg, 70, steps, "keep_full", None, mask=mask)
+    q, k, v, mask = q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], mask[:, :fed]
+    expected = naive_dga_attention(q, k, v, cfg, scale=DECODE_SCALE, padding_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    base = naive_dga_attention(q, k, v, cfg.replace(expand_blocks=0), scale=DECODE_SCALE, padding_mask=mask)
+    assert (out[:, :, 70:] - base[:, :, 70:]).abs().max() > 1e-3  # expansion changes the decoded positions
+    if expand >= 33:
+        torch.testing.assert_close(out, dense_reference(q, k, v, mask), rtol=0, atol=1e-12)
 
 
 def test_prefill_runs_the_dispatch_of_dga_attention():
@@ -198,12 +231,13 @@ def test_packed_workspace_follows_its_aliasing_rule():
     views of the workspace, so the next token's in-place ring write lands in it; a chunk assigns a new ring
     (the workspace is stale) and the next one-token step packs a new workspace."""
     q, k, v = decode_qkv(1, 100, seed=13)
-    _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1], "keep_full", None, expand=2)
+    cfg = DECODE_CFG.replace(expand_blocks=2)
+    _, cache = run_cache(q, k, v, cfg, 70, [1], "keep_full", None)
     buffers = cache.layers[0].state.buffers
 
     def feed(t, size):
         key, value = cache.update(k[:, :, t : t + size], v[:, :, t : t + size], 0)
-        key._dga_state.attend(q[:, :, t : t + size], key, value, None, DECODE_CFG, DECODE_SCALE)
+        key._dga_state.attend(q[:, :, t : t + size], key, value, None, cfg, DECODE_SCALE)
 
     def views_of_workspace():
         return [getattr(buffers, name).untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
@@ -227,19 +261,20 @@ def test_refresh_schedule_and_default_interval():
     _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1] * 20, "keep_full", "auto")
     assert cache.layers[0].state.settings.refresh_every == 9 and cache.layers[0].state.since_refresh == 20 - 18
     assert refresh_interval(16, 2048) == 256 and refresh_interval(16, 64) == 18  # with block expansion
-    _, cache = run_cache(q, k, v, DECODE_CFG, 70, [1] * 20, "keep_full", "auto", expand=2)
+    _, cache = run_cache(q, k, v, DECODE_CFG.replace(expand_blocks=2), 70, [1] * 20, "keep_full", "auto")
     assert cache.layers[0].state.settings.refresh_every == max(9, DECODE_CFG.group_size * DECODE_CFG.local_blocks // 8)
 
 
 @pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
 @pytest.mark.parametrize("every", [None, 9])
 def test_chunked_steps_match_the_transcription(mode, expand, every):
-    """Chunks never expand blocks; the one-token steps between them do."""
+    """Every query of a chunk expands blocks, as the one-token steps between them do."""
+    cfg = DECODE_CFG.replace(expand_blocks=expand)
     q, k, v = decode_qkv(1, 140, seed=4)
     steps = [5, 30, 1, 1, 12, 1, 1]
-    out, _ = run_cache(q, k, v, DECODE_CFG, 70, steps, mode, every, expand=expand)
+    out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
     assert out.shape[2] == 70 + sum(steps)
-    expected = decode_reference(q, k, v, DECODE_CFG, 70, steps, mode, every, expand=expand)
+    expected = decode_reference(q, k, v, cfg, 70, steps, mode, every)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -299,14 +334,14 @@ def test_exact_settings_are_dense_attention_in_every_step(setting, mode, expand,
     settings"): group_size=1, focal_ratio=1 and a window covering the sequence give dense attention at every
     position, with refreshes or none, on a left-padded batch. Tokens leave the 16-token window (one-token
     steps, the 30-token chunk) between refreshes: with focal_ratio=1 they used to be aggregated."""
-    cfg = EXACT_SETTINGS[setting]
+    cfg = EXACT_SETTINGS[setting].replace(expand_blocks=expand)
     q, k, v = decode_qkv(2, 130, seed=25)
     mask = torch.ones(2, 130, dtype=torch.bool)
     mask[1, :11] = False
     fed = 70 + sum(steps)
     dense = dense_reference(q[:, :, :fed], k[:, :, :fed], v[:, :, :fed], mask[:, :fed])
     for every in (None, 9):
-        out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, mask=mask, expand=expand)
+        out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every, mask=mask)
         torch.testing.assert_close(out, dense, rtol=0, atol=1e-12, msg=lambda text: f"refresh_every={every}: {text}")
 
 
@@ -325,16 +360,16 @@ def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
 def test_left_padded_batch_equals_rows_alone(mode, expand):
     """Rows of different lengths: with expansion, the shorter rows have fewer old blocks than the longest
     (some of the E chosen blocks are unusable for them)."""
-    cfg = DECODE_CFG.replace(min_seq_len=50)
+    cfg = DECODE_CFG.replace(min_seq_len=50, expand_blocks=expand)
     q, k, v = decode_qkv(3, 150, seed=9)
     mask = torch.ones(3, 150, dtype=torch.bool)
     mask[1, :23] = False
     mask[2, :40] = False  # 30 real prompt tokens < min_seq_len: dense until a refresh
     steps = [1] * 30 + [7, 1, 1, 1]
-    out, _ = run_cache(q, k, v, cfg, 110, steps, mode, 9, mask=mask, expand=expand)
+    out, _ = run_cache(q, k, v, cfg, 110, steps, mode, 9, mask=mask)
     for b, pad in enumerate([0, 23, 40]):
         alone, _ = run_cache(q[b : b + 1, :, pad:], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], cfg, 110 - pad, steps,
-                             mode, 9, expand=expand)
+                             mode, 9)
         torch.testing.assert_close(out[b : b + 1, :, pad:], alone, rtol=0, atol=1e-12)
         assert out[b, :, :pad].abs().max() == 0 if pad else True
 
@@ -372,25 +407,25 @@ def test_rings_grow_with_the_rows_up_to_the_window(mode, expand):
     and grows with the rows up to the window: W = n * m tokens for the ring, n blocks for compact's q_bar
     (docs/decoding.md, "Memory and cost"). The outputs equal the transcription across the growth: one-token
     steps and chunks, refreshes, and a left-padded row 11 tokens shorter than the other."""
-    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    cfg = DECODE_CFG.replace(local_blocks=12, expand_blocks=expand)  # W = 96
     window = cfg.group_size * cfg.local_blocks
     q, k, v = decode_qkv(2, 150, seed=27)
     mask = torch.ones(2, 150, dtype=torch.bool)
     mask[1, :11] = False
-    _, cache = run_cache(q, k, v, cfg, 20, [], mode, 9, mask=mask, expand=expand)
+    _, cache = run_cache(q, k, v, cfg, 20, [], mode, 9, mask=mask)
     state = cache.layers[0].state
     assert state.buffers.ring_k.shape[2] == 32  # 20 tokens, not 96
     if mode == "compact":
         assert state.storage.qbar.shape[2] == 4  # 3 blocks begun, not 12
     steps = [1] * 20 + [25] + [1] * 30 + [40] + [1] * 10
-    out, cache = run_cache(q, k, v, cfg, 20, steps, mode, 9, mask=mask, expand=expand)
+    out, cache = run_cache(q, k, v, cfg, 20, steps, mode, 9, mask=mask)
     state = cache.layers[0].state
     assert state.buffers.ring_k.shape[2] == window and state.rows.lengths == [145, 134]
     if mode == "compact":
         assert state.storage.qbar.shape[2] == cfg.local_blocks
     for b, pad in enumerate([0, 11]):
         row = (slice(b, b + 1), slice(None), slice(pad, None))
-        expected = decode_reference(q[row], k[row], v[row], cfg, 20 - pad, steps, mode, 9, expand=expand)
+        expected = decode_reference(q[row], k[row], v[row], cfg, 20 - pad, steps, mode, 9)
         torch.testing.assert_close(out[row], expected, rtol=0, atol=1e-12)
 
 
@@ -411,12 +446,12 @@ def test_rings_grow_under_the_triton_decode_kernels(mode, expand, device, monkey
         return original(*args, **kwargs)
 
     monkeypatch.setattr(triton_decode, "attend_step", recorded)
-    cfg = DECODE_CFG.replace(local_blocks=12)  # W = 96
+    cfg = DECODE_CFG.replace(local_blocks=12, expand_blocks=expand)  # W = 96
     q, k, v = decode_qkv(1, 132, seed=28)
     steps = [1] * 16 + [60] + [1] * 16
-    expected = decode_reference(q, k, v, cfg, 20, steps, mode, 9, expand=expand)
+    expected = decode_reference(q, k, v, cfg, 20, steps, mode, 9)
     q, k, v = (x.float().to(device) for x in (q, k, v))
-    out, cache = run_cache(q, k, v, cfg.replace(backend="triton"), 20, steps, mode, 9, expand=expand)
+    out, cache = run_cache(q, k, v, triton_decoding(cfg, monkeypatch), 20, steps, mode, 9)
     state = cache.layers[0].state
     assert state.fused and sorted(set(ring_lengths)) == [32, 64, 96] and len(ring_lengths) == 32
     torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)
@@ -487,11 +522,11 @@ class Recorder:
 def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, monkeypatch):
     """Prompt, a chunk, then tokens one by one (teacher forcing): each layer's outputs equal the decode
     rule applied to the queries/keys/values that layer saw (RoPE positions from the cache length)."""
-    model = dga_hf.patch(make_decoding_model(arch).double(), SPARSE_DECODING)
+    settings = SPARSE_DECODING.replace(expand_blocks=2 if mode == "keep_full" else 0)
+    model = dga_hf.patch(make_decoding_model(arch).double(), settings)
     recorder = Recorder(monkeypatch)
     ids = random_ids(1, 100, seed=13)
-    expand = 2 if mode == "keep_full" else 0
-    cache = DGACache(model, mode=mode, refresh_every=5, expand_blocks=expand, dense_share=None)
+    cache = DGACache(model, mode=mode, refresh_every=5, dense_share=None)
     steps = [12] + [1] * 18
     with torch.no_grad():
         model(input_ids=ids[:, :70], use_cache=True, **{CACHE: cache})
@@ -505,13 +540,17 @@ def test_model_teacher_forced_matches_the_transcription_per_layer(arch, mode, mo
         group = q.shape[1] // k.shape[1]
         for h in range(k.shape[1]):
             heads = slice(h * group, (h + 1) * group)
-            expected = naive_decode(q[0, heads], k[0, h], v[0, h], SPARSE_DECODING, calls[0][4], 70, 5, mode, steps, expand=expand)
+            expected = naive_decode(q[0, heads], k[0, h], v[0, h], settings, calls[0][4], 70, 5, mode, steps)
             torch.testing.assert_close(out[0, heads], expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_generate_greedy_left_padded_equals_rows_alone(arch):
-    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model(arch), SPARSE_DECODING))
+    """keep_full with block expansion (E from the DGA settings, in the prompt and every step), DGA steps only:
+    the dense-step rule decides per batch (the shortest row's length), so it would let a padded batch and
+    its rows alone take different steps."""
+    settings = SPARSE_DECODING.replace(expand_blocks=2)
+    model = dga_hf.enable_decoding(dga_hf.patch(make_decoding_model(arch), settings), dense_share=None)
     rows = [random_ids(120, seed=14), random_ids(90, seed=15)]
     ids, mask, _ = left_pad(rows)
     new = 24  # > one refresh interval
@@ -537,7 +576,7 @@ def test_generate_sampling_compact(arch):
 
 
 @pytest.mark.parametrize("options", [dict(mode="compact", refresh_every=3), dict(mode="compact", refresh_every=None),
-                                     dict(mode="keep_full", refresh_every=None, expand_blocks=0, dense_share=None)],
+                                     dict(mode="keep_full", refresh_every=None, dense_share=None)],
                          ids=["compact-every-3", "compact-never", "keep_full-never"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_exact_settings_decode_like_dense(arch, options):
@@ -605,13 +644,44 @@ def test_generate_hook_keeps_user_caches_and_is_removed_by_unpatch():
     assert type(cache_of(model.generate(**kwargs))) is DynamicCache
     with pytest.raises(ValueError, match=r"DecodingConfig.mode='full' is invalid"):
         dga_hf.enable_decoding(model, mode="full")
-    with pytest.raises(ValueError, match=r"expand_blocks=4 needs mode='keep_full'"):
-        dga_hf.enable_decoding(model, mode="compact", expand_blocks=4)
+    with pytest.raises(ValueError, match=r"DecodingConfig.expand_blocks=4 is refused: the setting moved to DGAConfig.expand_blocks"):
+        dga_hf.enable_decoding(model, expand_blocks=4)
     with pytest.raises(ValueError, match=r"dense_share=0.5 needs mode='keep_full'"):
         dga_hf.enable_decoding(model, mode="compact", dense_share=0.5)
     assert "_prepare_cache_for_generation" not in model.__dict__  # a rejected option installs nothing
     dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), DecodingConfig(mode="compact", refresh_every=None), refresh_every=5)
     assert cache_of(model.generate(**kwargs)).options == DecodingConfig(mode="compact", refresh_every=5)
+
+
+def test_compact_refuses_dga_settings_that_expand_and_expand_blocks_is_a_dga_setting():
+    """compact drops the raw tokens of old blocks, so it cannot expand them: a compact cache for DGA settings
+    with expand_blocks > 0 is refused where it is made (with the model), else at its prefill, and by
+    generate() when the settings changed after enable_decoding. expand_blocks as a decoding option is
+    refused with the setting that replaced it."""
+    settings = SPARSE_DECODING.replace(expand_blocks=2)
+    model = dga_hf.patch(make_decoding_model("llama"), settings)
+    ids = random_ids(1, 40, seed=30)
+    refused = r"DecodingConfig.mode='compact' cannot decode with DGAConfig.expand_blocks=2: compact drops the raw tokens"
+    with pytest.raises(ValueError, match=refused):
+        DGACache(model, mode="compact")
+    with pytest.raises(ValueError, match=refused):
+        dga_hf.enable_decoding(model, mode="compact")
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    with pytest.raises(ValueError, match=refused), torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{CACHE: DGACache(mode="compact")})
+    dga_hf.enable_decoding(dga_hf.patch(model, SPARSE_DECODING), mode="compact")
+    dga_hf.patch(model, settings)
+    with pytest.raises(ValueError, match=refused):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    moved = r"DecodingConfig.expand_blocks=2 is refused: the setting moved to DGAConfig.expand_blocks"
+    with pytest.raises(ValueError, match=moved):
+        DGACache(model, expand_blocks=2)
+    with pytest.raises(ValueError, match=moved):
+        DGACache(model, DecodingConfig(), expand_blocks=2)
+    dga_hf.enable_decoding(model, mode="keep_full")  # keep_full expands: the cache generate() makes reads E
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    state = cache_of(out).layers[0].state
+    assert state.settings.expand == 2 and state.settings.refresh_every == refresh_interval(8, 8 * 2)  # m=8, n=2
 
 
 @pytest.mark.parametrize("round_trip", ["pickle", "torch.save", "deepcopy"])
@@ -685,6 +755,9 @@ def test_attention_step_benchmark_runs_on_cpu():
         ("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "torch"), ("compact", "torch")]
     assert all(r["median_ms"] > 0 for r in rows) and max(r["speedup_vs_dense"] for r in rows[:2]) == 1.0
     assert "| 300 | compact | torch |" in attention_step_markdown(rows, {"device": "cpu"})
+    rows = attention_step([300], SPARSE_DECODING.replace(expand_blocks=2), device="cpu", steps=3, q_heads=4, kv_heads=2,
+                          head_dim=16)  # compact cannot expand: left out
+    assert [(r["cache"], r["backend"]) for r in rows] == [("dense", "sdpa"), ("dense", "sdpa-grouped"), ("keep_full", "torch")]
 
 
 def test_interleaved_speed_benchmark_decodes_each_cache_greedily():

@@ -213,14 +213,15 @@ def test_dga_settings_from_strings_and_run_configs():
     assert named_dga_config({"group_size": 4}, 3) == ("dga3", dga_hf.DGAConfig(group_size=4))
     assert list(dga_configs({"dga_configs": ["default", "paper"]})) == [DENSE, "default", "paper"]
     settings = dga_configs({"dga_configs": ["paper", {"name": "c", "preset": "paper", "decoding": "compact"},
-                                            {"name": "e", "preset": "paper", "decoding": {"expand_blocks": 32}}]})
+                                            {"name": "e", "preset": "paper", "expand_blocks": 32,
+                                             "decoding": {"refresh_every": 18}}]})
     paper = dga_hf.DGAConfig.preset("paper")
     assert settings[DENSE] == Setting() and settings["paper"] == Setting(paper)
     assert settings["c"] == Setting(paper, dga_hf.DecodingConfig(mode="compact"))
-    assert settings["e"].describe()["decoding"] == {"mode": "keep_full", "refresh_every": "auto", "expand_blocks": 32,
-                                                    "dense_share": "auto"}
+    assert settings["e"].dga == paper.replace(expand_blocks=32)
+    assert settings["e"].describe()["decoding"] == {"mode": "keep_full", "refresh_every": 18, "dense_share": "auto"}
     assert settings["paper"].describe()["decoding"] == "dense"
-    assert _setting_text(settings["e"].describe()["decoding"]) == "keep_full(expand_blocks=32)"
+    assert _setting_text(settings["e"].describe()["decoding"]) == "keep_full(refresh_every=18)"
     assert _setting_text(settings["c"].describe()["decoding"]) == "compact"
     with pytest.raises(ValueError, match=r"decoding='full' is invalid: allowed values are 'dense', a DGACache mode"):
         dga_configs({"dga_configs": [{"preset": "paper", "decoding": "full"}]})
@@ -228,8 +229,32 @@ def test_dga_settings_from_strings_and_run_configs():
         dga_configs({"dga_configs": [{"preset": "paper", "decoding": {"expand": 3}}]})
     with pytest.raises(ValueError, match="needs DGA settings"):
         Setting(None, dga_hf.DecodingConfig())
+    with pytest.raises(ValueError, match=r"decoding=\{'expand_blocks': 32\} is invalid: .*moved to DGAConfig.expand_blocks"):
+        dga_configs({"dga_configs": [{"preset": "paper", "decoding": {"expand_blocks": 32}}]})
+    with pytest.raises(ValueError, match=r"mode='compact' cannot decode with DGAConfig.expand_blocks=4"):
+        dga_configs({"dga_configs": [{"preset": "paper", "expand_blocks": 4, "decoding": "compact"}]})
     with pytest.raises(ValueError, match="unknown tasks"):
         check_run_config({"lengths": [8], "tasks": {"passkeys": {}}})
+
+
+def test_decoding_tool_takes_dga_fields_and_refuses_the_moved_option(monkeypatch, tiny_model_dir, capsys):
+    """`python -m dga_eval.decoding`: --dga sets DGA fields over the preset (block expansion among them; the
+    memory run then leaves compact out, which cannot expand); bad fields and expand_blocks as a decoding
+    option fail before any model loads."""
+    from dga_eval import decoding
+
+    with monkeypatch.context() as patched:
+        patched.setattr(decoding, "load_model", lambda *args: pytest.fail("a model was loaded"))
+        with pytest.raises(ValueError, match=r"DGAConfig got unknown fields \['expand'\]"):
+            decoding.main(["--quality", "--dga", '{"expand": 3}'])
+        with pytest.raises(ValueError, match=r"DecodingConfig.expand_blocks=4 is refused: the setting moved to DGAConfig"):
+            decoding.main(["--quality", "--decoding", '{"expand_blocks": 4}'])
+    decoding.main(["--memory-only", "--model", str(tiny_model_dir), "--length", "96", "--memory-steps", "2",
+                   "--preset", "paper", "--dga", '{"group_size": 4, "local_blocks": 2, "expand_blocks": 3}'])
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"] == {**dga_hf.DGAConfig.preset("paper").to_dict(), "group_size": 4, "local_blocks": 2,
+                                  "expand_blocks": 3}
+    assert set(report["bytes_per_layer"]) == {"dense", "keep_full", "keep_full/dense"}
 
 
 # ---------------------------------------------------------------- end to end

@@ -30,8 +30,8 @@ def test_integer_settings_are_bounded(field, minimum):
         message = rf"DGAConfig\.{field}={value} is invalid: allowed range is an integer >= {minimum} and <= 2147483647"
         with pytest.raises(ValueError, match=message):
             DGAConfig(**{field: value})
-    with pytest.raises(ValueError, match=r"DecodingConfig\.expand_blocks=2147483648 is invalid: .*<= 2147483647"):
-        DecodingConfig(expand_blocks=2**31)
+    with pytest.raises(ValueError, match=r"DecodingConfig\.refresh_every=2147483648 is invalid: .*<= 2147483647"):
+        DecodingConfig(refresh_every=2**31)
 
 
 def test_for_length_bounds_every_length_like_setting():
@@ -69,8 +69,8 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     assert type(config.focal_ratio) is float and type(config.group_bias) is str
     assert all(type(index) is int for index in config.dense_layers)
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
-    decoding = DecodingConfig(refresh_every=np.int64(5), expand_blocks=np.int64(3), dense_share=np.float32(0.35))
-    assert decoding == DecodingConfig(refresh_every=5, expand_blocks=3, dense_share=0.35)
+    decoding = DecodingConfig(refresh_every=np.int64(5), dense_share=np.float32(0.35))
+    assert decoding == DecodingConfig(refresh_every=5, dense_share=0.35)
     assert type(decoding.refresh_every) is int and type(decoding.dense_share) is float
     # numpy floats and bools are not integers, as their Python counterparts are not
     for value in (np.float64(2.0), np.bool_(True)):

@@ -85,7 +85,8 @@ def synthetic_memory(model_config, length: int, settings: DGAConfig, steps: int 
     dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // q_heads
     torch.manual_seed(0)
     result = {}
-    for name in ("dense", "keep_full", "compact"):
+    modes = ("keep_full",) if settings.expand_blocks else ("keep_full", "compact")  # compact cannot expand
+    for name in ("dense", *modes):
         q = torch.randn(1, q_heads, length, dim)
         k, v = torch.randn(1, heads, length, dim), torch.randn(1, heads, length, dim)
         if name == "dense":
@@ -98,8 +99,8 @@ def synthetic_memory(model_config, length: int, settings: DGAConfig, steps: int 
             key, value = cache.update(torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim), 0)
             key._dga_state.attend(torch.randn(1, q_heads, 1, dim), key, value, None, settings, None)
         result[name] = cache.kv_bytes()
-    result["keep_full/dense"] = result["keep_full"] / result["dense"]
-    result["compact/dense"] = result["compact"] / result["dense"]
+    for name in modes:
+        result[f"{name}/dense"] = result[name] / result["dense"]
     return result
 
 
@@ -120,11 +121,13 @@ def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cu
     after a warm-up step), and the speed-up over dense: the faster of SDPA with `enable_gqa` (what
     Transformers calls) and SDPA with the G query heads of a kv head as query positions. Where `settings`
     resolve to the Triton backend (CUDA), keep_full runs twice: with the Triton decode kernels and with the
-    PyTorch path."""
+    PyTorch path. Settings with expand_blocks > 0 leave compact out (it cannot expand blocks) and run the
+    Triton variant with backend "auto" (the prefill kernel does not expand: the prompt runs on PyTorch, the
+    steps in the decode kernels)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     chosen = resolve_backend(settings.backend, device)
-    variants = [("keep_full", chosen), ("compact", chosen)]
+    variants = [("keep_full", chosen)] + ([] if settings.expand_blocks else [("compact", chosen)])
     if chosen == "triton":
         variants.append(("keep_full", "torch"))
     rows = []
@@ -147,7 +150,7 @@ def attention_step(lengths: list[int], settings: DGAConfig, *, device: str = "cu
         for name, step in dense_variants.items():
             times[name] = [_elapsed_ms(lambda: step(t), device)[0] for t in range(length, total)]
         for mode, backend in variants:
-            config = settings.replace(backend=backend)
+            config = settings.replace(backend="auto" if backend == "triton" and settings.expand_blocks else backend)
             cache = DGACache(mode=mode)
             key, value = cache.update(k[:, :, :length], v[:, :, :length], 0)
             key._dga_state.attend(q[:, :, :length], key, value, None, config, None)

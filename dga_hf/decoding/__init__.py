@@ -9,8 +9,9 @@ prefill (or a refresh) has chosen the focal set F:
   blocks up to i: the spec's stage 5 with the current F;
 - the aggregate of block c is computed when its last position e_c is processed, from its non-focal
   members, with q_bar_c = mean over the G query heads of the query at e_c (recorded for later refreshes);
-- keep_full one-token steps read the raw tokens of the `expand_blocks` old blocks whose key bound scores
-  highest for the step's query instead of their aggregates;
+- keep_full: each query of a step (one-token steps and chunks) reads the raw tokens of the
+  `DGAConfig.expand_blocks` old blocks whose aggregates score highest for it instead of their aggregates
+  (docs/spec.md step 6, `ops.layout.choose_expanded`, as in prefill);
 - every `refresh_every` tokens (default `rule.refresh_interval`) F is re-selected with the latest query
   (after that step's output) and the aggregates whose membership changed are recomputed.
 

@@ -25,7 +25,6 @@ class PrefillBlocks:
     agg_value: torch.Tensor  # [B, H, nc, dv]
     lse: torch.Tensor  # [B, H, nc]
     count: torch.Tensor  # [B, H, nc]
-    block_keys: torch.Tensor  # [B, H, nc, m, d]: the keys by block
 
 
 def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -> PrefillBlocks:
@@ -49,10 +48,9 @@ def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -
     def blocked(x):
         return x[:, :, :span].reshape(batch, heads, whole, m, x.shape[-1])
 
-    block_keys = blocked(key)  # cut once for the aggregates and the key bounds
-    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], block_keys, blocked(value), members,
+    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], blocked(key), blocked(value), members,
                                                       scale)
-    return PrefillBlocks(query_bar, agg_key, agg_value, lse, count, block_keys)
+    return PrefillBlocks(query_bar, agg_key, agg_value, lse, count)
 
 
 @dataclass
@@ -63,7 +61,6 @@ class ClosedBlocks:
     rows: torch.Tensor  # [N]
     blocks: torch.Tensor  # [N]
     query_bar: torch.Tensor  # [N, H, d], compute dtype
-    keys: torch.Tensor  # [N, H, m, d]: the block's keys (its held tokens; the storage may bound them)
 
 
 def close_blocks(buffers: DecodeBuffers, tokens: NewTokens, raw: RawKeys, group_size: int, scale: float,
@@ -83,15 +80,15 @@ def close_blocks(buffers: DecodeBuffers, tokens: NewTokens, raw: RawKeys, group_
     query_bar = tokens.query[rows, :, :, ends - starts].to(dtype).mean(2)  # [N, H, G, d] -> [N, H, d]
     positions = blocks[:, None] * m + torch.arange(m, device=device)  # [N, m]
     index = raw_index(positions, starts[:, None], buffers.ring_slots, tokens.size > 1)
-    keys = aggregate_held_blocks(buffers, raw, rows, blocks, index, query_bar, m, scale)
-    return ClosedBlocks(pairs, rows, blocks, query_bar, keys)
+    aggregate_held_blocks(buffers, raw, rows, blocks, index, query_bar, m, scale)
+    return ClosedBlocks(pairs, rows, blocks, query_bar)
 
 
 def aggregate_held_blocks(buffers: DecodeBuffers, raw: RawKeys, rows, blocks, index, query_bar, group_size: int,
-                          scale: float) -> torch.Tensor:
+                          scale: float) -> None:
     """Aggregate blocks `blocks` of rows `rows` [N] from raw keys (the block's tokens at slots `index`
     [N, m]; a member is a token the slot still holds and not focal) with `query_bar` [N, H, d], into the
-    buffers. Returns the blocks' keys [N, H, m, d]."""
+    buffers."""
     positions = blocks[:, None] * group_size + torch.arange(group_size, device=blocks.device)
     keys = raw.keys[rows[:, None], :, index].transpose(1, 2)  # [N, H, m, d]
     values = raw.values[rows[:, None], :, index].transpose(1, 2)
@@ -100,7 +97,6 @@ def aggregate_held_blocks(buffers: DecodeBuffers, raw: RawKeys, rows, blocks, in
     agg_k, agg_v, lse, count = aggregate_blocks(query_bar[:, :, None], keys[:, :, None], values[:, :, None],
                                                 members[:, :, None], scale)
     buffers.set_aggregates((rows, slice(None), blocks), agg_k[:, :, 0], agg_v[:, :, 0], lse[:, :, 0], count[:, :, 0])
-    return keys
 
 
 def window_block_pairs(lengths: list[int], group_size: int, local_blocks: int) -> list[tuple[int, int]]:

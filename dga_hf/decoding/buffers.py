@@ -56,7 +56,7 @@ class PrefillCapacity:
 
 
 def block_slots(length: int, group_size: int) -> int:
-    """Block-indexed slots (aggregates, q_bar, key bounds) for rows of up to `length` tokens: one per block
+    """Block-indexed slots (aggregates, q_bar) for rows of up to `length` tokens: one per block
     begun, and one more."""
     return -(-length // group_size) + 1
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..config import DecodingConfig
+from ..config import DecodingConfig, DGAConfig, resolve_config
 from .state import DGADecodeState
 
 try:  # transformers >= 4.54: caches are lists of layer objects
@@ -91,7 +91,7 @@ class DGACache(DynamicCache):
     """A DynamicCache for models patched with DGA: decoding steps attend to the focal tokens, the block
     aggregates and the local window instead of the whole cache (docs/decoding.md).
 
-        cache = dga_hf.DGACache(model)                       # keep_full, 64 expanded blocks per step
+        cache = dga_hf.DGACache(model)                       # keep_full
         cache = dga_hf.DGACache(model, mode="compact")       # also drops what DGA does not read
         model.generate(ids, past_key_values=cache, ...)      # `cache=` on transformers >= 5.x
 
@@ -99,13 +99,20 @@ class DGACache(DynamicCache):
         model_or_config: the model (or its config), to create one layer per decoder layer up front; None
             creates layers as they are first used.
         options: a `DecodingConfig` (default: its defaults); keyword arguments (its fields: mode,
-            refresh_every, expand_blocks, dense_share) override it.
+            refresh_every, dense_share) override it.
+
+    Block expansion follows the model's DGA settings (`DGAConfig.expand_blocks`). A compact cache for a model
+    whose settings expand blocks is refused here when the model (or its config) is given, else at the
+    prefill (`DecodingConfig.check_model_settings`).
     """
 
     def __init__(self, model_or_config: Any = None, options: DecodingConfig | None = None, **fields: Any):
         self.options = (options or DecodingConfig()).replace(**fields)
         self._shared: dict = {}
         config = getattr(model_or_config, "config", model_or_config)
+        settings = model_dga_settings(config)
+        if settings is not None:
+            self.options.check_model_settings(settings)
         layers = None
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -179,6 +186,18 @@ class DGACache(DynamicCache):
 
     def __repr__(self) -> str:
         return f"DGACache({self.options!r}, layers={len(self.layers)})"
+
+
+def model_dga_settings(config: Any) -> DGAConfig | None:
+    """The DGA settings a model config holds (``config.dga``, set by `patch` or by loading with
+    attn_implementation="dga"; on a multimodal model its text config's), or None when it holds none."""
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    stored = getattr(text, "dga", None)
+    if stored is None:
+        stored = getattr(config, "dga", None)
+    return None if stored is None else resolve_config(stored)
 
 
 def cache_keyword(model: Any) -> str:

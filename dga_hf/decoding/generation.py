@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import DecodingConfig
-from .cache import DGACache
+from .cache import DGACache, model_dga_settings
 
 _HOOK = "_prepare_cache_for_generation"
 _OPTIONS = "_dga_decoding"
@@ -20,13 +20,19 @@ def enable_decoding(model: Any, options: DecodingConfig | None = None, **fields:
     generate would otherwise create a plain DynamicCache (opt-in: `dga_hf.patch` alone keeps decoding
     dense). `options`: a `DecodingConfig` (default: its defaults); keyword arguments (its fields) override
     it. A cache passed by the caller is always kept as is; assisted generation (which needs a croppable
-    cache) and static/quantized/offloaded caches are left alone.
+    cache) and static/quantized/offloaded caches are left alone. Block expansion follows the model's DGA
+    settings (`DGAConfig.expand_blocks`); options that cannot decode them (compact with expand_blocks > 0)
+    are refused here, and again by the cache if the model is patched with such settings later.
 
     Transformers has no public hook for the cache class generate() creates (`cache_implementation` only
     accepts its own names), so this wraps the model instance's `_prepare_cache_for_generation`: the wrapper
     calls the original and then swaps the DynamicCache it created (a `CacheHook`: the model pickles with
     it). Nothing changes at class level."""
-    model.__dict__[_OPTIONS] = (options or DecodingConfig()).replace(**fields)
+    options = (options or DecodingConfig()).replace(**fields)
+    settings = model_dga_settings(getattr(model, "config", None))
+    if settings is not None:
+        options.check_model_settings(settings)
+    model.__dict__[_OPTIONS] = options
     hook = model.__dict__.get(_HOOK)
     if not (isinstance(hook, CacheHook) and hook.model is model):
         model.__dict__[_HOOK] = CacheHook(model)

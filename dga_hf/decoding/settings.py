@@ -24,16 +24,18 @@ class DecodeSettings:
     config: DGAConfig
     all_focal: bool  # every token is focal for good, nothing is re-selected (`every_token_focal`)
     keep_archive: bool  # keep_full where something is re-selected (an all-focal layer needs no archive)
-    expand: int  # old blocks a keep_full one-token step reads raw instead of their aggregates
+    expand: int  # E, DGAConfig.expand_blocks: old blocks each query reads raw (keep_full; 0 without an archive)
     refresh_every: int  # tokens between refreshes; 0 = never
     dense_share: float | None  # keep_full: a one-token step that would read this share of the keys is dense
     compute_dtype: torch.dtype  # of q_bar, logits and aggregates before they are stored
 
     @classmethod
     def resolve(cls, options: DecodingConfig, config: DGAConfig, dense_layer: bool, dtype: torch.dtype) -> DecodeSettings:
+        options.check_model_settings(config)
         all_focal = every_token_focal(config, dense_layer)
         keep_archive = options.mode == "keep_full" and not all_focal
-        expand = options.expanded_blocks if keep_archive else 0
+        # an all-focal layer aggregates nothing, so it has no block to expand
+        expand = config.expand_blocks if keep_archive else 0
         window = config.group_size * config.local_blocks
         if options.refresh_every == "auto":
             every = rule.refresh_interval(config.group_size, window if expand else 0)

@@ -115,7 +115,10 @@ class DGADecodeState:
         settings = DecodeSettings.resolve(self.options, config, dense_layer, query.dtype)
         prefill = dispatch.prefill(query, key, value, config, scale=scale, padding_mask=padding_mask,
                                    dense=settings.is_dense(query.shape[2]))
-        self.fused = prefill.backend == "triton" and query.dtype in FUSED_DTYPES
+        # the decode kernels expand blocks, which the prefill kernel does not yet: with expand_blocks > 0,
+        # backend "auto" runs the prefill on PyTorch and the one-token steps still in the kernels
+        decode_backend = dispatch.resolve_backend(config.backend, query.device)
+        self.fused = decode_backend == "triton" and query.dtype in FUSED_DTYPES
         with torch.no_grad():
             lengths = prefill.lengths.tolist()
             self.rows = Rows(lengths, [settings.is_dense(t) for t in lengths])
@@ -167,7 +170,7 @@ class DGADecodeState:
         says so (keep_full), else the Triton kernels or the packed PyTorch step."""
         settings = self.settings
         if tokens.size > 1:
-            return steps.attend_chunk(self.buffers, settings, tokens, raw, scale)
+            return steps.attend_chunk(self.buffers, self.storage, settings, tokens, raw, scale)
         if settings.dense_share is not None and steps.reads_most_keys(settings, self.buffers.focal_hi, tokens.new):
             return steps.attend_dense(self.storage, settings, tokens, scale)
         if self.fused:

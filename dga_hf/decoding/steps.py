@@ -3,13 +3,18 @@ focal tokens of old blocks, the aggregates of old blocks (with their bias) and t
 window, with the rule (`dga_hf.rule`) as a mask built from positions.
 
 - `attend_chunk`: a multi-token step (chunked prefill), one SDPA per query tile over focal slots,
-  aggregates, ring and chunk;
+  aggregates, ring and chunk, and in keep_full the raw tokens of the blocks its queries expand;
 - `attend_dense`: a keep_full one-token step that would read at least `dense_share` of the keys
   (`reads_most_keys`) is dense attention over the archive;
 - `attend_packed`: a one-token step on the PyTorch path, one SDPA over the packed workspace (`buffers.py`),
-  with the raw tokens of the expanded blocks (`expanded_blocks`) copied into its tail;
+  with the raw tokens of the expanded blocks copied into its tail;
 - `attend_fused`: the same step in the Triton kernels of `ops/triton_decode.py`.
 Each takes the query as [B, H, G, q, d] (`NewTokens.query`) and returns [B, H, G, q, dv] in the compute dtype.
+
+Block expansion (keep_full, every query of every step; E = `DGAConfig.expand_blocks`) is docs/spec.md's step 6
+over the state's aggregates: `expansion` calls the prefill's choice, `ops.layout.choose_expanded`. An expanded
+block is read as all m of its tokens from the archive, its focal slots hidden (they are among those tokens)
+and its aggregate hidden: in keep_full a complete block's members are exactly its tokens outside F.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from .. import rule
 from ..ops.dense import single_query_attention
+from ..ops.layout import choose_expanded, expanded_indices
 from ..ops.torch_backend import additive_mask
 from .buffers import DecodeBuffers, NewTokens, RawKeys, gather_rows
 from .settings import DecodeSettings
@@ -32,13 +38,14 @@ def old_block_count(settings: DecodeSettings, new: list[int]) -> int:
     return rule.old_block_count(rule.block_of(max(new) - 1, settings.group_size), settings.local_blocks)
 
 
-def attend_chunk(buffers: DecodeBuffers, settings: DecodeSettings, tokens: NewTokens, raw: RawKeys,
+def attend_chunk(buffers: DecodeBuffers, storage, settings: DecodeSettings, tokens: NewTokens, raw: RawKeys,
                  scale: float) -> torch.Tensor:
     """A multi-token step: per query tile, one SDPA over [focal slots | aggregates of old blocks | raw
-    tokens of the ring and the chunk] with the rule as an additive mask. A focal token is read iff its
-    position is before the query's window (`rule.first_local_position`; unused slots hold SENTINEL), an
-    aggregate iff its block is old, a raw token iff it lies in the window and not after the query (empty
-    ring slots hold -1)."""
+    tokens of the ring and the chunk | the tokens of the blocks the tile's queries expand] with the rule as
+    an additive mask. A focal token is read iff its position is before the query's window
+    (`rule.first_local_position`; unused slots hold SENTINEL) and its block is not expanded by the query, an
+    aggregate iff its block is old and not expanded, a raw token iff it lies in the window and not after the
+    query (empty ring slots hold -1), an archive token iff the query expands its block."""
     m, n, window, slots = settings.group_size, settings.local_blocks, settings.window, buffers.ring_slots
     old_blocks = old_block_count(settings, tokens.new)
     focal_slots = buffers.focal_hi
@@ -49,6 +56,7 @@ def attend_chunk(buffers: DecodeBuffers, settings: DecodeSettings, tokens: NewTo
     focal_pos = buffers.focal_pos[:, :, None, :focal_slots]
     agg_bias = buffers.agg_bias[:, :, None, :old_blocks]
     agg_blocks = torch.arange(old_blocks, device=tokens.key.device)
+    focal_block = rule.block_of(buffers.focal_pos[:, :, None, :focal_slots], m).clamp(max=max(old_blocks - 1, 0))
     query_block = rule.block_of(tokens.positions, m)  # [B, q]
     first_pos = rule.first_local_position(query_block, m, n)
     outputs = []
@@ -64,14 +72,27 @@ def attend_chunk(buffers: DecodeBuffers, settings: DecodeSettings, tokens: NewTo
             raw_v = torch.cat([raw.values[:, :, :slots], raw.values[:, :, begin : slots + hi]], dim=2)
             raw_pos = torch.cat([raw.positions[:, :slots], raw.positions[:, begin : slots + hi]], dim=1)
         rp = raw_pos[:, None, None, :]
-        old_for_query = rule.is_old_block(agg_blocks, query_block[:, None, lo:hi, None], n)
+        focal_hidden = (focal_pos >= start).expand(-1, -1, hi - lo, -1)
+        agg_hidden = ~rule.is_old_block(agg_blocks, query_block[:, None, lo:hi, None], n).expand(-1, heads, -1, -1)
+        parts_k, parts_v, expanded_hidden = [focal_k, agg_k, raw_k], [focal_v, agg_v, raw_v], []
+        if settings.expand and old_blocks:
+            picked = expansion(buffers, settings, tokens.query[:, :, :, lo:hi], query_block[:, lo:hi], old_blocks, scale)
+            union = picked.flatten(0, 2).any(0).nonzero().flatten()  # the blocks any query of the tile expands
+            if union.numel():
+                # a focal token of a block the query expands is read as one of the block's tokens
+                focal_hidden = focal_hidden | picked.gather(3, focal_block.expand(-1, -1, hi - lo, -1))
+                agg_hidden = agg_hidden | picked
+                parts_k.append(gather_rows(storage.arch_k, union.view(1, 1, -1), m))
+                parts_v.append(gather_rows(storage.arch_v, union.view(1, 1, -1), m))
+                expanded_hidden = [additive_mask(~picked[..., union].repeat_interleave(m, dim=-1), dtype)]
         mask = torch.cat([
-            additive_mask((focal_pos >= start).expand(-1, -1, hi - lo, -1), dtype),
-            additive_mask((~old_for_query).expand(-1, heads, -1, -1), dtype, agg_bias),
+            additive_mask(focal_hidden, dtype),
+            additive_mask(agg_hidden, dtype, agg_bias),
             additive_mask(((rp < start) | (rp > tokens.positions[:, None, lo:hi, None])).expand(-1, heads, -1, -1), dtype),
+            *expanded_hidden,
         ], dim=-1)
-        keys = torch.cat([focal_k, agg_k, raw_k], dim=2).flatten(0, 1)[:, None]
-        values = torch.cat([focal_v, agg_v, raw_v], dim=2).flatten(0, 1)[:, None]
+        keys = torch.cat(parts_k, dim=2).flatten(0, 1)[:, None]
+        values = torch.cat(parts_v, dim=2).flatten(0, 1)[:, None]
         query = tokens.query[:, :, :, lo:hi].to(dtype).flatten(0, 1)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask.flatten(0, 1)[:, None], scale=scale, enable_gqa=True
@@ -109,27 +130,23 @@ def attend_dense(storage, settings: DecodeSettings, tokens: NewTokens, scale: fl
     return out.view(batch, heads, group, 1, -1).to(settings.compute_dtype)
 
 
-def expanded_blocks(buffers: DecodeBuffers, storage, settings: DecodeSettings, tokens: NewTokens,
-                    query_block: torch.Tensor, old_blocks: int, scale: float):
-    """The old blocks a one-token keep_full step reads raw: per kv head, the bound
-    max_g sum_d max(q_d * min_d, q_d * max_d) of each block old for the row (`query_block` [B]) and not
-    empty ranks them and the top ``expand`` are taken. Returns the chosen blocks [B, H, E], which of them
-    are usable (old for the row, not empty) [B, H, E] and the expanded blocks [B, H, nb] bool."""
-    dtype = settings.compute_dtype
-    blocks = torch.arange(old_blocks, device=query_block.device)
-    visible = rule.is_old_block(blocks, query_block[:, None, None], settings.local_blocks)
-    visible = visible & torch.isfinite(buffers.agg_bias[..., :old_blocks])
-    q = (tokens.query[:, :, :, 0].to(buffers.ring_k.dtype) * scale).to(dtype)
-    # sum_d max(q_d min_d, q_d max_d) = relu(q) . max + min(q, 0) . min: one matmul against [max, min]
-    signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, H, G, 2d]
-    bound = (signed @ storage.blk_bound[:, :, :old_blocks].to(dtype).transpose(-1, -2)).amax(2)  # [B, H, nb]
-    bound = bound.masked_fill(~visible, -math.inf)
-    count = min(settings.expand, old_blocks)
-    # a top-k, not a stable sort (3x cheaper): an exact tie of two float bounds at the cut is broken by
-    # torch.topk, not by position (the only departure from the rule; such ties need identical key boxes)
-    chosen = torch.topk(bound, count, dim=-1, sorted=False).indices  # [B, H, E]
-    usable = visible.gather(2, chosen)
-    return chosen, usable, torch.zeros_like(visible).scatter_(2, chosen, usable)
+def expansion(buffers: DecodeBuffers, settings: DecodeSettings, query: torch.Tensor, query_block: torch.Tensor,
+              old_blocks: int, scale: float) -> torch.Tensor:
+    """docs/spec.md step 6 for a step's queries [B, H, G, T, d] in blocks `query_block` [B, T]: the blocks
+    among the first `old_blocks` that each query expands, [B, H, T, old_blocks] bool (`choose_expanded` over
+    the state's aggregates; a block without members has the bias -inf)."""
+    return choose_expanded(query, query_block, buffers.agg_k[:, :, :old_blocks],
+                           torch.isfinite(buffers.agg_bias[:, :, :old_blocks]), settings.expand, settings.local_blocks,
+                           scale)
+
+
+def expanded_list(picked: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expanded blocks of `picked` [..., nb] bool (at most `count` per query) as a list
+    (`expanded_indices`): block indices [..., count] and which entries are blocks [..., count] bool (a query
+    with fewer than `count` candidates has fewer; the other entries hold block nb - 1 and are not read)."""
+    num_blocks = picked.shape[-1]
+    listed = expanded_indices(picked, count, num_blocks)
+    return listed.clamp(max=num_blocks - 1), listed < num_blocks
 
 
 def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tokens: NewTokens,
@@ -152,7 +169,8 @@ def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tok
     tail = buffers.tail
     tail_visible = torch.zeros(batch, heads, tail, dtype=torch.bool, device=device)  # stale rows hidden
     if settings.expand and old_blocks:
-        chosen, usable, expanded = expanded_blocks(buffers, storage, settings, tokens, query_block, old_blocks, scale)
+        expanded = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
+        chosen, usable = expanded_list(expanded, min(settings.expand, old_blocks))
         agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)
         block = rule.block_of(focal_pos, m).clamp_(max=old_blocks - 1)
         focal_hidden |= expanded.gather(2, block)  # a focal token of an expanded block is read with its block
@@ -181,7 +199,8 @@ def attend_fused(buffers: DecodeBuffers, storage, settings: DecodeSettings, toke
     query_block = rule.block_of(tokens.positions[:, 0], m)  # [B]
     expanded = None
     if settings.expand and old_blocks:
-        chosen, usable, mask = expanded_blocks(buffers, storage, settings, tokens, query_block, old_blocks, scale)
+        mask = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
+        chosen, usable = expanded_list(mask, min(settings.expand, old_blocks))
         expanded = (mask, chosen, usable, storage.arch_k, storage.arch_v)
     out = triton_decode.attend_step(
         tokens.query[:, :, :, 0], rule.first_local_position(query_block, m, settings.local_blocks),

@@ -37,34 +37,26 @@ class _Policy:
 
 class ArchiveStorage(_Policy):
     """keep_full on a DGA layer: every token's key and value stays, so a refresh can re-select any token
-    and a one-token step can read old blocks raw (block expansion). Saves time, not memory.
+    and every query can read old blocks raw (block expansion). Saves time, not memory.
 
       qbar [B, H, NBcap, d] (compute dtype): q_bar of every complete block at index = block, to re-aggregate
         a block from the archive when a refresh changes its members
       arch_k/v [B, H, Tcap, d]: every token at its position (positions past a row's length are scratch);
         Tcap a multiple of m once it holds a whole block, so a block is one item of
         `gather_rows(..., rows_per_item=m)`
-      blk_bound [B, H, NBcap, 2d] (block expansion only, else None): the elementwise maximum, then minimum,
-        of each complete block's keys: the upper bound of a block's best logit
     """
 
-    SELECTED = ("qbar", "arch_k", "arch_v", "blk_bound")
+    SELECTED = ("qbar", "arch_k", "arch_v")
 
     def __init__(self, settings: DecodeSettings, prefill, blocks: PrefillBlocks, capacity: PrefillCapacity):
         m = settings.group_size
         self.settings = settings
         self.qbar = grow(blocks.query_bar, 2, capacity.blocks, exact=True)
-        self.blk_bound = None
-        if settings.expand:
-            bounds = torch.cat([blocks.block_keys.amax(3), blocks.block_keys.amin(3)], dim=-1)
-            self.blk_bound = grow(bounds, 2, capacity.blocks, exact=True)
         self.arch_k = grow(prefill.key, 2, capacity.tokens, exact=True, multiple=m)
         self.arch_v = grow(prefill.value, 2, capacity.tokens, exact=True, multiple=m)
 
     def ensure_capacity(self, blocks: int, tokens: NewTokens, focal_slots: int | None) -> None:
         self.qbar = grow(self.qbar, 2, blocks)
-        if self.blk_bound is not None:
-            self.blk_bound = grow(self.blk_bound, 2, blocks)
         need = max(max(tokens.new), max(tokens.old) + tokens.size)
         m = self.settings.group_size
         self.arch_k = grow(self.arch_k, 2, need, multiple=m)  # whole blocks: block expansion gathers blocks
@@ -87,9 +79,6 @@ class ArchiveStorage(_Policy):
 
     def record_closed(self, closed: ClosedBlocks, buffers: DecodeBuffers, tokens: NewTokens, scale: float) -> None:
         self.qbar[closed.rows, :, closed.blocks] = closed.query_bar
-        if self.blk_bound is not None:
-            bounds = torch.cat([closed.keys.amax(2), closed.keys.amin(2)], dim=-1)
-            self.blk_bound[closed.rows, :, closed.blocks] = bounds.to(self.blk_bound.dtype)
 
     def refresh(self, buffers: DecodeBuffers, rows: Rows, tokens: NewTokens, scale: float) -> None:
         refresh.refresh_archive(self, buffers, self.settings, rows, tokens, scale)

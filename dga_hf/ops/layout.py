@@ -1,8 +1,8 @@
 """Stages 1-4 of docs/spec.md, vectorised over batch and heads: importance, focal selection, block
 aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
-over focal keys, aggregates and local keys), and by the decode state (dga_hf/decoding), whose refreshes
-and closing blocks call the same stages (`last_queries`, `importance`, `focal_budgets`, `select_focal`,
-`aggregate_blocks`, `aggregate_bias`) on the tokens it holds.
+over focal keys, aggregates and local keys), and by the decode state (dga_hf/decoding), whose refreshes,
+closing blocks and steps call the same stages (`last_queries`, `importance`, `focal_budgets`, `select_focal`,
+`aggregate_blocks`, `aggregate_bias`, `choose_expanded`) on the tokens it holds.
 
 Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L. Keys and values stay in
 their own dtype: float32 copies are made one kv head (scores) or AGGREGATE_CHUNK_TOKENS tokens (aggregates)
@@ -125,12 +125,10 @@ def build_layout(
 def select_expanded(
     query: torch.Tensor, agg_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig, scale: float
 ) -> torch.Tensor:
-    """Step 6 of docs/spec.md: per query and kv head, the `expand_blocks` aggregated blocks (old for the
-    query, with members outside F) of highest ``max_g s*Q[g,i]*K_hat_c``, ties to the earlier block.
-    query [B, H, G, L, d], agg_key [B, H, nb, d] and agg_bias [B, H, nb] (-inf: no members) ->
-    [B, H, L, X] block indices, ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of
-    whole blocks of queries at a time (EXPANSION_CHUNK_SCORES logits), each over the blocks old for the
-    chunk's last query only."""
+    """Step 6 of docs/spec.md over a prefill (`choose_expanded` for every query). query [B, H, G, L, d],
+    agg_key [B, H, nb, d] and agg_bias [B, H, nb] (-inf: no members) -> [B, H, L, X] block indices,
+    ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of whole blocks of queries at a time
+    (EXPANSION_CHUNK_SCORES logits), each over the blocks old for the chunk's last query only."""
     batch, heads, group, seq_len, _ = query.shape
     m, n = config.group_size, config.local_blocks
     num_blocks = agg_key.shape[2]
@@ -139,24 +137,52 @@ def select_expanded(
     chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long, device=query.device)
     if width == 0:
         return chosen
-    no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
-    budget = torch.full((1, 1, 1, 1), config.expand_blocks, dtype=torch.long, device=query.device)
     first_block = rule.first_block_seeing_as_old(0, n)  # earlier queries have no old block
     per_chunk = max(1, EXPANSION_CHUNK_SCORES // max(batch * heads * group * m * num_blocks, 1))
     for first in range(first_block, last_block + 1, per_chunk):
         last = min(last_block, first + per_chunk - 1)
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
         old = rule.old_block_count(last, n)
-        keys = agg_key[:, :, None, :old].transpose(-1, -2)
-        score = (scale * query[:, :, :, q_lo:q_hi].to(agg_key.dtype) @ keys).amax(2)  # [B, H, T, old]
-        q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(-1, 1)
-        blocks = torch.arange(old, device=query.device)
-        eligible = rule.is_old_block(blocks, q_block, n) & torch.isfinite(agg_bias[:, :, None, :old])
-        picked = select_focal(score, eligible, no_sink, budget)
-        index = torch.where(picked, blocks, num_blocks)
+        q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(1, -1)
+        picked = choose_expanded(query[:, :, :, q_lo:q_hi], q_block, agg_key[:, :, :old],
+                                 torch.isfinite(agg_bias[:, :, :old]), config.expand_blocks, n, scale)
         count = min(width, old)
-        chosen[:, :, q_lo:q_hi, :count] = torch.topk(index, count, dim=-1, largest=False).values
+        chosen[:, :, q_lo:q_hi, :count] = expanded_indices(picked, count, num_blocks)
     return chosen
+
+
+def choose_expanded(
+    query: torch.Tensor,
+    query_block: torch.Tensor,
+    agg_key: torch.Tensor,
+    has_members: torch.Tensor,
+    expand_blocks: int,
+    local_blocks: int,
+    scale: float,
+) -> torch.Tensor:
+    """The choice of docs/spec.md step 6, the one implementation of it: prefill (`select_expanded`) and every
+    decoding step (one-token steps and chunks, dga_hf/decoding/steps.py) call it.
+
+    For queries [B, H, G, T, d] in blocks `query_block` [B or 1, T], over the aggregates agg_key [B, H, nb, d]
+    of blocks 0..nb-1 (`has_members` [B, H, nb]: the block has members outside F): per query and kv head, the
+    `expand_blocks` blocks old for the query (`rule.is_old_block`) with members whose score
+    ``max_g s*Q[g,i]*K_hat_c`` is highest, ties to the earlier block (stage 2's `select_focal` with the
+    budget E, no sinks), as [B, H, T, nb] bool. Scored in the compute dtype of the aggregates."""
+    dtype = compute_dtype(agg_key.dtype)
+    keys = agg_key.to(dtype)[:, :, None].transpose(-1, -2)
+    score = (scale * query.to(dtype) @ keys).amax(2)  # [B, H, T, nb]
+    blocks = torch.arange(agg_key.shape[2], device=query.device)
+    eligible = rule.is_old_block(blocks, query_block[:, None, :, None], local_blocks) & has_members[:, :, None, :]
+    no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
+    budget = torch.full((1, 1, 1, 1), expand_blocks, dtype=torch.long, device=query.device)
+    return select_focal(score, eligible, no_sink, budget)
+
+
+def expanded_indices(picked: torch.Tensor, count: int, sentinel: int) -> torch.Tensor:
+    """The blocks `choose_expanded` picked ([..., nb] bool, at most `count` per query) as indices
+    [..., count], ascending, padded with `sentinel` where a query picked fewer."""
+    index = torch.where(picked, torch.arange(picked.shape[-1], device=picked.device), sentinel)
+    return torch.topk(index, count, dim=-1, largest=False).values
 
 
 def last_queries(query: torch.Tensor, counts: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:

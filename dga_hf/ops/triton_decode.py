@@ -8,7 +8,8 @@ window, one softmax over
 
   (a) focal slots ``[0, focal_hi)`` at positions ``focal_pos < first`` whose block is not expanded;
   (b) aggregates of blocks ``c < first / m`` (``c < old_blocks``) that are not expanded, with their bias;
-  (c) the raw tokens of the expanded blocks (keep_full): ``expanded_blocks[b, h, e]``, tokens
+  (c) the raw tokens of the expanded blocks (keep_full; chosen by docs/spec.md step 6 in PyTorch,
+      `dga_hf.ops.layout.choose_expanded`, as for the prefill): ``expanded_blocks[b, h, e]``, tokens
       ``c * m .. c * m + m - 1`` of the archive, for the entries with ``expanded_usable``;
   (d) the ring: slots whose position is ``>= first`` (empty slots hold -1).
 

@@ -25,12 +25,14 @@ def naive_decode(
     mode: str = "keep_full",
     steps: list[int] | None = None,
     dense_layer: bool = False,
-    expand: int = 0,
 ) -> torch.Tensor:
     """The outputs [G, T, dv] of every position of one row and one kv head: a prefill of `prompt_len`
     tokens, then the calls of `steps` (token counts; default: 1 each), refreshing every `every` tokens
-    (None or 0: never). q [G, T, d], k/v [T, d]; `mode` "keep_full" or "compact"; `dense_layer`: a layer of
-    `dense_layers`; `expand`: keep_full's expanded blocks per one-token step."""
+    (None or 0: never). q [G, T, d], k/v [T, d]; `mode` "keep_full" or "compact" (which cannot expand
+    blocks: refused with cfg.expand_blocks > 0); `dense_layer`: a layer of `dense_layers`. Every query,
+    prompt and decoded, expands cfg.expand_blocks blocks (`naive_decode_query`)."""
+    if mode == "compact" and cfg.expand_blocks:
+        raise ValueError(f"compact decoding cannot expand blocks (expand_blocks={cfg.expand_blocks})")
     q, k, v = q.double(), k.double(), v.double()
     m = cfg.group_size
     t = prompt_len
@@ -55,9 +57,8 @@ def naive_decode(
         for i in new:
             if (i + 1) % m == 0:
                 members[i // m] = set(range(i + 1 - m, i + 1)) - focal
-        step_expand = expand if size == 1 and mode == "keep_full" and not dense_layer else 0
         for i in new:
-            out[:, i] = naive_decode_query(q, k, v, i, focal, members, cfg, s, step_expand)
+            out[:, i] = naive_decode_query(q, k, v, i, focal, members, cfg, s)
         t += size
         since += size
         if not every or since < every or dense_layer:
@@ -68,26 +69,32 @@ def naive_decode(
     return out
 
 
-def naive_decode_query(q, k, v, i: int, focal: set, members: dict, cfg: DGAConfig, s: float, expand: int = 0) -> torch.Tensor:
-    """Output [G, dv] of the query at position i, given F and the members M_c of the complete blocks.
-    `expand` > 0: the `expand` old non-empty blocks of highest bound (ties: earlier block) enter as their
-    raw members instead of their aggregate."""
+def naive_decode_query(q, k, v, i: int, focal: set, members: dict, cfg: DGAConfig, s: float) -> torch.Tensor:
+    """Output [G, dv] of the query at position i, given F and the members M_c of the complete blocks: the
+    spec's steps 5 and 6 (docs/spec.md) with this F and these members. Of the old blocks with M_c
+    non-empty, the cfg.expand_blocks whose aggregate scores highest, max_g s*Q[g,i]*K_hat_c (ties: the
+    earlier block), enter as their raw members instead of their aggregate."""
     m, n = cfg.group_size, cfg.local_blocks
     beta = i // m
-    raw = [j for j in range(i + 1) if (j in focal and rule.is_old_block(j // m, beta, n)) or not rule.is_old_block(j // m, beta, n)]
+    raw = [j for j in range(i + 1) if j in focal or not rule.is_old_block(j // m, beta, n)]
     old = [c for c in sorted(members) if rule.is_old_block(c, beta, n) and members[c]]
-    expanded = set(sorted(old, key=lambda c: (-_block_bound(q, k, i, c, m, s), c))[:expand])
+    aggregates = {}
+    for c in old:
+        idx = sorted(members[c])
+        w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
+        aggregates[c] = (w @ k[idx], w @ v[idx], len(idx))
+    score = {c: float((s * q[:, i] @ aggregates[c][0]).max()) for c in old}
+    expanded = set(sorted(old, key=lambda c: (-score[c], c))[: cfg.expand_blocks])
     raw += [j for c in sorted(expanded) for j in sorted(members[c])]
     logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]
     for c in old:
         if c not in expanded:
-            idx = sorted(members[c])
-            w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
-            logit = s * q[:, i] @ (w @ k[idx])
+            agg_k, agg_v, count = aggregates[c]
+            logit = s * q[:, i] @ agg_k
             if cfg.group_bias == "log_size":
-                logit = logit + math.log(len(idx))
+                logit = logit + math.log(count)
             logits.append(logit[:, None])
-            values.append((w @ v[idx])[None])
+            values.append(agg_v[None])
     return torch.cat(logits, -1).softmax(-1) @ torch.cat(values, 0)
 
 
@@ -135,10 +142,3 @@ def _importance(q, k, probes, candidates: set, s: float) -> dict:
         for index, j in enumerate(visible):
             imp[j] += float(weights[index])
     return imp
-
-
-def _block_bound(q, k, i: int, c: int, m: int, s: float) -> float:
-    """Upper bound of max_g max_{j in block c} s * Q[g, i] . K[j] from the block's elementwise key min/max."""
-    block = k[c * m : (c + 1) * m]
-    low, high = block.min(0).values, block.max(0).values
-    return float(torch.maximum(s * q[:, i] * low, s * q[:, i] * high).sum(-1).max())
