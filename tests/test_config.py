@@ -158,7 +158,7 @@ def test_preset_folder_holds_only_presets():
     """`preset_names` lists `configs/*.json` without reading them: every file there must be a preset
     (a description and DGAConfig fields); the harness's run configurations live in eval/configs/."""
     folder = resources.files("dga_hf.configs")
-    assert preset_names() == ["balanced", "default", "paper"]
+    assert preset_names() == ["balanced", "default", "expand", "paper"]
     for name in preset_names():
         preset = json.loads(folder.joinpath(f"{name}.json").read_text())
         assert set(preset) == {"description", "dga"}, name
