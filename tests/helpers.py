@@ -278,17 +278,9 @@ def run_cache(q, k, v, cfg, prompt_len, steps, mode, every, mask=None, dense=Fal
     return torch.cat(outs, dim=2), cache
 
 
-def triton_decoding(cfg, monkeypatch):
-    """cfg for a cache whose one-token steps run the Triton decode kernels. With expand_blocks > 0, which the
-    prefill kernel does not implement (backend="triton" refuses it), backend "auto" on a device where
-    Triton counts as usable (here also the CPU, whose kernels run in the interpreter): the prefill runs on
-    PyTorch, the decode steps in the kernels."""
-    if not cfg.expand_blocks:
-        return cfg.replace(backend="triton")
-    from dga_hf.ops import dispatch
-
-    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: True)
-    return cfg.replace(backend="auto")
+def triton_decoding(cfg):
+    """cfg for a cache whose prefill and one-token steps run the Triton kernels (with expansion too)."""
+    return cfg.replace(backend="triton")
 
 
 def decode_reference(q, k, v, cfg, prompt_len, steps, mode, every, dense=False):

@@ -451,7 +451,7 @@ def test_rings_grow_under_the_triton_decode_kernels(mode, expand, device, monkey
     steps = [1] * 16 + [60] + [1] * 16
     expected = decode_reference(q, k, v, cfg, 20, steps, mode, 9)
     q, k, v = (x.float().to(device) for x in (q, k, v))
-    out, cache = run_cache(q, k, v, triton_decoding(cfg, monkeypatch), 20, steps, mode, 9)
+    out, cache = run_cache(q, k, v, triton_decoding(cfg), 20, steps, mode, 9)
     state = cache.layers[0].state
     assert state.fused and sorted(set(ring_lengths)) == [32, 64, 96] and len(ring_lengths) == 32
     torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)

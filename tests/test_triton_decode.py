@@ -54,13 +54,13 @@ def _on(device, *tensors):
     ],
     ids=["keep_full-expand-refresh", "keep_full-one-local-block", "compact-refresh", "m4-n3-dense-rows-switch"],
 )
-def test_steps_match_the_transcription(mode, expand, every, cfg, device, kernel_calls, monkeypatch):
+def test_steps_match_the_transcription(mode, expand, every, cfg, device, kernel_calls):
     cfg = cfg.replace(expand_blocks=expand)
     q, k, v = decode_qkv(1, 86, seed=21)
     steps = [1] * 16
     expected = decode_reference(q, k, v, cfg, 70, steps, mode, every)
     q, k, v = _on(device, q.float(), k.float(), v.float())
-    out, cache = run_cache(q, k, v, triton_decoding(cfg, monkeypatch), 70, steps, mode, every)
+    out, cache = run_cache(q, k, v, triton_decoding(cfg), 70, steps, mode, every)
     assert cache.layers[0].state.fused and len(kernel_calls) == len(steps)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=1e-5)
@@ -74,11 +74,11 @@ def _random(batch, kv_heads, group, length, dim, seed, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _both_paths(device, q, k, v, cfg, prompt, steps, mode, every, monkeypatch, mask=None):
+def _both_paths(device, q, k, v, cfg, prompt, steps, mode, every, mask=None):
     torch_out, _ = run_cache(q, k, v, cfg.replace(backend="torch"), prompt, steps, mode, every, mask=mask)
     q, k, v = _on(device, q, k, v)
     mask = None if mask is None else mask.to(device)
-    fused, cache = run_cache(q, k, v, triton_decoding(cfg, monkeypatch), prompt, steps, mode, every, mask=mask)
+    fused, cache = run_cache(q, k, v, triton_decoding(cfg), prompt, steps, mode, every, mask=mask)
     return torch_out, fused.cpu(), cache
 
 
@@ -91,14 +91,14 @@ CFG_GQA = DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks
     [(1, 64, "keep_full"), (3, 80, "compact"), (4, 96, "keep_full"), (8, 128, "keep_full")],
     ids=["G1-d64", "G3-d80-compact", "G4-d96", "G8-d128"],
 )
-def test_gqa_head_dims_and_left_padding_match_the_pytorch_path(group, dim, mode, device, kernel_calls, monkeypatch):
+def test_gqa_head_dims_and_left_padding_match_the_pytorch_path(group, dim, mode, device, kernel_calls):
     q, k, v = _random(2, 2, group, 84, dim, seed=group * dim)
     mask = torch.ones(2, 84, dtype=torch.bool)
     mask[1, :19] = False  # row 1: 51 real prompt tokens
     mask[1, 77] = False  # ... and one padded new token (its row outputs zeros, its state is left as it was)
     steps = [1] * 14
     cfg = CFG_GQA.replace(expand_blocks=3 if mode == "keep_full" else 0)
-    expected, got, cache = _both_paths(device, q, k, v, cfg, 70, steps, mode, 6, monkeypatch, mask)
+    expected, got, cache = _both_paths(device, q, k, v, cfg, 70, steps, mode, 6, mask)
     assert cache.layers[0].state.fused and len(kernel_calls) == len(steps)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     assert got[1, :, 77].abs().max() == 0
@@ -106,25 +106,25 @@ def test_gqa_head_dims_and_left_padding_match_the_pytorch_path(group, dim, mode,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.default_chunks
-def test_bfloat16_with_default_chunks_stays_close_to_float32(device, kernel_calls, monkeypatch):
+def test_bfloat16_with_default_chunks_stays_close_to_float32(device, kernel_calls):
     """bf16 state, fp32 logits and accumulation in the kernel: measured against the float32 PyTorch path on
     the same rounded inputs (the bf16 PyTorch path is as far off: max 0.023, mean 0.0012)."""
     q, k, v = _random(1, 2, 4, 90, 64, seed=5, dtype=torch.bfloat16)
     steps = [1] * 10
     cfg = CFG_GQA.replace(expand_blocks=4)
-    _, got, _ = _both_paths(device, q, k, v, cfg, 72, steps, "keep_full", 5, monkeypatch)
+    _, got, _ = _both_paths(device, q, k, v, cfg, 72, steps, "keep_full", 5)
     assert got.dtype == torch.bfloat16 and len(kernel_calls) == len(steps)
     reference_fp32, _ = run_cache(q.float(), k.float(), v.float(), cfg.replace(backend="torch"), 72, steps, "keep_full", 5)
     error = (got.float() - reference_fp32)[:, :, 72:].abs()
     assert error.max() < 0.03 and error.mean() < 2e-3, (error.max(), error.mean())
 
 
-def test_float64_and_chunked_steps_take_the_pytorch_path(kernel_calls, monkeypatch):
+def test_float64_and_chunked_steps_take_the_pytorch_path(kernel_calls):
     """The kernels have no float64 path and take one token per row: float64 caches and multi-token steps
     (chunked prefill) run the PyTorch streams, with the same results as a torch-backend cache."""
     q, k, v = decode_qkv(1, 100, seed=3)
     expanding = DECODE_CFG.replace(expand_blocks=2)
-    out, cache = run_cache(q, k, v, triton_decoding(expanding, monkeypatch), 70, [1] * 5, "keep_full", 4)
+    out, cache = run_cache(q, k, v, triton_decoding(expanding), 70, [1] * 5, "keep_full", 4)
     assert not cache.layers[0].state.fused and not kernel_calls
     expected, _ = run_cache(q, k, v, expanding, 70, [1] * 5, "keep_full", 4)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
