@@ -185,6 +185,13 @@ def expanded_indices(picked: torch.Tensor, count: int, sentinel: int) -> torch.T
     return torch.topk(index, count, dim=-1, largest=False).values
 
 
+def expanded_mask(expanded: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The inverse of `expanded_indices`: block indices [..., X] -> [..., num_blocks] bool, True at the blocks
+    listed; indices >= num_blocks (the sentinel, or blocks past a prefix) are dropped."""
+    mask = torch.zeros(*expanded.shape[:-1], num_blocks + 1, dtype=torch.bool, device=expanded.device)
+    return mask.scatter_(-1, expanded.clamp(max=num_blocks), True)[..., :num_blocks]
+
+
 def last_queries(query: torch.Tensor, counts: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1's probes: the last ``probes`` queries of each row whose ``counts[b]`` real queries come first.
     query [B, H, G, L, d] (probes <= L) -> the probes in the compute dtype [B, H, G, P, d] and their index

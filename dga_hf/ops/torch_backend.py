@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import rule
 from ..config import DGAConfig
-from .layout import DGALayout
+from .layout import DGALayout, expanded_mask
 
 # Elements of one tile's logits: 2**24 fp32 is 64 MiB, a few tiles' worth of live temporaries.
 TILE_LOGITS_BUDGET = 2**24
@@ -76,9 +76,7 @@ def _expansion(layout: DGALayout, q_lo: int, q_hi: int, old_blocks: int) -> _Exp
     outside = positions >= seq_len  # the sentinel's members, and those of a short last block
     positions = positions.clamp(max=seq_len - 1)
     focal = layout.focal.gather(2, positions.flatten(2)).view_as(positions)
-    agg_hidden = torch.zeros(*chosen.shape[:3], old_blocks + 1, dtype=torch.bool, device=chosen.device)
-    agg_hidden.scatter_(-1, chosen.clamp(max=old_blocks), True)
-    return _Expansion(positions, outside | focal, agg_hidden[..., :old_blocks])
+    return _Expansion(positions, outside | focal, expanded_mask(chosen, old_blocks))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from ... import rule
 from ...config import DGAConfig
-from ..layout import DGALayout
+from ..layout import DGALayout, expanded_mask
 
 
 def stage5_reference(
@@ -55,9 +55,7 @@ def stage5_logits(
     local_visible = rule.reads_raw(pos.view(1, -1), pos.view(-1, 1), m, n)  # [L, L]
     local_visible = local_visible.expand(*focal_visible.shape[:2], seq_len, seq_len)
     if layout.expanded is not None:  # step 6: the expanded blocks' non-focal members raw, not their aggregates
-        num_blocks = agg_key.shape[2]
-        expanded = torch.zeros(*layout.expanded.shape[:3], num_blocks + 1, dtype=torch.bool, device=query.device)
-        expanded = expanded.scatter_(-1, layout.expanded, True)[..., :num_blocks]  # [B, H, L, nb]
+        expanded = expanded_mask(layout.expanded, agg_key.shape[2])  # [B, H, L, nb]
         agg_visible = agg_visible & ~expanded
         member = expanded.gather(-1, rule.block_of(pos, m).expand(*expanded.shape[:3], seq_len))
         local_visible = local_visible | (member & ~layout.focal.unsqueeze(2))
