@@ -116,7 +116,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    problem = processes.broadcast(refusal(out, args.resume))  # before the model loads: a wrong OUT fails at once
+    # before the model loads, so that a wrong OUT fails at once; the first process alone reads OUT (harness.run_tasks)
+    problem = processes.broadcast(refusal(out, args.resume) if processes.rank == 0 else None)
     if problem is not None:
         raise SystemExit(f"dga-eval: {problem}")
     out.mkdir(parents=True, exist_ok=True)
