@@ -4,10 +4,13 @@
     dga-eval --config eval/configs/eval_full.json --out runs/full --device cuda --dtype bfloat16
     dga-eval --model Qwen/Qwen3-0.6B --device-map auto --config my_run.json
     accelerate launch --multi_gpu --num_processes 2 $(which dga-eval) --config my_run.json --out runs/dp
+    dga-eval --config eval/configs/eval_long.json --out runs/long --resume   # go on after a stop
 
-Writes OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png. Under a launcher each
-process loads the model once and scores its share of the samples; the first process writes the results, the
-same as one process would (docs/evaluation.md).
+Writes every finished (task, length, configuration) cell at once to OUT/cells/, and after each cell rewrites
+OUT/results.json (every number and its settings), OUT/report.md and OUT/*.png from all cells, so a run that
+stops leaves a partial report. --resume reuses the cells of OUT whose settings match and runs the others; an OUT
+holding cells is refused without it. Under a launcher each process loads the model once and scores its share
+of the samples; the first process writes the results, the same as one process would (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from dga_hf import distributed
 from dga_hf.environment import package_versions
 
+from .cells import CellStore, refusal
 from .harness import Processes, run_tasks
 from .models import EMBEDDED_MODELS, display_name, load_model, resolve_model_path
 from .report import write_report
@@ -39,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the shipped quick run (eval/configs/eval_quick.json)")
     parser.add_argument("--config", help="run configuration JSON (default: the shipped eval/configs/eval_full.json, or the quick one)")
     parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="go on with the run whose cells OUT/cells holds (after a stop): reuse every cell computed with the same "
+        "settings (task settings, length, configuration, model, dtype, seed, device, processes; not the package "
+        "versions), run the others. Without it an OUT that holds cells is refused",
+    )
     parser.add_argument(
         "--model",
         help=f"an embedded model ({', '.join(EMBEDDED_MODELS)}; converted once into ~/.cache/dga-hf or $DGA_HF_CACHE), "
@@ -106,6 +116,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    # before the model loads, so that a wrong OUT fails at once; the first process alone reads OUT (harness.run_tasks)
+    problem = processes.broadcast(refusal(out, args.resume) if processes.rank == 0 else None)
+    if problem is not None:
+        raise SystemExit(f"dga-eval: {problem}")
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_model(spec.get("model"), dtype=args.dtype, device=device, device_map=args.device_map)
@@ -114,14 +128,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     layers = getattr(model.config, "num_hidden_layers", None)
     results = {"settings": run_settings(args, argv, spec, model), "configs": describe_configs(configs, spec, layers), "tasks": {}}
     results["settings"]["processes"] = processes.count
+    store = CellStore(out, cell_fingerprint_settings(results["settings"]), results["settings"]["versions"])
 
-    def save(task_results: dict) -> None:
+    def save(task_results: dict, task: str | None = None) -> None:
+        """The report of every cell so far; the plots of `task` alone (None: all), the only ones that changed."""
         results["tasks"] = task_results
         results["settings"]["wall_seconds"] = round(time.perf_counter() - began, 1)
         if processes.rank == 0:  # every process holds the same results: one writes them
-            write_report(results, out)
+            write_report(results, out, None if task is None else [task])
 
-    save(run_tasks(model, tokenizer, spec, configs, out, on_task_done=save, processes=processes))
+    save(run_tasks(model, tokenizer, spec, configs, out, store, on_cell_done=save, processes=processes))
     if processes.rank == 0:
         print((out / "report.md").read_text())
         print(f"dga-eval: {results['settings']['wall_seconds']} s; results in {out}/")
@@ -163,6 +179,15 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
         "versions": package_versions(VERSIONED),
         "run_config": spec,
     }
+
+
+FINGERPRINTED_SETTINGS = ("model", "model_type", "parameters", "dtype", "seed", "device_name", "device_map", "processes")
+
+
+def cell_fingerprint_settings(settings: dict) -> dict:
+    """The run's part of every cell's fingerprint (eval/cells.py); the device by its type and name (cuda and the
+    GPU's name, not cuda:1: the same GPU at another index computes the same cells)."""
+    return {**{name: settings[name] for name in FINGERPRINTED_SETTINGS}, "device": torch.device(settings["device"]).type}
 
 
 def all_lengths(spec: dict) -> list[int]:

@@ -96,7 +96,7 @@ def second_copy_accuracy_by_decoding(model, sample: CopySample, cache=None) -> f
     return token_accuracy(torch.tensor(predicted), torch.tensor(sample.passage[1:]))
 
 
-def run(model, tokenizer, samples: list[CopySample], spec: dict, progress=None) -> tuple[dict, list[dict]]:
+def run(model, tokenizer, samples: list[CopySample], spec: dict) -> tuple[dict, list[dict]]:
     through = spec.get("through", "prefill")
     if through not in ("prefill", "decoding"):
         raise ValueError(f"copy task: through={through!r} is invalid: allowed values are 'prefill', 'decoding'")
@@ -104,8 +104,6 @@ def run(model, tokenizer, samples: list[CopySample], spec: dict, progress=None) 
     details = []
     for sample in samples:
         details.append({"accuracy": score(model, sample)})
-        if progress is not None:
-            progress.update(1)
     return summarize(details, spec), details
 
 

@@ -1,27 +1,31 @@
-"""Dense vs DGA on one model: every task on identical samples for every configuration of the run.
+"""Dense vs DGA on one model: every task on identical samples for every configuration of the run, cell by cell.
 
-Samples of a (task, length) are built once, from a random generator seeded by (seed, task, length) alone,
-and then scored under each configuration in turn (dense first; the model is patched and unpatched in
-place, so one copy of the weights serves all). Launched as several processes (`accelerate launch
---multi_gpu --num_processes N $(which dga-eval) ...`, docs/evaluation.md), each process builds the same
-samples, scores its share of them and gets everyone's results back, in sample order: the results are those
-of one process. Results:
+A cell is one (task, length, configuration); each finished cell goes to the run's `CellStore` at once
+(eval/cells.py), and a resumed run (`dga-eval --resume`) reuses the stored cells whose fingerprint matches and
+runs only the others. Samples of a (task, length) are built from a random generator seeded by (seed, task,
+length) alone and scored under each configuration in turn (dense first; the model is patched and unpatched in
+place, so one copy of the weights serves all): which cells ran before does not change a cell. Launched as
+several processes (`accelerate launch --multi_gpu --num_processes N $(which dga-eval) ...`,
+docs/evaluation.md), each process builds the same samples, scores its share of every cell's samples and gets
+everyone's results back, in sample order: the results are those of one process. Results:
 
-    results["tasks"][task] = {"spec", "lengths", "metrics": {name: {label, unit, higher_is_better, compare}},
-                              "results": {config: {length: {"metrics": {...}, "details": [...], "seconds",
-                                                            "samples_per_process": [...]} or {"error": "..."}}}}
+    results[task] = {"spec", "lengths", "metrics": {name: {label, unit, higher_is_better, compare}},
+                     "results": {config: {length: {"metrics": {...}, "details": [...], "seconds",
+                                                   "samples_per_process": [...]} or {"error": "..."}}},
+                     "reused": {config: {length: when the reused cell was written}}}
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 from tqdm import tqdm
@@ -30,6 +34,7 @@ import dga_hf
 from dga_hf.distributed import all_gather, shard, unshard
 
 from . import copying, passkey, perplexity, ruler, speed
+from .cells import CellKey, CellStore
 from .corpus import corpus_tokens
 from .runconfig import Setting, task_lengths
 
@@ -72,54 +77,115 @@ class Processes:
         """Every process's `value`, in rank order (no collective call with one process)."""
         return all_gather(value) if self.count > 1 else [value]
 
+    def broadcast(self, value: Any) -> Any:
+        """The first process's `value`, on every process: what the first process decides, all follow."""
+        return self.gather(value)[0]
 
-def run_tasks(model, tokenizer, spec: dict, configs: dict[str, Any], workdir: Path, on_task_done=None,
-              processes: Processes = Processes()) -> dict[str, dict]:
-    """Every task of `spec`; `on_task_done(results)` after each, so a long run leaves a report as it goes.
-    With several `processes` every one of them calls this and gets the same results."""
+
+def cell_order(task: str, lengths: list[int], configs: dict[str, Any]) -> list[CellKey]:
+    """The cells of a task in the order they run: RULER length by length (a length's lm-eval tasks are built
+    once and evaluated under every configuration), the other tasks configuration by configuration (the model
+    is patched once for all lengths)."""
+    if task == "ruler":
+        return [CellKey(task, length, name) for length in lengths for name in configs]
+    return [CellKey(task, length, name) for name in configs for length in lengths]
+
+
+def run_tasks(model, tokenizer, spec: dict, configs: dict[str, Setting], workdir: Path, store: CellStore,
+              on_cell_done: Callable[[dict, str], None] | None = None, processes: Processes = Processes()) -> dict[str, dict]:
+    """Every cell of `spec` that `store` does not hold already (with the same fingerprint): each finished cell is
+    written to `store` (by the first process) and `on_cell_done(results, task)` follows, with the results of every
+    cell so far, reused or new, so a run that stops leaves a report. With several `processes` every one of them
+    calls this and gets the same results; the first one decides which cells are reused."""
     seed = int(spec.get("seed", 0))
     torch.manual_seed(seed)
+    lengths = {task: task_lengths(spec, task) for task in spec["tasks"]}
+    fingerprints = {key: store.fingerprint(key, spec["tasks"][task], configs[key.config])
+                    for task in spec["tasks"] for key in cell_order(task, lengths[task], configs)}
+    reused = processes.broadcast(store.reusable(fingerprints) if processes.rank == 0 else None)
+    cells = {key: entry["cell"] for key, entry in reused.items()}
+
+    def results() -> dict[str, dict]:
+        return {task: task_results(task, spec["tasks"][task], lengths[task], configs, cells, reused) for task in spec["tasks"]}
+
     corpus = corpus_tokens(tokenizer)
-    results = {}
-    for task, task_spec in spec["tasks"].items():
-        lengths = task_lengths(spec, task)
-        if task == "ruler":
-            results[task] = run_ruler_task(model, tokenizer, configs, task_spec, lengths, seed, workdir, processes)
-        else:
-            results[task] = run_sample_task(model, tokenizer, corpus, configs, task, task_spec, lengths, seed, processes)
-        if on_task_done is not None:
-            on_task_done(results)
+    with tqdm(total=len(fingerprints), initial=len(reused), desc="dga-eval", unit="cell", disable=processes.rank != 0) as progress:
+        for task, task_spec in spec["tasks"].items():
+            pending = [key for key in fingerprints if key.task == task and key not in cells]
+            if task == "ruler":
+                new_cells = ruler_cells(model, tokenizer, configs, task_spec, pending, seed, workdir, processes, progress)
+            else:
+                new_cells = sample_cells(model, tokenizer, corpus, configs, task, task_spec, pending, seed, processes, progress)
+            for key, cell in new_cells:
+                cells[key] = json.loads(json.dumps(cell, default=str))  # as the store holds it, on every process
+                if processes.rank == 0:
+                    store.save(key, fingerprints[key], cells[key])
+                progress.update(1)
+                if on_cell_done is not None:
+                    on_cell_done(results(), task)
     apply_config(model, Setting())
-    return results
+    return results()
 
 
-def run_sample_task(model, tokenizer, corpus, configs, task: str, task_spec: dict, lengths: list[int], seed: int,
-                    processes: Processes = Processes()) -> dict:
-    """Each process scores its share of every (configuration, length)'s samples; the shares are gathered,
-    put back in sample order and summarised, so the results do not depend on the number of processes."""
+def task_results(task: str, task_spec: dict, lengths: list[int], configs: dict[str, Setting], cells: dict[CellKey, dict],
+                 reused: dict[CellKey, dict]) -> dict:
+    """A task's part of the results (the module docstring) from the cells there are so far."""
+    if task == "ruler":
+        metrics = {name: {**RULER_METRIC, "label": f"RULER {name}"} for name in task_spec["tasks"]}
+    else:
+        metrics = SAMPLE_TASKS[task].METRICS
+
+    def table(source: dict[CellKey, Any]) -> dict[str, dict[str, Any]]:
+        return {name: {str(length): source[CellKey(task, length, name)] for length in lengths if CellKey(task, length, name) in source}
+                for name in configs}
+
+    written = {key: entry["written"] for key, entry in reused.items()}
+    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": table(cells), "reused": table(written)}
+
+
+def gathered_cells(own: Generator[tuple[CellKey, Any], None, None], rounds: int, merge: Callable[[list], dict],
+                   processes: Processes) -> Iterator[tuple[CellKey, dict]]:
+    """Every process's cells, round by round: in each round each process hands in its next (key, part), None
+    once it has none left, and gets everyone's, so all make the same collective calls; a cell's parts (in rank
+    order) merge into the cell. `own` is closed at the end (its `with` blocks exit), even when it has no part
+    left to hand in."""
+    with contextlib.closing(own):
+        for _ in range(rounds):
+            parts: dict[CellKey, list] = {}
+            for item in processes.gather(next(own, None)):
+                if item is not None:
+                    parts.setdefault(item[0], []).append(item[1])
+            for key, values in parts.items():
+                yield key, merge(values)
+
+
+def sample_cells(model, tokenizer, corpus, configs, task: str, task_spec: dict, pending: list[CellKey], seed: int,
+                 processes: Processes, progress) -> Iterator[tuple[CellKey, dict]]:
+    """The `pending` cells of a sample task: each process scores its share of a cell's samples; the shares are
+    gathered, put back in sample order and summarised, so a cell does not depend on the number of processes."""
     module = SAMPLE_TASKS[task]
-    samples = {length: module.make_samples(tokenizer, corpus, length, task_spec, task_rng(seed, task, length)) for length in lengths}
-    shares: dict[str, dict[str, dict]] = {name: {} for name in configs}
-    total = len(configs) * sum(len(processes.share(s)) * task_spec.get("repeats", 1) for s in samples.values())
-    with tqdm(total=total, desc=task, unit="sample", disable=processes.rank != 0) as progress:
-        for name, config in configs.items():
-            apply_config(model, config)
-            for length in lengths:
-                progress.set_postfix(config=name, length=length)
-                shares[name][str(length)] = run_share(module, model, tokenizer, processes.share(samples[length]), task_spec, progress)
-    everyone = processes.gather(shares)
-    table = {name: {length: merge_shares(module, task_spec, [share[name][length] for share in everyone])
-                    for length in shares[name]} for name in configs}
-    return {"spec": task_spec, "lengths": lengths, "metrics": module.METRICS, "results": table}
+    samples = {length: module.make_samples(tokenizer, corpus, length, task_spec, task_rng(seed, task, length))
+               for length in dict.fromkeys(key.length for key in pending)}
+
+    def own() -> Generator[tuple[CellKey, dict], None, None]:
+        applied = None
+        for key in pending:
+            if key.config != applied:
+                apply_config(model, configs[key.config])
+                applied = key.config
+            progress.set_postfix_str(str(key))
+            yield key, run_share(module, model, tokenizer, processes.share(samples[key.length]), task_spec)
+
+    return gathered_cells(own(), len(pending), lambda shares: merge_shares(module, task_spec, shares), processes)
 
 
-def run_share(module, model, tokenizer, samples, task_spec: dict, progress) -> dict:
+def run_share(module, model, tokenizer, samples, task_spec: dict) -> dict:
     """One process's samples of a (configuration, length): the details of each sample (a list per sample:
     speed has one per repeat). An exception is recorded, not raised, so that one failing setting (e.g. out
     of memory at the longest length) leaves the rest of the report intact."""
     began = time.perf_counter()
     try:
-        details = [module.run(model, tokenizer, [sample], task_spec, progress)[1] for sample in samples]
+        details = [module.run(model, tokenizer, [sample], task_spec)[1] for sample in samples]
     except Exception:  # noqa: BLE001 - recorded in results.json and shown in the report
         return {"error": traceback.format_exc(limit=4)}
     return {"details": details, "seconds": time.perf_counter() - began}
@@ -141,28 +207,34 @@ def merge_shares(module, task_spec: dict, shares: list[dict]) -> dict:
             "samples_per_process": [len(share["details"]) for share in shares]}
 
 
-def run_ruler_task(model, tokenizer, configs, task_spec: dict, lengths: list[int], seed: int, workdir: Path,
-                   processes: Processes = Processes()) -> dict:
-    """Each process runs RULER at its share of the lengths (lm-eval's own sample split needs a model it
-    loads itself); the tables are gathered."""
-    mine = processes.share(lengths)
-    total = len(configs) * len(mine) * len(task_spec["tasks"])
-    try:
-        # lm-eval reads the tokenizer from a folder: one per process, so that none reads another's half-written
-        with _process_folder(workdir, processes) as folder, tqdm(total=total, desc="ruler", unit="task", disable=processes.rank != 0) as progress:
-            table = ruler.run_ruler(model, tokenizer, configs, apply_config, task_spec, mine, seed, folder, progress)
-    except Exception:  # noqa: BLE001 - e.g. lm-eval not installed: every cell says why
-        error = traceback.format_exc(limit=4)
-        table = {name: {str(length): {"error": error} for length in mine} for name in configs}
-    metrics = {name: {**RULER_METRIC, "label": f"RULER {name}"} for name in task_spec["tasks"]}
-    return {"spec": task_spec, "lengths": lengths, "metrics": metrics, "results": merge_ruler_tables(processes.gather(table), lengths)}
+def ruler_share(pending: list[CellKey], processes: Processes) -> list[CellKey]:
+    """The `pending` RULER cells a process runs: those of its share of their lengths (lm-eval's own sample split
+    needs a model it loads itself)."""
+    lengths = processes.share(list(dict.fromkeys(key.length for key in pending)))
+    return [key for key in pending if key.length in lengths]
 
 
-def merge_ruler_tables(tables: list[dict], lengths: list[int]) -> dict[str, dict[str, dict]]:
-    """RULER's results[config][length] from every process's table, in rank order (process r ran the lengths
-    `Processes(r, len(tables)).share(lengths)`)."""
-    return {name: dict(zip(map(str, lengths), unshard([list(table[name].values()) for table in tables])))
-            for name in tables[0]}
+def ruler_cells(model, tokenizer, configs, task_spec: dict, pending: list[CellKey], seed: int, workdir: Path,
+                processes: Processes, progress) -> Iterator[tuple[CellKey, dict]]:
+    """The `pending` RULER cells: each process runs those of its share of the lengths, and all get every cell."""
+    mine = ruler_share(pending, processes)
+    rounds = max(len(ruler_share(pending, Processes(rank, processes.count))) for rank in range(processes.count))
+
+    def own() -> Generator[tuple[CellKey, dict], None, None]:
+        done = 0
+        try:
+            # lm-eval reads the tokenizer from a folder: one per process, so that none reads another's half-written
+            with _process_folder(workdir, processes) as folder:
+                for (length, name), cell in ruler.run_ruler(model, tokenizer, configs, apply_config, task_spec,
+                                                            [(key.length, key.config) for key in mine], seed, folder, progress):
+                    yield CellKey("ruler", length, name), cell
+                    done += 1
+        except Exception:  # noqa: BLE001 - e.g. lm-eval not installed: every cell left says why
+            error = traceback.format_exc(limit=4)
+            for key in mine[done:]:
+                yield key, {"error": error}
+
+    return gathered_cells(own(), rounds, lambda parts: parts[0], processes)
 
 
 @contextlib.contextmanager

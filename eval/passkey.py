@@ -66,15 +66,13 @@ def exact_match(generated: str, key: str) -> bool:
     return found is not None and found.group() == key
 
 
-def run(model, tokenizer, samples: list[PasskeySample], spec: dict, progress=None) -> tuple[dict, list[dict]]:
+def run(model, tokenizer, samples: list[PasskeySample], spec: dict) -> tuple[dict, list[dict]]:
     new_tokens = spec.get("max_new_tokens", 8)
     details = []
     for sample in samples:
         generation = greedy_generate(model, sample.prompt, new_tokens, stop_ids=stop_ids_of(tokenizer))
         answer = tokenizer.decode(generation.tokens, skip_special_tokens=True)
         details.append({"depth": sample.depth, "key": sample.key, "answer": answer, "match": exact_match(answer, sample.key)})
-        if progress is not None:
-            progress.update(1)
     return summarize(details, spec), details
 
 

@@ -67,12 +67,10 @@ def make_samples(tokenizer, corpus: list[int], length: int, spec: dict, rng: ran
     return [torch.tensor(corpus[start : start + length]) for start in starts]
 
 
-def run(model, tokenizer, windows: list[torch.Tensor], spec: dict, progress=None) -> tuple[dict, list[dict]]:
+def run(model, tokenizer, windows: list[torch.Tensor], spec: dict) -> tuple[dict, list[dict]]:
     nlls = []
     for window in windows:
         nlls.append(second_half_nll(model, window))
-        if progress is not None:
-            progress.update(1)
     details = [{"perplexity": math.exp(nll / count), "nll": nll, "tokens": count} for nll, count in nlls]
     return summarize(details, spec), details
 

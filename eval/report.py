@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .cells import write_atomically
 from .runconfig import DENSE
 
 PLOTS = {  # file -> (task, metrics on it): one figure per quantity the issue asks for
@@ -20,11 +21,12 @@ PLOTS = {  # file -> (task, metrics on it): one figure per quantity the issue as
 }
 
 
-def write_report(results: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "report.md").write_text(markdown_report(results))
-    return [out / "results.json", out / "report.md", *write_plots(results, out)]
+def write_report(results: dict, out: Path, plotted_tasks: list[str] | None = None) -> list[Path]:
+    """results.json and report.md (each replaced whole: a run killed while writing leaves the previous one), and
+    the plots of `plotted_tasks` (None: of every task)."""
+    write_atomically(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_atomically(out / "report.md", markdown_report(results))
+    return [out / "results.json", out / "report.md", *write_plots(results, out, plotted_tasks)]
 
 
 # ---------------------------------------------------------------- values
@@ -68,6 +70,7 @@ def markdown_report(results: dict) -> str:
         f"`{settings['command']}`",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in settings["versions"].items()),
+        *reuse_note(results),
         "",
         *configs_table(results),
     ]
@@ -77,6 +80,17 @@ def markdown_report(results: dict) -> str:
             lines += metric_table(task, metric, meta, list(results["configs"]))
         lines += error_notes(task, list(results["configs"]))
     return "\n".join(lines) + "\n"
+
+
+def reuse_note(results: dict) -> list[str]:
+    """How many cells a resumed run (`--resume`) took from earlier sessions, and when those were computed."""
+    written = sorted(when for task in results["tasks"].values() for cells in task.get("reused", {}).values()
+                     for when in cells.values())
+    if not written:
+        return []
+    total = sum(len(cells) for task in results["tasks"].values() for cells in task["results"].values())
+    return ["", f"Resumed (`--resume`): {len(written)} of these {total} cells were computed by earlier sessions, from "
+                f"{written[0]} to {written[-1]} (`tasks.<task>.reused` in results.json); timings are each session's own."]
 
 
 def configs_table(results: dict) -> list[str]:
@@ -170,14 +184,15 @@ def error_notes(task: dict, configs: list[str]) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def write_plots(results: dict, out: Path) -> list[Path]:
+def write_plots(results: dict, out: Path, tasks: list[str] | None = None) -> list[Path]:
+    """The plots of `tasks` (None: of every task of the results)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     written = []
     for filename, (task_name, metrics) in PLOTS.items():
         task = results["tasks"].get(task_name)
-        if task is None:
+        if task is None or (tasks is not None and task_name not in tasks):
             continue
         names = metrics or list(task["metrics"])
         path = out / filename

@@ -7,7 +7,8 @@ a folder and that folder's path goes in the metadata; one length per task manage
 first samples of that length (RULER orders a multi-length dataset by length).
 
 Samples are built once per (task, length) and the same Task object is evaluated for every
-configuration, so dense and DGA answer identical prompts. The synthetic tasks need no download
+configuration, so dense and DGA answer identical prompts; a (length, configuration) with all its tasks is one
+cell of the run (eval/cells.py), handed back as soon as it is done. The synthetic tasks need no download
 (niah_single_1, niah_multikey_2/3: "repeat" and "needle" haystacks; vt, cwe, fwe); others (the essay
 haystack, qa_*) would download a dataset: offline that raises, and the error is recorded for that task
 instead of a score.
@@ -16,12 +17,13 @@ instead of a score.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -59,20 +61,23 @@ def run_ruler(
     configs: dict[str, Any],
     apply_config: Callable[[Any, Any], None],
     spec: dict,
-    lengths: list[int],
+    cells: list[tuple[int, str]],
     seed: int,
     workdir: Path,
     progress=None,
-) -> dict[str, dict[str, dict]]:
-    """results[config][length] = {"metrics": {task: score}, "details": {...}, "errors": {task: message}}."""
+) -> Iterator[tuple[tuple[int, str], dict]]:
+    """Each (length, configuration) of `cells` in turn, as soon as it is done: ((length, name), {"metrics": {task:
+    score}, "details": {...}, "errors": {task: message}}). A length's tasks are built once for the consecutive
+    cells of that length."""
     tokenizer_dir = workdir / "ruler-tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    results: dict[str, dict[str, dict]] = {name: {} for name in configs}
     with offline():
-        for length in lengths:
+        for length, of_length in itertools.groupby(cells, key=lambda cell: cell[0]):
             tasks, load_errors = load_tasks(spec["tasks"], length, tokenizer_dir)
-            for name, config in configs.items():
-                apply_config(model, config)
+            for _, name in of_length:
+                if progress is not None:
+                    progress.set_postfix_str(f"ruler/{length}/{name}")
+                apply_config(model, configs[name])
                 cell = {"metrics": {}, "details": {}, "errors": dict(load_errors)}
                 for task_name, task in tasks.items():
                     began = time.perf_counter()
@@ -83,12 +88,7 @@ def run_ruler(
                         cell["details"][task_name]["seconds"] = round(time.perf_counter() - began, 2)
                     except Exception:  # noqa: BLE001 - one broken task must not hide the others' scores
                         cell["errors"][task_name] = traceback.format_exc(limit=3)
-                    if progress is not None:
-                        progress.update(1)
-                if progress is not None:
-                    progress.update(len(load_errors))
-                results[name][str(length)] = cell
-    return results
+                yield (length, name), cell
 
 
 def load_tasks(names: list[str], length: int, tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:

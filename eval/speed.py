@@ -20,7 +20,7 @@ def make_samples(tokenizer, corpus: list[int], length: int, spec: dict, rng: ran
     return [corpus[start : start + prompt_length]]
 
 
-def run(model, tokenizer, prompts: list[list[int]], spec: dict, progress=None) -> tuple[dict, list[dict]]:
+def run(model, tokenizer, prompts: list[list[int]], spec: dict) -> tuple[dict, list[dict]]:
     new_tokens = spec.get("new_tokens", 16)
     details = []
     for prompt in prompts:
@@ -39,8 +39,6 @@ def run(model, tokenizer, prompts: list[list[int]], spec: dict, progress=None) -
                 "memory_method": peak.method,
                 "new_tokens": len(generation.tokens),
             })
-            if progress is not None:
-                progress.update(1)
     return summarize(details, spec), details
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -318,6 +319,178 @@ def test_report_shows_errors_without_hiding_other_cells():
     assert "ConnectionError: offline" in report and "RuntimeError: out of memory" in report
 
 
+# ---------------------------------------------------------------- resuming a stopped run (--resume)
+
+RESUMED_RUN = {
+    "seed": 2,
+    "lengths": [128, 256],
+    "dga_configs": [{"name": "tiny", "group_size": 8, "local_blocks": 2, "backend": "torch"}],
+    "tasks": {  # 12 cells, run in this order: each task configuration by configuration, then length by length
+        "passkey": {"depths": [0.3, 0.7], "samples_per_depth": 1, "max_new_tokens": 6},
+        "copy": {"samples": 2, "passage_tokens": 16, "lead_tokens": 4},
+        "perplexity": {"windows": 2},
+    },
+}
+
+
+class SessionEnds(BaseException):
+    """A run stopped from outside (the session ends, Ctrl-C): no Exception, so no cell records it as an error."""
+
+
+def evaluate(folder: Path, model_dir: Path, spec: dict, out: Path, *options: str) -> dict:
+    (folder / "run.json").write_text(json.dumps(spec))
+    from dga_eval import cli
+
+    return cli.run(cli.parse_args(["--config", str(folder / "run.json"), "--model", str(model_dir), "--out", str(out),
+                                   "--device", "cpu", *options]))
+
+
+def count_cells(patched: pytest.MonkeyPatch, module, function: str, stop_after: int | None = None) -> list[tuple]:
+    """The calls of `module.function` from now on (the harness calls harness.run_share once per cell of a sample
+    task, ruler.evaluate_task once per RULER task of a cell), the call after the first `stop_after` ending the
+    run."""
+    calls = []
+    original = getattr(module, function)
+
+    def counted(*args, **kwargs):
+        if stop_after is not None and len(calls) == stop_after:
+            raise SessionEnds
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    patched.setattr(module, function, counted)
+    return calls
+
+
+def without_timings(results: dict) -> dict:
+    """Every cell of the results, less its timings (the only numbers two runs of the same cell do not share)."""
+    def cell_of(cell: dict) -> dict:
+        cell = {name: value for name, value in cell.items() if name != "seconds"}
+        if isinstance(cell.get("details"), dict):  # RULER's, per lm-eval task
+            cell["details"] = {task: {k: v for k, v in details.items() if k != "seconds"} for task, details in cell["details"].items()}
+        return cell
+
+    return {task: {config: {length: cell_of(cell) for length, cell in cells.items()} for config, cells in entry["results"].items()}
+            for task, entry in results["tasks"].items()}
+
+
+def stored_cells(out: Path) -> list[str]:
+    return sorted(str(path.relative_to(out / "cells").with_suffix("")) for path in (out / "cells").glob("*/*/*.json"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> dict:
+    """RESUMED_RUN in one go."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return {"results": evaluate(folder, tiny_model_dir, RESUMED_RUN, folder / "out"), "out": folder / "out"}
+
+
+def test_a_stopped_run_resumes_with_the_missing_cells_only(tmp_path, tiny_model_dir, uninterrupted, capsys):
+    from dga_eval import harness
+
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, harness, "run_share", stop_after=5)
+        with pytest.raises(SessionEnds):
+            evaluate(tmp_path, tiny_model_dir, RESUMED_RUN, out)
+    first = ["passkey/128/dense", "passkey/128/tiny", "passkey/256/dense", "passkey/256/tiny", "copy/128/dense"]
+    assert len(computed) == 5 and stored_cells(out) == sorted(first)
+    # the report of the cells so far is there, readable
+    partial = json.loads((out / "results.json").read_text())
+    assert sorted(f"{task}/{length}/{config}" for task, entry in partial["tasks"].items()
+                  for config, cells in entry["results"].items() for length in cells) == sorted(first)
+    assert "## copy" in (out / "report.md").read_text() and (out / "passkey_accuracy.png").stat().st_size > 0
+    capsys.readouterr()
+
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, harness, "run_share")
+        resumed = evaluate(tmp_path, tiny_model_dir, RESUMED_RUN, out, "--resume")
+    assert len(computed) == 12 - 5 and len(stored_cells(out)) == 12
+    assert without_timings(resumed) == without_timings(uninterrupted["results"])
+    assert json.loads((out / "results.json").read_text())["tasks"] == json.loads(json.dumps(resumed["tasks"]))
+    reused = {f"{task}/{length}/{config}": written for task, entry in resumed["tasks"].items()
+              for config, cells in entry["reused"].items() for length, written in cells.items()}
+    assert sorted(reused) == sorted(first)
+    assert all(written == json.loads((out / "cells" / f"{key}.json").read_text())["written"] for key, written in reused.items())
+    assert "Resumed (`--resume`): 5 of these 12 cells were computed by earlier sessions" in (out / "report.md").read_text()
+    log = capsys.readouterr().err
+    assert "running it again" not in log
+    # one progress bar of all cells, from the reused ones on
+    assert "| 5/12 [" in log and "| 12/12 [" in log and "| 4/12 [" not in log and "/7 [" not in log
+
+
+def test_changed_settings_errors_and_broken_files_run_their_cells_again(tmp_path, tiny_model_dir, uninterrupted, capsys):
+    from dga_eval import harness
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted["out"], out)
+    written = {key: json.loads((out / "cells" / f"{key}.json").read_text())["written"] for key in stored_cells(out)}
+    errored = out / "cells" / "copy" / "128" / "dense.json"
+    record = json.loads(errored.read_text())
+    errored.write_text(json.dumps({**record, "cell": {"error": "Traceback ...\nRuntimeError: out of memory"}}))
+    (out / "cells" / "copy" / "256" / "dense.json").write_text('{"task": "copy", "len')  # written by another tool, cut short
+    changed = {**RESUMED_RUN, "dga_configs": [{**RESUMED_RUN["dga_configs"][0], "local_blocks": 3}],
+               "tasks": {**RESUMED_RUN["tasks"], "perplexity": {"windows": 1}}}
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, harness, "run_share")
+        results = evaluate(tmp_path, tiny_model_dir, changed, out, "--resume")
+    # reused: dense's passkey cells; run again: tiny's 6 (local_blocks), dense's perplexity (windows), copy (error, file)
+    assert len(computed) == 10
+    assert {task: entry["reused"] for task, entry in results["tasks"].items()} == {
+        "passkey": {DENSE: {"128": written["passkey/128/dense"], "256": written["passkey/256/dense"]}, "tiny": {}},
+        "copy": {DENSE: {}, "tiny": {}}, "perplexity": {DENSE: {}, "tiny": {}}}
+    log = capsys.readouterr().err
+    assert (f"cell perplexity/128/dense of {written['perplexity/128/dense']} was computed with other settings "
+            f"(task_spec.windows: 2 -> 1): running it again") in log
+    assert (f"cell perplexity/256/tiny of {written['perplexity/256/tiny']} was computed with other settings "
+            f"(task_spec.windows: 2 -> 1, config.local_blocks: 2 -> 3): running it again") in log
+    assert (f"cell passkey/256/tiny of {written['passkey/256/tiny']} was computed with other settings "
+            f"(config.local_blocks: 2 -> 3): running it again") in log
+    assert f"cell copy/128/dense of {written['copy/128/dense']} recorded an error (RuntimeError: out of memory): running it again" in log
+    assert "cell copy/256/dense in " in log and "does not read" in log
+    assert [len(results["tasks"]["perplexity"]["results"][config]["256"]["details"]) for config in (DENSE, "tiny")] == [1, 1]
+    expected = without_timings(uninterrupted["results"])
+    assert without_timings(results)["copy"][DENSE] == expected["copy"][DENSE]  # run again: the same numbers
+    assert json.loads(errored.read_text())["fingerprint"]["task_spec"] == RESUMED_RUN["tasks"]["copy"]
+
+
+def test_an_out_holding_cells_is_refused_without_resume(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
+    from dga_eval import cli, harness
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted["out"], out)
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+        with pytest.raises(SystemExit, match=rf"dga-eval: {out} already holds 12 cells of an earlier run \(in {out}/cells\): "
+                                             r"pass --resume to reuse those whose settings match and run the rest, or "
+                                             r"choose another --out"):
+            evaluate(tmp_path, tiny_model_dir, RESUMED_RUN, out)
+    with monkeypatch.context() as patched:  # a finished run resumed: nothing to compute
+        computed = count_cells(patched, harness, "run_share")
+        results = evaluate(tmp_path, tiny_model_dir, RESUMED_RUN, out, "--resume")
+    assert computed == [] and without_timings(results) == without_timings(uninterrupted["results"])
+    assert sum(len(cells) for entry in results["tasks"].values() for cells in entry["reused"].values()) == 12
+
+
+def test_a_stopped_ruler_run_resumes_with_the_missing_cells_only(tmp_path, tiny_ruler_tasks, tiny_model_dir):
+    """RULER's cells are (length, configuration), every lm-eval task of the run in each."""
+    from dga_eval import ruler
+
+    spec = {**RESUMED_RUN, "lengths": [64, 96], "tasks": {"ruler": {"tasks": ["tiny_ruler"], "limit": 2}}}
+    whole = evaluate(tmp_path, tiny_model_dir, spec, tmp_path / "whole")
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, ruler, "evaluate_task", stop_after=3)
+        with pytest.raises(SessionEnds):
+            evaluate(tmp_path, tiny_model_dir, spec, tmp_path / "out")
+    assert stored_cells(tmp_path / "out") == ["ruler/64/dense", "ruler/64/tiny", "ruler/96/dense"]
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, ruler, "evaluate_task")
+        resumed = evaluate(tmp_path, tiny_model_dir, spec, tmp_path / "out", "--resume")
+    assert [args[4] for args in computed] == [96]  # evaluate_task(model, tokenizer, task, name, length, ...)
+    assert without_timings(resumed) == without_timings(whole)
+    assert resumed["tasks"]["ruler"]["results"]["tiny"]["96"]["metrics"].keys() == {"tiny_ruler"}
+
+
 # ---------------------------------------------------------------- lm-eval: RULER and hf-dga
 
 TINY_TASK = """
@@ -360,28 +533,34 @@ doc_to_target: "{{output}}"
 """
 
 
-def test_ruler_runs_offline_on_identical_samples_and_records_failures(tmp_path, monkeypatch, tiny_model):
+@pytest.fixture
+def tiny_ruler_tasks(tmp_path, monkeypatch) -> None:
+    """lm-eval's task manager knows tiny_ruler and needs_download only (indexing lm-eval's thousands of tasks
+    would take each test 15 s)."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install dga-hf[eval])")
     import lm_eval.tasks
-
-    from dga_eval import harness, ruler
 
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "tiny_ruler.yaml").write_text(TINY_TASK)
     (tasks_dir / "tiny_utils.py").write_text(TINY_UTILS)
     (tasks_dir / "needs_download.yaml").write_text(NEEDS_DOWNLOAD)
-    # only these task folders: indexing lm-eval's thousands of tasks would take the test 15 s
     manager = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False, include_path=str(tasks_dir))
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+
+
+def test_ruler_runs_offline_on_identical_samples_and_records_failures(tmp_path, tiny_ruler_tasks, tiny_model):
+    from dga_eval import harness, ruler
 
     model, tokenizer = tiny_model
     configs = {DENSE: Setting(), "paper": Setting(dga_hf.DGAConfig.preset("paper"))}
     spec = {"tasks": ["tiny_ruler", "needs_download"], "limit": 2}
-    results = ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, [64], 0, tmp_path)
+    results = dict(ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, [(64, name) for name in configs],
+                                   0, tmp_path))
     harness.apply_config(model, Setting())
+    assert list(results) == [(64, DENSE), (64, "paper")]
     for config in configs:
-        cell = results[config]["64"]
+        cell = results[(64, config)]
         assert 0.0 <= cell["metrics"]["tiny_ruler"] <= 1.0
         assert [a["target"] for a in cell["details"]["tiny_ruler"]["answers"]] == [["0"], ["1"]]
         assert cell["details"]["tiny_ruler"]["attention"] == ("sdpa" if config == DENSE else "dga")

@@ -19,8 +19,10 @@ The processes are tiny and run one torch thread each: this machine has two cores
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -297,7 +299,7 @@ def eval_runs(finetune_data) -> dict:
 
     cli.main([*common, "--out", str(root / "eval-one")])
     results = {name: json.loads((root / f"eval-{name}" / "results.json").read_text()) for name in ("one", "two")}
-    return {"two": two, "results": results}
+    return {"two": two, "results": results, "outs": {name: root / f"eval-{name}" for name in ("one", "two")}, "common": common}
 
 
 def test_two_processes_evaluate_like_one(eval_runs):
@@ -325,6 +327,44 @@ def test_each_process_loads_the_model_once_and_the_first_writes(eval_runs):
     for process in (1, 2):
         assert stderr.count(f"dga-eval [process {process} of 2]: model loaded") == 1, stderr[-3000:]
     assert stdout.count("dga-eval: ") == 1 and stdout.count("## passkey") == 1  # the report, printed once
+
+
+def test_two_processes_resume_a_stopped_run_like_one_process(eval_runs, tmp_path):
+    """A two-process run stopped part-way (here: cells taken out of a finished run's OUT) and resumed by two
+    processes: the first decides which cells are reused and tells the other (harness.Processes.broadcast), both
+    compute the missing ones, the first writes them; the results are those of one process."""
+    out = tmp_path / "resumed"
+    shutil.copytree(eval_runs["outs"]["two"], out)
+    missing = ["passkey/400/paper+compact", "copy/300/dense", "perplexity/300/paper", "perplexity/400/paper", "speed/300/dense"]
+    for key in missing:
+        (out / "cells" / f"{key}.json").unlink()
+    kept = {str(path.relative_to(out / "cells").with_suffix("")): json.loads(path.read_text())["written"]
+            for path in (out / "cells").glob("*/*/*.json")}
+    assert len(kept) == 4 * 2 * 3 - len(missing)
+    command = ["--config_file", str(DDP_CONFIG), str(SCRIPTS / "dga-eval"), *eval_runs["common"], "--out", str(out)]
+    refused = launch(*command)
+    assert refused.returncode != 0  # both processes stop, before loading the model
+    assert refused.stderr.count(f"dga-eval: {out} already holds 19 cells of an earlier run") == 2, refused.stderr[-3000:]
+    assert "model loaded" not in refused.stderr
+
+    expect_success(launch(*command, "--resume"))
+    resumed = json.loads((out / "results.json").read_text())
+    reused = {f"{task}/{length}/{config}": written for task, entry in resumed["tasks"].items()
+              for config, cells in entry["reused"].items() for length, written in cells.items()}
+    assert reused == kept
+    one = eval_runs["results"]["one"]["tasks"]
+    for task in ("passkey", "copy", "perplexity"):
+        for config, cells in one[task]["results"].items():
+            for length, expected in cells.items():
+                got = resumed["tasks"][task]["results"][config][length]
+                assert (got["metrics"], got["details"]) == (expected["metrics"], expected["details"]), (task, config, length)
+                assert got["samples_per_process"] == [2, 1]
+    speed = resumed["tasks"]["speed"]["results"]["dense"]["300"]
+    assert speed["metrics"]["kv_cache_mb"] == one["speed"]["results"]["dense"]["300"]["metrics"]["kv_cache_mb"]
+    for key in missing:
+        record = json.loads((out / "cells" / f"{key}.json").read_text())
+        stored = resumed["tasks"][record["task"]]["results"][record["config"]][str(record["length"])]
+        assert record["fingerprint"]["run"]["processes"] == 2 and record["cell"] == stored, key
 
 
 def test_several_processes_refuse_a_device_map_or_a_named_device(monkeypatch, capsys):
@@ -364,13 +404,37 @@ def process_results(doc, results):
 '''
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplayedPartner:
+    """Process `rank` of two in one process: each round its partner hands in `partner[round]` (None once there is
+    none), and what this process hands in is appended to `handed_in` (harness.Processes.gather's contract)."""
+
+    rank: int
+    partner: tuple = ()
+    handed_in: list = dataclasses.field(default_factory=list)
+    count: int = 2
+
+    def share(self, items: list) -> list:
+        return distributed.shard(items, self.rank, self.count)
+
+    def gather(self, value):
+        self.handed_in.append(value)
+        round_ = len(self.handed_in) - 1
+        theirs = self.partner[round_] if round_ < len(self.partner) else None
+        return [value, theirs] if self.rank == 0 else [theirs, value]
+
+
 def test_ruler_lengths_shared_by_two_processes_merge_into_the_results_of_one(finetune_data, tmp_path, monkeypatch):
-    """With several processes dga-eval runs RULER at each process's share of the lengths and merges the tables
-    (harness.run_ruler_task); here the shares run one after the other in this process."""
+    """With several processes dga-eval runs RULER at each process's share of the lengths, and every round of
+    cells is gathered (harness.ruler_cells); here the second process runs first, in this process, and its
+    hand-ins are replayed to the first. Each (configuration, length) costs an lm-eval run of ~2 s here."""
     lm_eval_tasks = pytest.importorskip("lm_eval.tasks", reason="lm-eval is not installed (pip install dga-hf[eval])")
     import functools
 
-    from dga_eval import harness, ruler
+    from tqdm import tqdm
+
+    from dga_eval import harness
+    from dga_eval.cells import CellKey
     from dga_eval.models import load_model
     from dga_eval.runconfig import Setting
 
@@ -381,21 +445,29 @@ def test_ruler_lengths_shared_by_two_processes_merge_into_the_results_of_one(fin
     monkeypatch.setattr(lm_eval_tasks, "TaskManager", functools.partial(
         lm_eval_tasks.TaskManager, include_defaults=False, include_path=str(tmp_path / "tasks")))
     model, tokenizer = load_model(str(finetune_data["model"]))
-    configs = {"paper": Setting(PAPER)}  # each (configuration, length) costs an lm-eval run of ~2 s here
-    spec, lengths = {"tasks": ["tiny_lengths"]}, [64, 96]
-    one = ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, lengths, 0, tmp_path / "one")
-    shares = [ruler.run_ruler(model, tokenizer, configs, harness.apply_config, spec, harness.Processes(rank, 2).share(lengths),
-                              0, tmp_path / f"process{rank}") for rank in (0, 1)]
-    assert [list(share["paper"]) for share in shares] == [["64"], ["96"]]
-    merged = harness.merge_ruler_tables(shares, lengths)
+    configs = {"paper": Setting(PAPER)}
+    spec = {"tasks": ["tiny_lengths"]}
+    pending = [CellKey("ruler", length, "paper") for length in (64, 96, 128)]  # shares of 2 and 1 length
+
+    def cells(processes, folder: str) -> dict:
+        return dict(harness.ruler_cells(model, tokenizer, configs, spec, pending, 0, tmp_path / folder, processes,
+                                        tqdm(disable=True)))
+
+    one = cells(harness.Processes(), "one")
+    second = ReplayedPartner(rank=1)
+    cells(second, "process1")
+    first = ReplayedPartner(rank=0, partner=tuple(second.handed_in))
+    merged = cells(first, "process0")
+    # the same number of collective calls, the second process's last one with nothing to hand in
+    assert [item[0] for item in first.handed_in] == [pending[0], pending[2]]
+    assert [item and item[0] for item in second.handed_in] == [pending[1], None]
 
     def answers(table):  # everything but the timings
-        return {name: {length: (cell["metrics"], cell["errors"], cell["details"]["tiny_lengths"]["answers"])
-                       for length, cell in cells.items()} for name, cells in table.items()}
+        return {key: (cell["metrics"], cell["errors"], cell["details"]["tiny_lengths"]["answers"]) for key, cell in table.items()}
 
     assert answers(merged) == answers(one)
-    assert list(merged["paper"]) == ["64", "96"] and not one["paper"]["96"]["errors"]
-    assert one["paper"]["96"]["details"]["tiny_lengths"]["attention"] == "dga"
+    assert list(merged) == pending and not one[pending[1]]["errors"]
+    assert one[pending[1]]["details"]["tiny_lengths"]["attention"] == "dga"
 
 
 # ------------------------------------------------------------------------------------------------ hf-dga (lm-eval)
