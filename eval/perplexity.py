@@ -7,6 +7,8 @@ import random
 
 import torch
 
+from dga_hf.ops.stats import counting_keys
+
 
 # Positions per lm-head projection when scoring. The logits of the scored positions are never all in memory:
 # with Qwen2.5's 151,936-entry vocabulary the second half of a 32K window (16K positions) is ~10 GB of float32
@@ -68,17 +70,28 @@ def make_samples(tokenizer, corpus: list[int], length: int, spec: dict, rng: ran
 
 
 def run(model, tokenizer, windows: list[torch.Tensor], spec: dict) -> tuple[dict, list[dict]]:
-    nlls = []
+    details = []
     for window in windows:
-        nlls.append(second_half_nll(model, window))
-    details = [{"perplexity": math.exp(nll / count), "nll": nll, "tokens": count} for nll, count in nlls]
+        with counting_keys() as keys:
+            nll, count = second_half_nll(model, window)
+        # what the window's forward read, over every layer (a dense model records dense reads: 1.0)
+        details.append({"perplexity": math.exp(nll / count), "nll": nll, "tokens": count, "keys_read": keys.read, "keys_dense": keys.dense})
     return summarize(details, spec), details
 
 
 def summarize(details: list[dict], spec: dict) -> dict:
     """The metrics of a (configuration, length) from its windows' details (the harness gathers them from
     every process first): the perplexity pooled over every scored token."""
-    return {"perplexity": pooled_perplexity([(d["nll"], d["tokens"]) for d in details])}
+    metrics = {"perplexity": pooled_perplexity([(d["nll"], d["tokens"]) for d in details])}
+    if all("keys_dense" in d for d in details):
+        dense = sum(d["keys_dense"] for d in details)
+        # no attention call counted: the model is not patched, every layer attended densely
+        metrics["keys_read"] = sum(d["keys_read"] for d in details) / dense if dense else 1.0
+    return metrics
 
 
-METRICS = {"perplexity": {"label": "perplexity (second half of each window)", "unit": "", "higher_is_better": False, "compare": "diff"}}
+METRICS = {
+    "perplexity": {"label": "perplexity (second half of each window)", "unit": "", "higher_is_better": False, "compare": "diff"},
+    "keys_read": {"label": "keys read, measured (share of dense attention's, every layer of the windows' forwards)", "unit": "share",
+                  "higher_is_better": False, "compare": "ratio"},
+}
