@@ -20,6 +20,7 @@ import numpy as np
 from . import rule
 
 GROUP_BIASES = ("none", "log_size")
+EXPAND_SCORES = ("aggregate", "principal")
 BACKENDS = ("auto", "torch", "triton", "naive")
 DEFAULT_PRESET = "default"
 # The largest value of an integer setting. Sequences never come near it, the dispatch bounds every
@@ -52,6 +53,11 @@ class DGAConfig:
         expand_blocks: each query also reads raw every member of the ``E`` old blocks whose aggregates score
             highest for it (``max_g s*Q[g,i]*K_hat_c``), instead of their aggregates (query-aware expansion,
             docs/spec.md). 0 is the rule without expansion. Integer in [0, 2**31 - 1].
+        expand_score: how expansion scores an old block (docs/spec.md step 6), used only when
+            ``expand_blocks > 0`` (with 0 it is accepted and changes nothing): ``"aggregate"``, the
+            aggregate's logit ``max_g s*Q[g,i]*K_hat_c``; or ``"principal"``, the largest logit of the two
+            ends of the block's members projected on their principal axis (a rank-1 approximation of the
+            members: closer to the best member's logit, at one m x m eigendecomposition per block).
         sink_tokens: the first tokens of a sequence are always focal (inside the focal budget). Integer
             in [0, 2**31 - 1].
         group_bias: ``"none"``, or ``"log_size"`` to add ``log(members)`` to an aggregate's logit.
@@ -71,6 +77,7 @@ class DGAConfig:
     probe_queries: int = 64
     local_blocks: int = 1
     expand_blocks: int = 0
+    expand_score: str = "aggregate"
     sink_tokens: int = 0
     group_bias: str = "none"
     min_seq_len: int = 0
@@ -84,7 +91,7 @@ class DGAConfig:
         if not _is_real(ratio) or not (0.0 < ratio <= 1.0):
             raise ValueError(f"DGAConfig.focal_ratio={ratio!r} is invalid: allowed range is 0 < focal_ratio <= 1")
         object.__setattr__(self, "focal_ratio", _as_float(ratio))
-        for name, allowed in (("group_bias", GROUP_BIASES), ("backend", BACKENDS)):
+        for name, allowed in (("expand_score", EXPAND_SCORES), ("group_bias", GROUP_BIASES), ("backend", BACKENDS)):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"DGAConfig.{name}={value!r} is invalid: allowed values are {allowed}")

@@ -206,6 +206,7 @@ dga_config_strategy = st.builds(
     probe_queries=st.integers(1, 40),
     local_blocks=st.integers(1, 4),
     expand_blocks=st.sampled_from([0, 0, 1, 2, 5]),
+    expand_score=st.sampled_from(["aggregate", "principal"]),
     sink_tokens=st.integers(0, 6),
     group_bias=st.sampled_from(["none", "log_size"]),
     min_seq_len=st.sampled_from([0, 0, 0, 30]),

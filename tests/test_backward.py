@@ -41,8 +41,10 @@ def grads_of(function, inputs, upstream):
                    group_bias="log_size", min_seq_len=0), (2, 4, 2, 14, 4), True, True),
         (DGAConfig(group_size=2, focal_ratio=0.2, probe_queries=4, local_blocks=1, expand_blocks=2, min_seq_len=0),
          (2, 4, 2, 15, 4), True, True),
+        (DGAConfig(group_size=3, focal_ratio=0.2, probe_queries=4, local_blocks=1, expand_blocks=2, min_seq_len=0,
+                   expand_score="principal"), (2, 4, 2, 16, 4), True, True),
     ],
-    ids=["n1-full-jacobian", "n1-gqa", "n2-sinks-logsize-padded", "n1-expand2-padded"],
+    ids=["n1-full-jacobian", "n1-gqa", "n2-sinks-logsize-padded", "n1-expand2-padded", "n1-expand2-principal-padded"],
 )
 def test_gradcheck_float64(config, shape, padded, fast):
     """Analytic gradients of the torch backend equal finite differences (the selection stays fixed
@@ -79,8 +81,10 @@ def test_torch_backend_gradients_match_naive_reference(config, padded, seed, sha
         (DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=1, expand_blocks=3), [45, 33]),
         (DGAConfig(group_size=3, focal_ratio=0.25, probe_queries=6, local_blocks=2, expand_blocks=1, sink_tokens=2,
                    group_bias="log_size"), [45, 21]),
+        (DGAConfig(group_size=4, focal_ratio=0.2, probe_queries=6, local_blocks=1, expand_blocks=3,
+                   expand_score="principal"), [45, 33]),
     ],
-    ids=["n1", "n3-sinks-logsize-short-row", "empty-row", "n1-expand3", "n2-expand1-sinks-logsize"],
+    ids=["n1", "n3-sinks-logsize-short-row", "empty-row", "n1-expand3", "n2-expand1-sinks-logsize", "n1-expand3-principal"],
 )
 def test_stage5_backward_matches_explicit_mask_reference(config, lengths):
     """All seven gradients of attend_backward (q, k, v and the layout's focal keys/values and aggregates)
@@ -112,7 +116,8 @@ def test_stage5_backward_matches_explicit_mask_reference(config, lengths):
     assert torch.isinf(lse.permute(0, 3, 1, 2)[padded]).all() and torch.isfinite(lse.permute(0, 3, 1, 2)[~padded]).all()
 
 
-@pytest.mark.parametrize("exact", [dict(focal_ratio=1.0), dict(group_size=1), dict(local_blocks=20), dict(expand_blocks=18)])
+@pytest.mark.parametrize("exact", [dict(focal_ratio=1.0), dict(group_size=1), dict(local_blocks=20), dict(expand_blocks=18),
+                                   dict(expand_blocks=18, expand_score="principal")])
 def test_exact_settings_give_dense_gradients(exact):
     config = DGAConfig(**{"group_size": 4, "focal_ratio": 0.1, "local_blocks": 1, **exact})
     q, k, v = qkv(2, 4, 2, 70, 8, seed=7)

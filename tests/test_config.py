@@ -12,7 +12,7 @@ from importlib import resources
 import pytest
 
 from dga_hf import DecodingConfig, DGAConfig, preset_names
-from dga_hf.config import BACKENDS, GROUP_BIASES, resolve_config
+from dga_hf.config import BACKENDS, EXPAND_SCORES, GROUP_BIASES, resolve_config
 
 
 def _message(field: str, value: object, allowed: str) -> str:
@@ -68,14 +68,14 @@ def test_focal_ratio_allowed_is_stored_as_float(value, expected):
     assert type(ratio) is float and ratio == expected
 
 
-@pytest.mark.parametrize("field, allowed", [("group_bias", GROUP_BIASES), ("backend", BACKENDS)])
+@pytest.mark.parametrize("field, allowed", [("expand_score", EXPAND_SCORES), ("group_bias", GROUP_BIASES), ("backend", BACKENDS)])
 @pytest.mark.parametrize("value", ["LOG_SIZE", "cuda", "", None, 1])
 def test_choice_fields(field, allowed, value):
     with pytest.raises(ValueError, match=_message(field, value, re.escape(repr(allowed)))):
         DGAConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field, allowed", [("group_bias", GROUP_BIASES), ("backend", BACKENDS)])
+@pytest.mark.parametrize("field, allowed", [("expand_score", EXPAND_SCORES), ("group_bias", GROUP_BIASES), ("backend", BACKENDS)])
 def test_choice_fields_accept_every_allowed_value(field, allowed):
     for value in allowed:
         assert getattr(DGAConfig(**{field: value}), field) == value
@@ -115,8 +115,8 @@ def test_frozen_and_hashable():
 
 
 SAMPLE = DGAConfig(
-    group_size=8, focal_ratio=0.2, probe_queries=32, local_blocks=3, sink_tokens=4,
-    group_bias="log_size", min_seq_len=128, dense_layers=(0, 5), backend="torch",
+    group_size=8, focal_ratio=0.2, probe_queries=32, local_blocks=3, expand_blocks=5, expand_score="principal",
+    sink_tokens=4, group_bias="log_size", min_seq_len=128, dense_layers=(0, 5), backend="torch",
 )
 
 

@@ -46,11 +46,18 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 3), ("compact", 0)])
+def expansions(blocks: int) -> list[tuple[str, int, str]]:
+    """(mode, expand_blocks, expand_score) cases: keep_full without and with `blocks` expanded blocks by either
+    score, and compact (which cannot expand)."""
+    return [("keep_full", 0, "aggregate"), ("keep_full", blocks, "aggregate"), ("keep_full", blocks, "principal"),
+            ("compact", 0, "aggregate")]
+
+
+@pytest.mark.parametrize("mode,expand,score", expansions(3))
 @pytest.mark.parametrize("every", [None, 9, 1])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_steps_match_the_transcription(mode, expand, every, variant):
-    cfg = VARIANTS[variant].replace(expand_blocks=expand)
+def test_decode_steps_match_the_transcription(mode, expand, score, every, variant):
+    cfg = VARIANTS[variant].replace(expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(1, 110, seed=1)
     steps = [1] * 40
     out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
@@ -99,6 +106,15 @@ def test_expanded_blocks_change_the_output_and_all_of_them_read_every_raw_token(
 
     everything, _ = run_cache(q, k, v, DECODE_CFG.replace(expand_blocks=100), 70, [1] * 40, "keep_full", 9)
     torch.testing.assert_close(everything, dense_attention(q, k, v, scale=DECODE_SCALE), rtol=0, atol=1e-12)
+    # the principal score expands other blocks, in the prompt and in the steps, from the ends the state holds
+    principal = DECODE_CFG.replace(expand_blocks=3, expand_score="principal")
+    by_ends, cache = run_cache(q, k, v, principal, 70, [1] * 40, "keep_full", 9)
+    assert (by_ends[:, :, 70:] - expanded[:, :, 70:]).abs().max() > 1e-3
+    assert (by_ends[:, :, :70] - expanded[:, :, :70]).abs().max() > 1e-3
+    buffers = cache.layers[0].state.buffers
+    assert buffers.score_k.shape[:4] == (*buffers.agg_k.shape[:3], 2)
+    _, cache = run_cache(q, k, v, DECODE_CFG.replace(expand_score="principal"), 70, [1] * 5, "keep_full", 9)
+    assert cache.layers[0].state.buffers.score_k is None  # E = 0: nothing scores blocks
 
 
 class ArchiveSteps:
@@ -161,11 +177,11 @@ def test_dense_steps_are_dense_attention_and_the_rest_follow_the_rule(monkeypatc
     torch.testing.assert_close(out[:, :, :70], base[:, :, :70], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("expand", [0, 2])
-def test_refresh_off_is_the_spec_with_the_prefill_focal_set(expand):
+@pytest.mark.parametrize("expand,score", [(0, "aggregate"), (2, "aggregate"), (2, "principal")])
+def test_refresh_off_is_the_spec_with_the_prefill_focal_set(expand, score):
     """keep_full, no refresh: every position (prompt and decoded) gets the spec's output for F fixed at
     the prefill's selection, block expansion (step 6) included; the prompt part is the spec's prefill output."""
-    cfg = DECODE_CFG.replace(expand_blocks=expand)
+    cfg = DECODE_CFG.replace(expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(1, 120, seed=2)
     out, cache = run_cache(q, k, v, cfg, 64, [1] * 56, "keep_full", None)
     torch.testing.assert_close(out[:, :, :64], naive_dga_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], cfg, scale=DECODE_SCALE))
@@ -181,15 +197,16 @@ def test_refresh_off_is_the_spec_with_the_prefill_focal_set(expand):
 
 
 @pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
+@pytest.mark.parametrize("score", ["aggregate", "principal"])
 @pytest.mark.parametrize("expand", [1, 3, 40])
-def test_decoded_positions_are_the_spec_prefill_with_expansion(expand, steps):
+def test_decoded_positions_are_the_spec_prefill_with_expansion(expand, score, steps):
     """docs/decoding.md, "Consequences": keep_full, refreshing off, no dense steps: every position, prompt
     and decoded (one-token steps and chunks), is the spec's prefill output over the whole sequence, step 6
     included with E = expand_blocks (a decode step is a prefill row), with the prefill's F. The 14 sinks
     cover the focal budget at the prompt's length and the whole sequence's, so the prefill's F (each row's
     first 14 real tokens) is the whole sequence's F and `naive_dga_attention` can be the reference.
-    Left-padded batch; E = 40 is at least the 33 blocks: dense attention."""
-    cfg = DECODE_CFG.replace(group_size=4, focal_ratio=0.1, sink_tokens=14, expand_blocks=expand)
+    Left-padded batch; E = 40 is at least the 33 blocks: dense attention, whatever the score."""
+    cfg = DECODE_CFG.replace(group_size=4, focal_ratio=0.1, sink_tokens=14, expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(2, 140, seed=29)
     mask = torch.ones(2, 140, dtype=torch.bool)
     mask[1, :11] = False
@@ -265,11 +282,11 @@ def test_refresh_schedule_and_default_interval():
     assert cache.layers[0].state.settings.refresh_every == max(9, DECODE_CFG.group_size * DECODE_CFG.local_blocks // 8)
 
 
-@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
+@pytest.mark.parametrize("mode,expand,score", expansions(2))
 @pytest.mark.parametrize("every", [None, 9])
-def test_chunked_steps_match_the_transcription(mode, expand, every):
+def test_chunked_steps_match_the_transcription(mode, expand, score, every):
     """Every query of a chunk expands blocks, as the one-token steps between them do."""
-    cfg = DECODE_CFG.replace(expand_blocks=expand)
+    cfg = DECODE_CFG.replace(expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(1, 140, seed=4)
     steps = [5, 30, 1, 1, 12, 1, 1]
     out, _ = run_cache(q, k, v, cfg, 70, steps, mode, every)
@@ -327,14 +344,14 @@ EXACT_SETTINGS = {
 
 
 @pytest.mark.parametrize("steps", [[1] * 60, [5, 30, 1, 1, 20, 1, 3]], ids=["one-token", "chunks"])
-@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 2), ("compact", 0)])
+@pytest.mark.parametrize("mode,expand,score", expansions(2))
 @pytest.mark.parametrize("setting", list(EXACT_SETTINGS))
-def test_exact_settings_are_dense_attention_in_every_step(setting, mode, expand, steps):
+def test_exact_settings_are_dense_attention_in_every_step(setting, mode, expand, score, steps):
     """docs/spec.md's invariants hold through decoding and chunked prefill (docs/decoding.md, "Exact
     settings"): group_size=1, focal_ratio=1 and a window covering the sequence give dense attention at every
     position, with refreshes or none, on a left-padded batch. Tokens leave the 16-token window (one-token
     steps, the 30-token chunk) between refreshes: with focal_ratio=1 they used to be aggregated."""
-    cfg = EXACT_SETTINGS[setting].replace(expand_blocks=expand)
+    cfg = EXACT_SETTINGS[setting].replace(expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(2, 130, seed=25)
     mask = torch.ones(2, 130, dtype=torch.bool)
     mask[1, :11] = False
@@ -356,11 +373,11 @@ def test_compact_equals_keep_full_without_refresh_and_differs_with_it():
     assert (full - compact).abs().max() > 1e-3  # the refreshes choose among other candidates
 
 
-@pytest.mark.parametrize("mode,expand", [("keep_full", 0), ("keep_full", 12), ("compact", 0)])
-def test_left_padded_batch_equals_rows_alone(mode, expand):
+@pytest.mark.parametrize("mode,expand,score", expansions(12))
+def test_left_padded_batch_equals_rows_alone(mode, expand, score):
     """Rows of different lengths: with expansion, the shorter rows have fewer old blocks than the longest
     (some of the E chosen blocks are unusable for them)."""
-    cfg = DECODE_CFG.replace(min_seq_len=50, expand_blocks=expand)
+    cfg = DECODE_CFG.replace(min_seq_len=50, expand_blocks=expand, expand_score=score)
     q, k, v = decode_qkv(3, 150, seed=9)
     mask = torch.ones(3, 150, dtype=torch.bool)
     mask[1, :23] = False
@@ -372,6 +389,24 @@ def test_left_padded_batch_equals_rows_alone(mode, expand):
                              mode, 9)
         torch.testing.assert_close(out[b : b + 1, :, pad:], alone, rtol=0, atol=1e-12)
         assert out[b, :, :pad].abs().max() == 0 if pad else True
+
+
+def test_reordered_rows_keep_their_principal_ends():
+    """Beam search reorders and repeats rows (`reorder_cache`): the principal ends move with their rows (and
+    grow with them afterwards), so every row decodes on as the row it was copied from would have."""
+    cfg = DECODE_CFG.replace(expand_blocks=2, expand_score="principal")
+    q, k, v = decode_qkv(2, 120, seed=31)
+    rows = torch.tensor([1, 0, 1])
+    _, cache = run_cache(q, k, v, cfg, 70, [1] * 5, "keep_full", 9)
+    ends = cache.layers[0].state.buffers.score_k.clone()
+    cache.reorder_cache(rows)
+    assert torch.equal(cache.layers[0].state.buffers.score_k, ends[rows])
+    outs = []
+    for t in range(75, 120):
+        key, value = cache.update(k[rows, :, t : t + 1], v[rows, :, t : t + 1], 0)
+        outs.append(key._dga_state.attend(q[rows, :, t : t + 1], key, value, None, cfg, DECODE_SCALE))
+    expected, _ = run_cache(q[rows], k[rows], v[rows], cfg, 70, [1] * 50, "keep_full", 9)
+    torch.testing.assert_close(torch.cat(outs, dim=2), expected[:, :, 75:], rtol=0, atol=1e-12)
 
 
 def test_padded_new_tokens_are_skipped():
@@ -401,13 +436,15 @@ def test_bfloat16_runs_and_stays_close(mode):
 # ------------------------------------------------------------------------------------------------ memory and cost
 
 
-@pytest.mark.parametrize("mode,expand", [("keep_full", 2), ("compact", 0)])
-def test_rings_grow_with_the_rows_up_to_the_window(mode, expand):
+@pytest.mark.parametrize("mode,expand,score", [("keep_full", 2, "aggregate"), ("keep_full", 2, "principal"),
+                                               ("compact", 0, "aggregate")])
+def test_rings_grow_with_the_rows_up_to_the_window(mode, expand, score):
     """Below the window a ring holds a power of two >= the longest row (every position at its own slot)
     and grows with the rows up to the window: W = n * m tokens for the ring, n blocks for compact's q_bar
     (docs/decoding.md, "Memory and cost"). The outputs equal the transcription across the growth: one-token
-    steps and chunks, refreshes, and a left-padded row 11 tokens shorter than the other."""
-    cfg = DECODE_CFG.replace(local_blocks=12, expand_blocks=expand)  # W = 96
+    steps and chunks, refreshes, and a left-padded row 11 tokens shorter than the other (with the principal
+    score, its ends grow with the aggregates)."""
+    cfg = DECODE_CFG.replace(local_blocks=12, expand_blocks=expand, expand_score=score)  # W = 96
     window = cfg.group_size * cfg.local_blocks
     q, k, v = decode_qkv(2, 150, seed=27)
     mask = torch.ones(2, 150, dtype=torch.bool)

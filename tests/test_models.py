@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 
 import pytest
@@ -328,20 +329,24 @@ def test_patching_twice_is_harmless():
 # ------------------------------------------------------------------------------------------------ save / load
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_save_and_load_keep_settings_and_logits(arch, tmp_path):
-    model = patch(make_model(arch), SPARSE_SINKS_LOGSIZE)
+@pytest.mark.parametrize("arch,settings", [
+    ("llama", SPARSE_SINKS_LOGSIZE), ("qwen3", SPARSE_SINKS_LOGSIZE),
+    ("llama", SPARSE_SINKS_LOGSIZE.replace(expand_blocks=3, expand_score="principal")),
+], ids=["llama", "qwen3", "llama-principal-expansion"])
+def test_save_and_load_keep_settings_and_logits(arch, settings, tmp_path):
+    model = patch(make_model(arch), settings)
     torch.manual_seed(14)
     ids = random_ids(1, 150)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dga"] == settings.to_dict()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="dga").eval()
     assert is_patched(loaded)
-    assert DGAConfig.from_dict(loaded.config.dga) == SPARSE_SINKS_LOGSIZE
-    assert config_of(loaded.model.layers[1].self_attn) == SPARSE_SINKS_LOGSIZE
+    assert DGAConfig.from_dict(loaded.config.dga) == settings
+    assert config_of(loaded.model.layers[1].self_attn) == settings
     assert torch.equal(logits(loaded, ids), expected)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # settings come along, unused
-    assert not is_patched(plain) and DGAConfig.from_dict(plain.config.dga) == SPARSE_SINKS_LOGSIZE
+    assert not is_patched(plain) and DGAConfig.from_dict(plain.config.dga) == settings
     patch(plain)  # ...until patched with no explicit settings
     assert torch.equal(logits(plain, ids), expected)
 

@@ -104,8 +104,10 @@ def test_sparse_setting_differs_from_dense():
         dict(group_size=8, local_blocks=9),  # ceil(70 / 8) = 9 local blocks cover everything
         dict(min_seq_len=71),
         dict(expand_blocks=18),  # ceil(70 / 4) = 18 blocks: every old block is expanded
+        dict(expand_blocks=18, expand_score="principal"),  # whatever the score
     ],
-    ids=["group_size=1", "focal_ratio=1", "local_blocks>=ceil(L/m)", "below_min_seq_len", "expand_blocks>=ceil(L/m)"],
+    ids=["group_size=1", "focal_ratio=1", "local_blocks>=ceil(L/m)", "below_min_seq_len", "expand_blocks>=ceil(L/m)",
+         "expand_blocks>=ceil(L/m)-principal"],
 )
 @pytest.mark.parametrize("others", [dict(), dict(sink_tokens=3, group_bias="log_size", probe_queries=2, local_blocks=2)])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
@@ -130,6 +132,7 @@ def attention_mass(config, seq_len, padding_mask=None, seed=0):
     DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1),
     DGAConfig(group_size=5, focal_ratio=0.1, local_blocks=2, sink_tokens=2),
     DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3),
+    DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3, expand_score="principal"),
 ])
 def test_no_query_sees_a_later_key_and_mass_sums_to_one(config):
     mass = attention_mass(config, 45)
@@ -138,11 +141,12 @@ def test_no_query_sees_a_later_key_and_mass_sums_to_one(config):
     torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("expand_blocks", [0, 2])
-def test_padding_is_never_attended_selected_or_aggregated(expand_blocks):
+@pytest.mark.parametrize("expand_blocks,expand_score", [(0, "aggregate"), (2, "aggregate"), (2, "principal")])
+def test_padding_is_never_attended_selected_or_aggregated(expand_blocks, expand_score):
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[1, :13] = False
-    config = DGAConfig(group_size=4, focal_ratio=0.3, local_blocks=1, sink_tokens=2, expand_blocks=expand_blocks)
+    config = DGAConfig(group_size=4, focal_ratio=0.3, local_blocks=1, sink_tokens=2, expand_blocks=expand_blocks,
+                       expand_score=expand_score)
     mass = attention_mass(config, 40, mask, seed=5)
     assert mass[1, :, :, :13].abs().max() == 0  # no query puts weight on a padded key
     assert mass[1, :, :13].abs().max() == 0  # padded queries output zeros
@@ -193,43 +197,187 @@ def test_ties_in_importance_pick_the_earlier_position():
 # ------------------------------------------------------------------------------------------------ expansion
 
 
-def brute_force_expansion(q, agg_key, agg_bias, config, scale):
-    """docs/spec.md step 6 one query at a time: [B, H, L, X] chosen blocks, ascending, padded with nb."""
+def brute_force_expansion(q, layout, config, scale, block_keys):
+    """docs/spec.md step 6 one query at a time: [B, H, L, X] chosen blocks, ascending, padded with nb. Block c
+    of row b, kv head h, with members (its real positions outside F, from the layout's F) is scored by the
+    largest logit over the G heads of the keys `block_keys(b, h, c, members)` [S, d]."""
     batch, heads, group, seq_len, _ = q.shape
-    num_blocks = agg_key.shape[2]
-    width = min(config.expand_blocks, max(0, (seq_len - 1) // config.group_size - config.local_blocks + 1))
+    m = config.group_size
+    num_blocks = layout.agg_key.shape[2]
+    width = min(config.expand_blocks, max(0, (seq_len - 1) // m - config.local_blocks + 1))
     chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long)
     for b in range(batch):
+        length = int(layout.lengths[b])
         for h in range(heads):
-            score = (scale * q[b, h].double() @ agg_key[b, h].double().T).amax(0)  # [L, nb]
+            score = {}
+            for c in range(num_blocks):
+                members = [j for j in range(c * m, min((c + 1) * m, length)) if not layout.focal[b, h, j]]
+                assert bool(members) == bool(torch.isfinite(layout.agg_bias[b, h, c]))
+                if members:
+                    score[c] = (scale * q[b, h].double() @ block_keys(b, h, c, members).double().T).amax(dim=(0, 2))
             for i in range(seq_len):
-                old = i // config.group_size - config.local_blocks + 1
-                candidates = [c for c in range(max(0, old)) if torch.isfinite(agg_bias[b, h, c])]
-                picked = sorted(sorted(candidates, key=lambda c: (-score[i, c].item(), c))[: config.expand_blocks])
+                old = i // m - config.local_blocks + 1
+                candidates = [c for c in range(max(0, old)) if c in score]
+                picked = sorted(sorted(candidates, key=lambda c: (-score[c][i].item(), c))[: config.expand_blocks])
                 chosen[b, h, i, : len(picked)] = torch.tensor(picked, dtype=torch.long)
     return chosen
 
 
+def expansion_inputs(seed=5, collinear=False):
+    """float64 q [2, 2, 3, 61, 8], k, v [2, 2, 61, 8] and row lengths [61, 38] (m = 4 gives 16 blocks, the last
+    one short). `collinear`: the keys of each block of 4 lie on a line of their own."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 3, 61, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 61, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    if collinear:
+        base, direction = (torch.randn(2, 2, 16, 1, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+        along = 2 * torch.randn(2, 2, 16, 4, 1, generator=gen, dtype=torch.float64)
+        k = (base + along * direction).flatten(2, 3)[:, :, :61].contiguous()
+    return q, k, v, torch.tensor([61, 38])
+
+
+@pytest.mark.parametrize("expand_score", ["aggregate", "principal"])
 @pytest.mark.parametrize("config", [
     DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=2, probe_queries=5),
     DGAConfig(group_size=3, focal_ratio=0.1, local_blocks=3, expand_blocks=5, probe_queries=5, group_bias="log_size"),
     DGAConfig(group_size=2, focal_ratio=0.5, local_blocks=1, expand_blocks=40),
 ])
-def test_expanded_blocks_are_the_top_scored_old_blocks(monkeypatch, config):
+def test_expanded_blocks_are_the_top_scored_old_blocks(monkeypatch, config, expand_score):
     """The layout's choice (scored in chunks of query blocks; a tiny chunk budget makes several) equals
-    the spec's, written one query at a time; the bias of log_size never enters the score."""
+    the spec's, written one query at a time, each block's score keys (its aggregate, or its principal ends)
+    from the naive transcription over its members; the bias of log_size never enters the score."""
     from dga_hf.ops import layout as layout_module
+    from dga_hf.ops.naive.expansion import block_score_keys
 
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 2, 3, 61, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, 61, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    lengths = torch.tensor([61, 38])
+    config = config.replace(expand_score=expand_score)
+    q, k, v, lengths = expansion_inputs()
     monkeypatch.setattr(layout_module, "EXPANSION_CHUNK_SCORES", 400)
     layout = layout_module.build_layout(q, k, v, lengths, config, 0.4)
-    expected = brute_force_expansion(q, layout.agg_key, layout.agg_bias, config, 0.4)
+    assert layout.score_key.shape[3] == (2 if expand_score == "principal" else 1)
+    expected = brute_force_expansion(
+        q, layout, config, 0.4, lambda b, h, c, members: block_score_keys(k[b, h, members], layout.agg_key[b, h, c], expand_score)
+    )
     real = torch.arange(61)[None, :] < lengths[:, None]
     assert torch.equal(layout.expanded.permute(0, 2, 1, 3)[real], expected.permute(0, 2, 1, 3)[real])
     assert (layout.expanded < layout.agg_key.shape[2]).any()
+
+
+def test_principal_score_of_collinear_members_is_their_largest_logit():
+    """docs/spec.md step 6: members on a line are their own rank-1 approximation, so the principal ends are
+    the two extreme members and a block's principal score is the exact largest logit of its members: the
+    layout expands the blocks that exact score picks (the aggregate score picks others), and the output is the
+    naive transcription's."""
+    from dga_hf.ops.layout import build_layout
+
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3, probe_queries=5,
+                       expand_score="principal")
+    q, k, v, lengths = expansion_inputs(seed=8, collinear=True)
+    layout = build_layout(q, k, v, lengths, config, 0.4)
+    exact = brute_force_expansion(q, layout, config, 0.4, lambda b, h, c, members: k[b, h, members])
+    real = torch.arange(61)[None, :] < lengths[:, None]
+    assert torch.equal(layout.expanded.permute(0, 2, 1, 3)[real], exact.permute(0, 2, 1, 3)[real])
+    aggregate = build_layout(q, k, v, lengths, config.replace(expand_score="aggregate"), 0.4)
+    assert not torch.equal(aggregate.expanded, layout.expanded)
+    grouped = q.flatten(1, 2)  # [B, Hq, L, d]: query head h * G + g
+    expected = naive_dga_attention(grouped, k, v, config, scale=0.4, padding_mask=real)
+    actual = dga_attention(grouped, k, v, config, scale=0.4, padding_mask=real, backend="torch")
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_principal_ends_of_a_line_one_member_and_no_member():
+    """The batched ends (`principal_ends`) and the naive transcription's agree: on a line they are the
+    extreme members (so the largest logit of any query over them is the members' largest); one member gives
+    that key twice; a block without members gives zeros."""
+    from dga_hf.ops.layout import principal_ends
+    from dga_hf.ops.naive.expansion import block_score_keys
+
+    gen = torch.Generator().manual_seed(2)
+    base, direction = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    keys = base + torch.tensor([0.3, -1.2, 2.5, 0.9, 0.1], dtype=torch.float64)[:, None] * direction  # [5, 8]
+    members = torch.tensor([True, True, True, True, False])  # the fifth key is not a member
+    ends = principal_ends(keys[None], members[None])[0]  # [2, 8]
+    extremes = torch.stack([keys[2], keys[1]])
+    order = lambda x: x[torch.argsort((x - base) @ direction)]  # noqa: E731 - the ends in either order
+    torch.testing.assert_close(order(ends), order(extremes), atol=1e-12, rtol=0)
+    torch.testing.assert_close(order(block_score_keys(keys[:4], keys[0], "principal")), order(extremes), atol=1e-12, rtol=0)
+    queries = torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close((queries @ ends.T).amax(-1), (queries @ keys[:4].T).amax(-1), atol=1e-12, rtol=0)
+
+    one = torch.tensor([False, False, True, False, False])
+    torch.testing.assert_close(principal_ends(keys[None], one[None])[0], keys[2].expand(2, 8), atol=1e-15, rtol=0)
+    torch.testing.assert_close(block_score_keys(keys[2:3], keys[2], "principal"), keys[2].expand(2, 8), atol=0, rtol=0)
+    assert torch.equal(principal_ends(keys[None], torch.zeros(1, 5, dtype=torch.bool))[0], torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_principal_ends_match_the_naive_transcription_on_random_blocks():
+    """Random blocks with random members (float64): the batched Gram-matrix ends equal the naive per-block ends
+    (in either order: the sign of the principal axis is free)."""
+    from dga_hf.ops.layout import principal_ends
+    from dga_hf.ops.naive.expansion import block_score_keys
+
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(3, 7, 6, 5, generator=gen, dtype=torch.float64)  # [.., c, m, d]: m > d too
+    members = torch.rand(3, 7, 6, generator=gen) < 0.7
+    members[:, 0] = False
+    ends = principal_ends(keys, members)
+    for a in range(3):
+        for c in range(7):
+            if not members[a, c].any():
+                assert torch.equal(ends[a, c], torch.zeros(2, 5, dtype=torch.float64))
+                continue
+            naive = block_score_keys(keys[a, c, members[a, c]], keys[a, c, 0], "principal")
+            same = torch.allclose(ends[a, c], naive, atol=1e-12, rtol=0)
+            assert same or torch.allclose(ends[a, c].flip(0), naive, atol=1e-12, rtol=0), (a, c)
+
+
+def test_aggregate_score_is_the_aggregate_logit_bit_for_bit():
+    """expand_score="aggregate", the default, is the rule before the score became a setting: the layout scores a
+    view of its aggregates, and `choose_expanded` on it is select_focal over max_g s*Q*K_hat, to the bit.
+    With expand_blocks = 0 the score is accepted and changes nothing."""
+    from dga_hf.ops.layout import build_layout, choose_expanded, select_focal
+
+    assert DGAConfig().expand_score == "aggregate" and DGAConfig() == DGAConfig(expand_score="aggregate")
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3, probe_queries=5)
+    q, k, v, lengths = (x.float() if x.is_floating_point() else x for x in expansion_inputs())
+    layout = build_layout(q, k, v, lengths, config, 0.4)
+    assert layout.score_key.shape == (*layout.agg_key.shape[:3], 1, 8)
+    assert layout.score_key.data_ptr() == layout.agg_key.data_ptr()  # a view: no copy
+    query_block = (torch.arange(61) // 4)[None]
+    has_members = torch.isfinite(layout.agg_bias)
+    picked = choose_expanded(q, query_block, layout.score_key, has_members, 3, 1, 0.4)
+    score = (0.4 * q @ layout.agg_key[:, :, None].transpose(-1, -2)).amax(2)
+    eligible = (torch.arange(16) < query_block[..., None]) & has_members[:, :, None, :]
+    expected = select_focal(score, eligible, torch.zeros((), dtype=torch.bool), torch.full((1, 1, 1, 1), 3))
+    assert torch.equal(picked, expected) and picked.any()
+
+    unused = build_layout(q, k, v, lengths, config.replace(expand_blocks=0, expand_score="principal"), 0.4)
+    assert unused.score_key is None and unused.expanded is None
+    grouped = q.flatten(1, 2)
+    torch.testing.assert_close(dga_attention(grouped, k, v, config.replace(expand_blocks=0, expand_score="principal")),
+                               dga_attention(grouped, k, v, config.replace(expand_blocks=0)), atol=0, rtol=0)
+
+
+def test_expansion_scores_in_chunks_that_count_the_score_keys(monkeypatch):
+    """The expansion's scores are bounded by EXPANSION_CHUNK_SCORES logits per chunk, the S score keys of a
+    block counted (the principal score has two per block, so its chunks hold half the queries)."""
+    from dga_hf.ops import layout as layout_module
+
+    calls = []
+    choose = layout_module.choose_expanded
+
+    def counting(query, query_block, score_key, *args):
+        calls.append(query.shape[:4].numel() * score_key.shape[2] * score_key.shape[3])
+        return choose(query, query_block, score_key, *args)
+
+    q, k, v, lengths = expansion_inputs()
+    per_query_block = 2 * 2 * 3 * 4 * 16  # B * H * G * m * blocks
+    monkeypatch.setattr(layout_module, "EXPANSION_CHUNK_SCORES", 3 * per_query_block)
+    monkeypatch.setattr(layout_module, "choose_expanded", counting)
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3, probe_queries=5)
+    for expand_score, chunks in (("aggregate", 5), ("principal", 15)):  # 15 query blocks have old blocks
+        calls.clear()
+        layout_module.build_layout(q, k, v, lengths, config.replace(expand_score=expand_score), 0.4)
+        assert len(calls) == chunks and max(calls) <= 3 * per_query_block, (expand_score, calls)
 
 
 def test_ties_in_expansion_pick_the_earlier_block():
@@ -248,15 +396,17 @@ def test_ties_in_expansion_pick_the_earlier_block():
     torch.testing.assert_close(dga_attention(q, k, v, config, backend="torch").double(), expected_out, atol=FP32_TOL, rtol=FP32_TOL)
 
 
+@pytest.mark.parametrize("expand_score", ["aggregate", "principal"])
 @pytest.mark.parametrize("tile", [1, 2, 7])
-def test_expanding_inference_matches_the_reference(monkeypatch, tile):
+def test_expanding_inference_matches_the_reference(monkeypatch, tile, expand_score):
     """Inference with expansion: per tile one SDPA whose keys include the union of the blocks its queries
     expand (each query masked to its own), the expanded aggregates hidden in its mask row for that tile
     only; tiles of 1, 2 and 7 blocks, a left-padded batch, and values of another head size than the keys.
     Equal to the float64 transcription."""
     from dga_hf.ops import torch_backend
 
-    config = DGAConfig(group_size=4, focal_ratio=0.15, local_blocks=2, expand_blocks=3, probe_queries=5, sink_tokens=1)
+    config = DGAConfig(group_size=4, focal_ratio=0.15, local_blocks=2, expand_blocks=3, probe_queries=5, sink_tokens=1,
+                       expand_score=expand_score)
     q, k, v = qkv(2, 6, 2, 77, 8, seed=21, dtype=torch.float64)
     v = torch.cat([v, v[..., :3] ** 2], dim=-1)
     mask = left_padding(2, 77, seed=21)

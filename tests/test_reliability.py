@@ -574,7 +574,7 @@ def test_plain_load_of_a_saved_dga_model_warns(tmp_path):
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dga_hf.config import BACKENDS, GROUP_BIASES  # noqa: E402
+from dga_hf.config import BACKENDS, EXPAND_SCORES, GROUP_BIASES  # noqa: E402
 
 _INT_VALUES = st.one_of(
     st.integers(-3, 40),
@@ -589,6 +589,7 @@ _FIELD_VALUES = {
         st.sampled_from([0, 1, True, "0.1", None, [0.1]]),
     ),
     "group_bias": st.sampled_from([*GROUP_BIASES, "LOG_SIZE", "", None, 1]),
+    "expand_score": st.sampled_from([*EXPAND_SCORES, "Principal", "max", "", None, 1]),
     "backend": st.sampled_from([*BACKENDS, "cuda", None]),
     "dense_layers": st.one_of(
         st.lists(st.one_of(st.integers(-2, 40), st.integers(0, 9).map(np.int32), st.sampled_from([1.0, "2", True, None]))),
@@ -606,6 +607,8 @@ def _valid(name, value) -> bool:
         return isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and 0 < value <= 1
     if name == "group_bias":
         return value in GROUP_BIASES if isinstance(value, str) else False
+    if name == "expand_score":
+        return value in EXPAND_SCORES if isinstance(value, str) else False
     if name == "backend":
         return value in BACKENDS if isinstance(value, str) else False
     return isinstance(value, (list, tuple)) and all(is_int(index) and index >= 0 for index in value)

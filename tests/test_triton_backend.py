@@ -85,6 +85,10 @@ EXPAND_CASES = {
     "E2-G1-d128": (1, 1, 1, 30, 128, CFG_A.replace(expand_blocks=2), None, 16, 32),
     "E1-m20-G2-d16": (1, 1, 2, 61, 16, CFG_C.replace(group_size=20, expand_blocks=1), None, 16, 16),
     "E2-G4-default-tiles": (1, 1, 4, 70, 64, CFG_D.replace(expand_blocks=2), [50], None, None),
+    # the principal score (docs/spec.md step 6) chooses other blocks; the kernels read the layout's choice
+    "E1-G3-pad-principal": (2, 1, 3, 37, 64, CFG_D.replace(expand_blocks=1, expand_score="principal"), [37, 22], 16, 16),
+    "E3-G4-sink-bias-n3-principal": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3, expand_score="principal"), None,
+                                     32, 16),
 }
 
 
@@ -118,8 +122,11 @@ def test_matches_torch_backend_16bit(dtype, rows, block_n, expand_blocks, device
         (3, 29, CFG_A.replace(expand_blocks=2), [0, 6]),
         (8, 35, CFG_B.replace(expand_blocks=1), [4, 0]),
         (1, 26, CFG_A.replace(expand_blocks=7), [0, 9]),  # 7 blocks: every old block is expanded
+        (3, 29, CFG_A.replace(expand_blocks=2, expand_score="principal"), [0, 6]),
+        (8, 35, CFG_B.replace(expand_blocks=1, expand_score="principal"), [4, 0]),
     ],
-    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row", "G3-L29-E2", "G8-L35-E1", "G1-L26-E-all"],
+    ids=["G4-L33", "G3-L17", "G1-L40-minlen", "G2-empty-row", "G3-L29-E2", "G8-L35-E1", "G1-L26-E-all",
+         "G3-L29-E2-principal", "G8-L35-E1-principal"],
 )
 def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
     """dga_attention(backend="triton") with left padding, against the float64 transcription of the spec."""
@@ -136,8 +143,9 @@ def test_dispatch_matches_naive(group, seq_len, cfg, left_pad, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cfg", [CFG_A.replace(focal_ratio=1.0), CFG_B.replace(expand_blocks=8)],
-                         ids=["focal_ratio=1", "expand_blocks>=blocks"])
+@pytest.mark.parametrize("cfg", [CFG_A.replace(focal_ratio=1.0), CFG_B.replace(expand_blocks=8),
+                                 CFG_B.replace(expand_blocks=8, expand_score="principal")],
+                         ids=["focal_ratio=1", "expand_blocks>=blocks", "expand_blocks>=blocks-principal"])
 def test_exact_settings_are_dense(cfg, device):
     """focal_ratio = 1 (every earlier token is focal) or expand_blocks >= the number of blocks (every old
     block is expanded): the result is dense causal attention (docs/spec.md, Invariants)."""

@@ -50,6 +50,8 @@ CASES = {
     "E-all-G8-pad-empty-row": (2, 1, 8, 42, 64, CFG_A.replace(expand_blocks=11), [42, 0], 64, 16),
     "E2-G1-m20": (1, 1, 1, 70, 64, CFG_C.replace(group_size=20, expand_blocks=2), [61], 16, 16),
     "E2-G4-m16-default-tiles": (1, 1, 4, 90, 64, CFG_C.replace(expand_blocks=2), None, None, None),
+    "E3-G4-sink-bias-n3-principal": (1, 2, 4, 45, 64, CFG_B.replace(expand_blocks=3, expand_score="principal"), None,
+                                     32, 16),
 }
 # the kernels compile once per head dim / tiles / config: the GPU run (scripts/gpu_check.sh, one time-boxed
 # step) takes the cases that run every loop, and test_cuda_long_rows_default_tiles the real shapes
@@ -198,7 +200,8 @@ def test_float64_falls_back_to_torch_backend():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cfg", [CFG_B, CFG_B.replace(expand_blocks=2)], ids=["E0", "E2"])
+@pytest.mark.parametrize("cfg", [CFG_B, CFG_B.replace(expand_blocks=2), CFG_B.replace(expand_blocks=2, expand_score="principal")],
+                         ids=["E0", "E2", "E2-principal"])
 def test_dispatch_gradients_match_naive(cfg, device):
     """Whole path: dga_attention(backend="triton") with left padding, gradients of q, k, v (through the
     layout's gathers and aggregates too) against autograd through the float64 naive transcription."""

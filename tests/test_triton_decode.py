@@ -51,8 +51,10 @@ def _on(device, *tensors):
         ("keep_full", 0, None, DECODE_CFG.replace(local_blocks=1, sink_tokens=0, group_bias="none")),
         ("compact", 0, 5, DECODE_CFG),
         ("keep_full", 2, 4, DECODE_CFG.replace(group_size=4, local_blocks=3, focal_ratio=0.15, min_seq_len=76)),
+        ("keep_full", 3, 5, DECODE_CFG.replace(expand_score="principal")),
     ],
-    ids=["keep_full-expand-refresh", "keep_full-one-local-block", "compact-refresh", "m4-n3-dense-rows-switch"],
+    ids=["keep_full-expand-refresh", "keep_full-one-local-block", "compact-refresh", "m4-n3-dense-rows-switch",
+         "keep_full-expand-principal-refresh"],
 )
 def test_steps_match_the_transcription(mode, expand, every, cfg, device, kernel_calls):
     cfg = cfg.replace(expand_blocks=expand)

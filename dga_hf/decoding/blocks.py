@@ -1,6 +1,7 @@
 """Blocks of a decode state (docs/decoding.md): the prompt's complete blocks at prefill, blocks closing
 during decoding (their q_bar and aggregate), and focal tokens folded into their block's aggregate. Stage 4
-itself is `ops.layout.aggregate_blocks`, the prefill's."""
+itself is `ops.layout.aggregate_blocks`, the prefill's, which also gives the blocks' score keys for
+expand_score="principal" (docs/spec.md step 6) where the state expands with it."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ class PrefillBlocks:
     agg_value: torch.Tensor  # [B, H, nc, dv]
     lse: torch.Tensor  # [B, H, nc]
     count: torch.Tensor  # [B, H, nc]
+    score_key: torch.Tensor | None  # [B, H, nc, 2, d]: the principal ends where the state scores by them, else None
 
 
-def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -> PrefillBlocks:
-    """`Prefill` (compacted) -> the aggregates of each row's complete blocks over their non-focal tokens.
-    Only complete blocks are cut out of the keys, never padded to a whole block: memory follows the
-    prompt however large m is."""
+def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype, principal: bool) -> PrefillBlocks:
+    """`Prefill` (compacted) -> the aggregates of each row's complete blocks over their non-focal tokens
+    (and with `principal` their principal ends). Only complete blocks are cut out of the keys, never padded
+    to a whole block: memory follows the prompt however large m is."""
     query, key, value, lengths, focal = prefill.query, prefill.key, prefill.value, prefill.lengths, prefill.focal
     batch, heads, _, seq_len, _ = query.shape
     m = group_size
@@ -48,9 +50,8 @@ def prefill_blocks(prefill, group_size: int, scale: float, dtype: torch.dtype) -
     def blocked(x):
         return x[:, :, :span].reshape(batch, heads, whole, m, x.shape[-1])
 
-    agg_key, agg_value, lse, count = aggregate_blocks(query_bar[:, :, :whole], blocked(key), blocked(value), members,
-                                                      scale)
-    return PrefillBlocks(query_bar, agg_key, agg_value, lse, count)
+    aggregates = aggregate_blocks(query_bar[:, :, :whole], blocked(key), blocked(value), members, scale, principal)
+    return PrefillBlocks(query_bar, *aggregates)
 
 
 @dataclass
@@ -88,15 +89,15 @@ def aggregate_held_blocks(buffers: DecodeBuffers, raw: RawKeys, rows, blocks, in
                           scale: float) -> None:
     """Aggregate blocks `blocks` of rows `rows` [N] from raw keys (the block's tokens at slots `index`
     [N, m]; a member is a token the slot still holds and not focal) with `query_bar` [N, H, d], into the
-    buffers."""
+    buffers (with the score keys, where they hold some)."""
     positions = blocks[:, None] * group_size + torch.arange(group_size, device=blocks.device)
     keys = raw.keys[rows[:, None], :, index].transpose(1, 2)  # [N, H, m, d]
     values = raw.values[rows[:, None], :, index].transpose(1, 2)
     held = raw.positions[rows[:, None], index] == positions  # [N, m]
     members = ~raw.focal[rows[:, None], :, index].transpose(1, 2) & held[:, None, :]
-    agg_k, agg_v, lse, count = aggregate_blocks(query_bar[:, :, None], keys[:, :, None], values[:, :, None],
-                                                members[:, :, None], scale)
-    buffers.set_aggregates((rows, slice(None), blocks), agg_k[:, :, 0], agg_v[:, :, 0], lse[:, :, 0], count[:, :, 0])
+    aggregates = aggregate_blocks(query_bar[:, :, None], keys[:, :, None], values[:, :, None], members[:, :, None],
+                                  scale, buffers.score_k is not None)
+    buffers.set_aggregates((rows, slice(None), blocks), *(None if x is None else x[:, :, 0] for x in aggregates))
 
 
 def window_block_pairs(lengths: list[int], group_size: int, local_blocks: int) -> list[tuple[int, int]]:
@@ -112,7 +113,8 @@ def window_block_pairs(lengths: list[int], group_size: int, local_blocks: int) -
 def fold(buffers: DecodeBuffers, folded, focal_pos, focal_k, focal_v, focal_logit, group_size: int, dtype) -> None:
     """Add the `folded` focal tokens [B, H, F] to their blocks' aggregates: the result is the aggregate
     (spec stage 4) over the block's previous members and these tokens, from K_hat, V_hat, the block's lse
-    and each token's logit s * q_bar_c . k_j (recorded when its block closed)."""
+    and each token's logit s * q_bar_c . k_j (recorded when its block closed). Only compact folds, and it
+    never expands blocks, so there are no score keys to follow the new members."""
     lse = buffers.agg_lse
     blocks = rule.block_of(focal_pos.clamp(max=SENTINEL - 1), group_size).clamp(max=lse.shape[2] - 1)
     blocks = torch.where(folded, blocks, 0)

@@ -9,6 +9,9 @@ Shapes: B rows, H kv heads, d head dim, each row in compacted coordinates (its r
     position % R; R = `ring_size` of the longest row, at most the window W = n * m
   agg_k/v [B, H, NBcap, d] (block c at index c; complete blocks only), agg_lse [B, H, NBcap] (log normaliser,
     -inf for an empty block), agg_cnt [B, H, NBcap] (members), agg_bias [B, H, NBcap] (stage 5's logit bias)
+  score_k [B, H, NBcap, 2, d]: the blocks' principal ends, what expansion scores them by with
+    expand_score="principal" (docs/spec.md step 6); held only then (keep_full, E > 0), else None. Grown,
+    written and selected with agg_k, from the same `aggregate_blocks` call
 Every capacity follows the sequence, never the settings alone (docs/decoding.md, "Memory and cost"): the
 prefill sizes buffers for the prompt plus `PrefillCapacity`'s spare, and they grow geometrically (GROWTH,
 GROWTH_STEP; rings by powers of two up to their period: `ring_size`); unused slots are masked by position,
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import rule
-from ..ops.layout import aggregate_bias
+from ..ops.layout import aggregate_bias, block_score_keys
 
 PACKED = ("focal_k", "agg_k", "ring_k", "focal_v", "agg_v", "ring_v")
 SENTINEL = 2**62  # position of an unused focal slot: its block is never old
@@ -220,7 +223,7 @@ class DecodeBuffers:
     the prompt's complete blocks (`PrefillBlocks`)."""
 
     SELECTED = ("focal_k", "focal_v", "focal_pos", "focal_cnt", "ring_k", "ring_v", "ring_pos", "ring_focal",
-                "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt")
+                "agg_k", "agg_v", "agg_bias", "agg_lse", "agg_cnt", "score_k")
 
     def __init__(self, prefill, blocks, dense_rows: list[bool], window: int, group_bias: str,
                  capacity: PrefillCapacity):
@@ -244,6 +247,9 @@ class DecodeBuffers:
         self.agg_lse = grow(blocks.lse, 2, capacity.blocks, -math.inf, exact=True)
         self.agg_cnt = grow(blocks.count, 2, capacity.blocks, exact=True)
         self.agg_bias = block_bias(self.agg_lse, self.agg_cnt, group_bias)
+        self.score_k = None
+        if blocks.score_key is not None:
+            self.score_k = grow(blocks.score_key.to(key.dtype), 2, capacity.blocks, exact=True)
         self.ws_k = self.ws_v = None  # the packed workspace, built by the first one-token PyTorch step
         self.tail = 0
         self._packed: tuple | None = None
@@ -254,7 +260,8 @@ class DecodeBuffers:
     def select_rows(self, index: torch.Tensor) -> None:
         for name in self.SELECTED:
             value = getattr(self, name)
-            setattr(self, name, value.index_select(0, index.to(value.device)))
+            if value is not None:
+                setattr(self, name, value.index_select(0, index.to(value.device)))
 
     @property
     def ring_slots(self) -> int:
@@ -266,6 +273,8 @@ class DecodeBuffers:
         ring for rows of up to `length` tokens (`ring_size`: below the window every position keeps its slot)."""
         for name, fill in (("agg_k", 0), ("agg_v", 0), ("agg_cnt", 0), ("agg_lse", -math.inf), ("agg_bias", -math.inf)):
             setattr(self, name, grow(getattr(self, name), 2, blocks, fill))
+        if self.score_k is not None:
+            self.score_k = grow(self.score_k, 2, blocks)
         slots = ring_size(length, self.window)
         if slots > self.ring_slots:
             self.ring_pos = grow(self.ring_pos, 1, slots, -1, exact=True)
@@ -334,16 +343,25 @@ class DecodeBuffers:
         index = raw_index(self.ring_pos.clamp(min=0), start[:, None], slots, True)
         self.ring_k, self.ring_v, self.ring_focal = _ring_rows(self.ring_pos, index, raw.keys, raw.values, raw.focal)
 
-    def set_aggregates(self, index: tuple, agg_k, agg_v, lse, count) -> None:
-        """Write aggregates (`aggregate_blocks`' results) at `index` of the [B, H, NBcap] grid, in place."""
+    def set_aggregates(self, index: tuple, agg_k, agg_v, lse, count, score_k) -> None:
+        """Write aggregates (`aggregate_blocks`' results) at `index` of the [B, H, NBcap] grid, in place;
+        `score_k` (the principal ends) where the buffers hold score keys, else None."""
+        if score_k is not None:
+            self.score_k[index] = score_k.to(self.score_k.dtype)
         self.agg_k[index] = agg_k.to(self.agg_k.dtype)
         self.agg_v[index] = agg_v.to(self.agg_v.dtype)
         self.agg_lse[index] = lse
         self.agg_cnt[index] = count
         self.agg_bias[index] = block_bias(lse, count, self.group_bias)
 
+    def score_keys(self, blocks: int) -> torch.Tensor:
+        """The score keys of blocks 0..blocks-1 that expansion ranks (`block_score_keys`): [B, H, blocks, S, d]."""
+        return block_score_keys(self.agg_k[:, :, :blocks], None if self.score_k is None else self.score_k[:, :, :blocks])
+
     def replace_aggregates(self, agg_k, agg_v, lse, count) -> None:
-        """Every aggregate at once (a fold), in new tensors."""
+        """Every aggregate at once (a fold, compact only: no score keys), in new tensors."""
+        if self.score_k is not None:
+            raise RuntimeError("DecodeBuffers.replace_aggregates: a fold cannot update the principal ends")
         self.agg_k, self.agg_v, self.agg_lse, self.agg_cnt = agg_k, agg_v, lse, count
         self.agg_bias = block_bias(lse, count, self.group_bias)
 

@@ -86,8 +86,9 @@ def _reaggregate_changed(storage, buffers: DecodeBuffers, settings: DecodeSettin
     keys, values = take_items(storage.arch_k, item, m), take_items(storage.arch_v, item, m)  # [N, m, d]
     members = ~focal[..., :span].view(batch, heads, num_blocks, m)[b_idx, h_idx, c_idx]
     query_bar = storage.qbar[b_idx, h_idx, c_idx]
-    agg_k, agg_v, lse, count = aggregate_blocks(query_bar[:, None], keys[:, None], values[:, None], members[:, None], scale)
-    buffers.set_aggregates((b_idx, h_idx, c_idx), agg_k[:, 0], agg_v[:, 0], lse[:, 0], count[:, 0])
+    aggregates = aggregate_blocks(query_bar[:, None], keys[:, None], values[:, None], members[:, None], scale,
+                                  buffers.score_k is not None)
+    buffers.set_aggregates((b_idx, h_idx, c_idx), *(None if x is None else x[:, 0] for x in aggregates))
 
 
 def refresh_compact(storage, buffers: DecodeBuffers, settings: DecodeSettings, rows: Rows, tokens: NewTokens,

@@ -9,7 +9,7 @@ import torch
 
 from .. import rule
 from ..config import DecodingConfig, DGAConfig
-from ..ops.layout import compute_dtype
+from ..ops.layout import compute_dtype, scores_principal
 
 
 def every_token_focal(config: DGAConfig, dense_layer: bool) -> bool:
@@ -50,6 +50,12 @@ class DecodeSettings:
             dense_share=options.dense_step_share if keep_archive else None,
             compute_dtype=compute_dtype(dtype),
         )
+
+    @property
+    def principal_score(self) -> bool:
+        """Whether expansion scores blocks by their principal ends (docs/spec.md step 6): E > 0 here and
+        expand_score="principal". Only then do the buffers hold them."""
+        return scores_principal(self.expand, self.config.expand_score)
 
     @property
     def group_size(self) -> int:

@@ -122,7 +122,7 @@ class DGADecodeState:
         with torch.no_grad():
             lengths = prefill.lengths.tolist()
             self.rows = Rows(lengths, [settings.is_dense(t) for t in lengths])
-            blocks = prefill_blocks(prefill, settings.group_size, scale, settings.compute_dtype)
+            blocks = prefill_blocks(prefill, settings.group_size, scale, settings.compute_dtype, settings.principal_score)
             capacity = PrefillCapacity.of(query.shape[2], settings.group_size)
             self.buffers = DecodeBuffers(prefill, blocks, self.rows.dense, settings.window, config.group_bias, capacity)
             self.storage = storage_for(settings, prefill, blocks, self.buffers, scale, capacity)

@@ -12,7 +12,8 @@ window, with the rule (`dga_hf.rule`) as a mask built from positions.
 Each takes the query as [B, H, G, q, d] (`NewTokens.query`) and returns [B, H, G, q, dv] in the compute dtype.
 
 Block expansion (keep_full, every query of every step; E = `DGAConfig.expand_blocks`) is docs/spec.md's step 6
-over the state's aggregates: `expansion` calls the prefill's choice, `ops.layout.choose_expanded`. An expanded
+over the state's score keys (its aggregates, or with expand_score="principal" the blocks' principal ends, which
+the buffers keep beside them): `expansion` calls the prefill's choice, `ops.layout.choose_expanded`. An expanded
 block is read as all m of its tokens from the archive, its focal slots hidden (they are among those tokens)
 and its aggregate hidden: in keep_full a complete block's members are exactly its tokens outside F.
 """
@@ -134,8 +135,9 @@ def expansion(buffers: DecodeBuffers, settings: DecodeSettings, query: torch.Ten
               old_blocks: int, scale: float) -> torch.Tensor:
     """docs/spec.md step 6 for a step's queries [B, H, G, T, d] in blocks `query_block` [B, T]: the blocks
     among the first `old_blocks` that each query expands, [B, H, T, old_blocks] bool (`choose_expanded` over
-    the state's aggregates; a block without members has the bias -inf)."""
-    return choose_expanded(query, query_block, buffers.agg_k[:, :, :old_blocks],
+    the state's score keys: its aggregates, or its principal ends; a block without members has the bias
+    -inf)."""
+    return choose_expanded(query, query_block, buffers.score_keys(old_blocks),
                            torch.isfinite(buffers.agg_bias[:, :, :old_blocks]), settings.expand, settings.local_blocks,
                            scale)
 

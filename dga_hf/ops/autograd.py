@@ -31,8 +31,9 @@ class _StageFive(torch.autograd.Function):
         layout = replace(layout, focal_key=focal_key, focal_value=focal_value, agg_key=agg_key, agg_value=agg_value)
         out, lse = backend.attend_forward(query, key, value, layout, config, scale)
         ctx.save_for_backward(query, key, value, focal_key, focal_value, agg_key, agg_value, out, lse)
-        # the differentiable tensors travel through save_for_backward only
-        ctx.layout = replace(layout, **dict.fromkeys(_DIFFERENTIABLE_FIELDS))
+        # the differentiable tensors travel through save_for_backward only; so would the score keys (a view of
+        # agg_key, or the principal ends), which the backward does not read: it reads the choice, layout.expanded
+        ctx.layout = replace(layout, score_key=None, **dict.fromkeys(_DIFFERENTIABLE_FIELDS))
         ctx.backend, ctx.config, ctx.scale = backend, config, scale
         # the backward recomputes the forward's products: under autocast it must run them in the same
         # precision (what torch.amp.custom_fwd / custom_bwd do, for whichever device the inputs are on)

@@ -2,7 +2,7 @@
 aggregates. Shared by every fast backend, which then only differ in how they run stage 5 (the attention
 over focal keys, aggregates and local keys), and by the decode state (dga_hf/decoding), whose refreshes,
 closing blocks and steps call the same stages (`last_queries`, `importance`, `focal_budgets`, `select_focal`,
-`aggregate_blocks`, `aggregate_bias`, `choose_expanded`) on the tokens it holds.
+`aggregate_blocks` with its score keys, `aggregate_bias`, `choose_expanded`) on the tokens it holds.
 
 Memory: O(r * L) for the scores and O(L * d) for the rest; nothing is L x L. Keys and values stay in
 their own dtype: float32 copies are made one kv head (scores) or AGGREGATE_CHUNK_TOKENS tokens (aggregates)
@@ -22,7 +22,7 @@ from .. import rule
 from ..config import DGAConfig
 
 AGGREGATE_CHUNK_TOKENS = 8192  # tokens whose blocks are aggregated at once (bounds the float32 copies)
-EXPANSION_CHUNK_SCORES = 2**24  # aggregate logits scored at once by the expansion (64 MiB in float32)
+EXPANSION_CHUNK_SCORES = 2**24  # score-key logits computed at once by the expansion (64 MiB in float32)
 IMPORTANCE_CHUNK_SCORES = 2**23  # probe scores computed at once (32 MiB in float32; rows of whole length L)
 
 
@@ -45,6 +45,9 @@ class DGALayout:
     # [B, H, L, X] int64: the blocks each query expands (docs/spec.md step 6), ascending, then the
     # sentinel nb; X = min(expand_blocks, old blocks of the last query). None without expansion.
     expanded: torch.Tensor | None = None
+    # [B, H, nb, S, d]: the keys step 6 scores each block by (`block_score_keys`): S = 1, a view of
+    # agg_key, for expand_score="aggregate"; S = 2, the principal ends, for "principal". None without expansion.
+    score_key: torch.Tensor | None = None
 
     @property
     def focal_block(self) -> torch.Tensor:
@@ -103,11 +106,13 @@ def build_layout(
         budget = focal_budgets(lengths.tolist(), config, device).view(-1, 1, 1)
         focal = select_focal(score, real[:, None, :], sinks, budget)
     focal_pos, focal_key, focal_value = _gather_focal(focal, key, value, lengths, config)
-    agg_key, agg_value, agg_bias = _aggregate(query, key, value, focal, real, lengths, config, scale)
-    expanded = None
+    principal = scores_principal(config.expand_blocks, config.expand_score)
+    agg_key, agg_value, agg_bias, ends = _aggregate(query, key, value, focal, real, lengths, config, scale, principal)
+    expanded = score_key = None
     if config.expand_blocks:
+        score_key = block_score_keys(agg_key, ends)
         with torch.no_grad():
-            expanded = select_expanded(query, agg_key, agg_bias, config, scale)
+            expanded = select_expanded(query, score_key, agg_bias, config, scale)
     return DGALayout(
         lengths=lengths,
         focal_pos=focal_pos,
@@ -119,32 +124,34 @@ def build_layout(
         focal=focal,
         group_size=config.group_size,
         expanded=expanded,
+        score_key=score_key,
     )
 
 
 def select_expanded(
-    query: torch.Tensor, agg_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig, scale: float
+    query: torch.Tensor, score_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig, scale: float
 ) -> torch.Tensor:
     """Step 6 of docs/spec.md over a prefill (`choose_expanded` for every query). query [B, H, G, L, d],
-    agg_key [B, H, nb, d] and agg_bias [B, H, nb] (-inf: no members) -> [B, H, L, X] block indices,
-    ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of whole blocks of queries at a time
-    (EXPANSION_CHUNK_SCORES logits), each over the blocks old for the chunk's last query only."""
+    score_key [B, H, nb, S, d] (`block_score_keys`) and agg_bias [B, H, nb] (-inf: no members) -> [B, H, L, X]
+    block indices, ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of whole blocks of
+    queries at a time (EXPANSION_CHUNK_SCORES logits, the S score keys of a block counted apart), each over
+    the blocks old for the chunk's last query only."""
     batch, heads, group, seq_len, _ = query.shape
     m, n = config.group_size, config.local_blocks
-    num_blocks = agg_key.shape[2]
+    num_blocks, per_block = score_key.shape[2:4]
     last_block = rule.block_of(seq_len - 1, m)
     width = min(config.expand_blocks, rule.old_block_count(last_block, n))
     chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long, device=query.device)
     if width == 0:
         return chosen
     first_block = rule.first_block_seeing_as_old(0, n)  # earlier queries have no old block
-    per_chunk = max(1, EXPANSION_CHUNK_SCORES // max(batch * heads * group * m * num_blocks, 1))
+    per_chunk = max(1, EXPANSION_CHUNK_SCORES // max(batch * heads * group * m * num_blocks * per_block, 1))
     for first in range(first_block, last_block + 1, per_chunk):
         last = min(last_block, first + per_chunk - 1)
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
         old = rule.old_block_count(last, n)
         q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(1, -1)
-        picked = choose_expanded(query[:, :, :, q_lo:q_hi], q_block, agg_key[:, :, :old],
+        picked = choose_expanded(query[:, :, :, q_lo:q_hi], q_block, score_key[:, :, :old],
                                  torch.isfinite(agg_bias[:, :, :old]), config.expand_blocks, n, scale)
         count = min(width, old)
         chosen[:, :, q_lo:q_hi, :count] = expanded_indices(picked, count, num_blocks)
@@ -154,7 +161,7 @@ def select_expanded(
 def choose_expanded(
     query: torch.Tensor,
     query_block: torch.Tensor,
-    agg_key: torch.Tensor,
+    score_key: torch.Tensor,
     has_members: torch.Tensor,
     expand_blocks: int,
     local_blocks: int,
@@ -163,15 +170,18 @@ def choose_expanded(
     """The choice of docs/spec.md step 6, the one implementation of it: prefill (`select_expanded`) and every
     decoding step (one-token steps and chunks, dga_hf/decoding/steps.py) call it.
 
-    For queries [B, H, G, T, d] in blocks `query_block` [B or 1, T], over the aggregates agg_key [B, H, nb, d]
-    of blocks 0..nb-1 (`has_members` [B, H, nb]: the block has members outside F): per query and kv head, the
+    For queries [B, H, G, T, d] in blocks `query_block` [B or 1, T], over the score keys score_key
+    [B, H, nb, S, d] of blocks 0..nb-1 (`block_score_keys`: the aggregates K_hat_c, or the principal ends
+    P+_c, P-_c; `has_members` [B, H, nb]: the block has members outside F): per query and kv head, the
     `expand_blocks` blocks old for the query (`rule.is_old_block`) with members whose score
-    ``max_g s*Q[g,i]*K_hat_c`` is highest, ties to the earlier block (stage 2's `select_focal` with the
-    budget E, no sinks), as [B, H, T, nb] bool. Scored in the compute dtype of the aggregates."""
-    dtype = compute_dtype(agg_key.dtype)
-    keys = agg_key.to(dtype)[:, :, None].transpose(-1, -2)
-    score = (scale * query.to(dtype) @ keys).amax(2)  # [B, H, T, nb]
-    blocks = torch.arange(agg_key.shape[2], device=query.device)
+    ``max_g max_S s*Q[g,i]*score_key[c, S]`` is highest, ties to the earlier block (stage 2's `select_focal`
+    with the budget E, no sinks), as [B, H, T, nb] bool. Scored in the compute dtype of the score keys."""
+    dtype = compute_dtype(score_key.dtype)
+    num_blocks, per_block = score_key.shape[2:4]
+    keys = score_key.flatten(2, 3).to(dtype)[:, :, None].transpose(-1, -2)
+    logits = scale * query.to(dtype) @ keys  # [B, H, G, T, nb * S]
+    score = logits.unflatten(-1, (num_blocks, per_block)).amax(-1).amax(2)  # [B, H, T, nb]
+    blocks = torch.arange(num_blocks, device=query.device)
     eligible = rule.is_old_block(blocks, query_block[:, None, :, None], local_blocks) & has_members[:, :, None, :]
     no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
     budget = torch.full((1, 1, 1, 1), expand_blocks, dtype=torch.long, device=query.device)
@@ -305,7 +315,10 @@ def _aggregate(
     lengths: torch.Tensor,
     config: DGAConfig,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    principal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stage 4 over every block, AGGREGATE_CHUNK_TOKENS tokens of blocks at a time: K_hat, V_hat, the bias,
+    and with `principal` the blocks' principal ends [B, H, nb, 2, d] (else None)."""
     batch, heads, group, seq_len, dim = query.shape
     m = config.group_size
     dtype = compute_dtype(query.dtype)
@@ -334,26 +347,75 @@ def _aggregate(
     for first in range(0, num_blocks, chunk):
         last = min(num_blocks, first + chunk)
         keys, values = blocked(key, first, last), blocked(value, first, last)
-        parts.append(aggregate_blocks(query_bar(first, last), keys, values, members[:, :, first:last], scale))
-    agg_key, agg_value, _, count = (part[0] if len(parts) == 1 else torch.cat(part, dim=2) for part in zip(*parts))
-    return agg_key, agg_value, aggregate_bias(count, config.group_bias)
+        parts.append(aggregate_blocks(query_bar(first, last), keys, values, members[:, :, first:last], scale, principal))
+    agg_key, agg_value, _, count, ends = (
+        part[0] if len(parts) == 1 or part[0] is None else torch.cat(part, dim=2) for part in zip(*parts)
+    )
+    return agg_key, agg_value, aggregate_bias(count, config.group_bias), ends
 
 
 def aggregate_blocks(
-    query_bar: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, members: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    query_bar: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    members: torch.Tensor,
+    scale: float,
+    principal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 4 for a set of blocks: each block's aggregate key and value, the softmax (by its query mean
     q_bar . k) weighted mean of its members. query_bar [..., c, d] (the compute dtype), keys/values
     [..., c, m, d] (any float dtype), members [..., c, m] bool. Returns K_hat, V_hat (compute dtype; 0 for
     a block without members), the log normaliser lse [..., c] (-inf for an empty block; a decode state
-    adds members to an aggregate exactly through it) and the member count [..., c]."""
+    adds members to an aggregate exactly through it), the member count [..., c], and with `principal` the
+    blocks' principal ends [..., c, 2, d] (`principal_ends`, the score keys of expand_score="principal";
+    else None). Every place that aggregates blocks (prefill, a decode state's prompt, closing blocks and
+    refreshes) calls it, so the score keys always follow the members."""
     dtype = query_bar.dtype
     keys, values = keys.to(dtype), values.to(dtype)
     logits = (scale * torch.einsum("...cmd,...cd->...cm", keys, query_bar)).masked_fill(~members, -math.inf)
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     agg_key = torch.einsum("...cm,...cmd->...cd", weights, keys)
     agg_value = torch.einsum("...cm,...cmd->...cd", weights, values)
-    return agg_key, agg_value, torch.logsumexp(logits, dim=-1), members.sum(-1).to(dtype)
+    ends = None
+    if principal:
+        with torch.no_grad():  # a score for a discrete choice: no gradient (eigh's is unstable at equal eigenvalues)
+            ends = principal_ends(keys.detach(), members)
+    return agg_key, agg_value, torch.logsumexp(logits, dim=-1), members.sum(-1).to(dtype), ends
+
+
+def principal_ends(keys: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """The score keys of expand_score="principal" (docs/spec.md step 6): for each block, with mu_c the
+    unweighted mean of its members, u_c the unit principal axis of the centred members and a_j = (K_j -
+    mu_c) . u_c, the two ends mu_c + (max_j a_j) u_c and mu_c + (min_j a_j) u_c. keys [..., c, m, d] (the
+    dtype they are scored in), members [..., c, m] bool -> [..., c, 2, d]; both ends are mu_c when the members
+    do not spread (one member), 0 for a block without members (never scored: it is not eligible).
+
+    u_c comes from the m x m Gram matrix of the centred members (a batched `torch.linalg.eigh`; u = cen^T v /
+    |cen^T v|, v its top eigenvector), which is smaller than the d x d covariance for blocks of m <= d keys.
+    The sign of u_c, which eigh leaves open, only swaps the two ends."""
+    weight = members.to(keys.dtype).unsqueeze(-1)  # [..., c, m, 1]
+    mean = (keys * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp(min=1)  # [..., c, 1, d]
+    centred = (keys - mean) * weight  # a non-member is a zero row: it adds nothing to the Gram matrix
+    top = torch.linalg.eigh(centred @ centred.transpose(-1, -2)).eigenvectors[..., -1:]  # [..., c, m, 1]
+    axis = centred.transpose(-1, -2) @ top  # [..., c, d, 1]
+    norm = axis.norm(dim=-2, keepdim=True)
+    axis = torch.where(norm > 0, axis / norm.clamp(min=torch.finfo(keys.dtype).tiny), 0.0)
+    along = (centred @ axis).squeeze(-1)  # [..., c, m]: a_j
+    ends = torch.stack([along.masked_fill(~members, -math.inf).amax(-1),
+                        along.masked_fill(~members, math.inf).amin(-1)], dim=-1)  # [..., c, 2]
+    ends = torch.where(members.any(-1, keepdim=True), ends, 0.0)
+    return mean + ends.unsqueeze(-1) * axis.transpose(-1, -2)
+
+
+def scores_principal(expand_blocks: int, expand_score: str) -> bool:
+    """Whether blocks need their principal ends: step 6 runs (expand_blocks > 0) with expand_score="principal"."""
+    return expand_blocks > 0 and expand_score == "principal"
+
+
+def block_score_keys(agg_key: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
+    """The keys step 6 scores blocks by, [B, H, nb, S, d]: the principal ends (S = 2) where there are some
+    (`aggregate_blocks` with `principal`), else the aggregates themselves (S = 1, a view)."""
+    return agg_key.unsqueeze(3) if ends is None else ends
 
 
 def aggregate_bias(count: torch.Tensor, group_bias: str) -> torch.Tensor:

@@ -8,6 +8,8 @@ speed: never use them on long sequences.
   is every backend's saved lse).
 - `decoding`: the decoding rule of docs/decoding.md (prefill, steps, chunks, refreshes, block expansion)
   for one row and kv head, `naive_decode`, and the output of one query, `naive_decode_query`.
+- `expansion`: the keys step 6 scores one block by (its aggregate, or its principal ends), which both
+  transcriptions above use, `block_score_keys`.
 """
 
 from .decoding import naive_decode, naive_decode_query

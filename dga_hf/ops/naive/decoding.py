@@ -12,6 +12,7 @@ import torch
 
 from ... import rule
 from ...config import DGAConfig
+from .expansion import block_score_keys
 
 
 def naive_decode(
@@ -72,8 +73,9 @@ def naive_decode(
 def naive_decode_query(q, k, v, i: int, focal: set, members: dict, cfg: DGAConfig, s: float) -> torch.Tensor:
     """Output [G, dv] of the query at position i, given F and the members M_c of the complete blocks: the
     spec's steps 5 and 6 (docs/spec.md) with this F and these members. Of the old blocks with M_c
-    non-empty, the cfg.expand_blocks whose aggregate scores highest, max_g s*Q[g,i]*K_hat_c (ties: the
-    earlier block), enter as their raw members instead of their aggregate."""
+    non-empty, the cfg.expand_blocks that score highest, max_g s*Q[g,i]*K_hat_c or with
+    expand_score="principal" the largest logit of the members' principal ends (ties: the earlier block),
+    enter as their raw members instead of their aggregate."""
     m, n = cfg.group_size, cfg.local_blocks
     beta = i // m
     raw = [j for j in range(i + 1) if j in focal or not rule.is_old_block(j // m, beta, n)]
@@ -83,7 +85,10 @@ def naive_decode_query(q, k, v, i: int, focal: set, members: dict, cfg: DGAConfi
         idx = sorted(members[c])
         w = (s * k[idx] @ q[:, (c + 1) * m - 1].mean(0)).softmax(0)
         aggregates[c] = (w @ k[idx], w @ v[idx], len(idx))
-    score = {c: float((s * q[:, i] @ aggregates[c][0]).max()) for c in old}
+    score = {
+        c: float((s * q[:, i] @ block_score_keys(k[sorted(members[c])], aggregates[c][0], cfg.expand_score).T).max())
+        for c in old
+    }
     expanded = set(sorted(old, key=lambda c: (-score[c], c))[: cfg.expand_blocks])
     raw += [j for c in sorted(expanded) for j in sorted(members[c])]
     logits, values = [s * q[:, i] @ k[raw].T], [v[raw]]

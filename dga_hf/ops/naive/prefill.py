@@ -12,6 +12,7 @@ import torch
 
 from ... import rule
 from ...config import DGAConfig
+from .expansion import block_score_keys
 
 
 def naive_dga_attention(
@@ -91,9 +92,14 @@ def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: DGAConfig,
     agg_allowed = rule.is_old_block(torch.arange(num_blocks)[None, :], q_block, n) & (members[None, :] > 0)
     agg_logits = s * q @ agg_k.T
 
-    # 6. each query expands the E aggregated blocks it scores highest (ties: the earlier block)
+    # 6. each query expands the E aggregated blocks it scores highest (ties: the earlier block), its score
+    #    the largest logit of the block's score keys (the aggregate, or the principal ends) over the G heads
     if cfg.expand_blocks:
-        score = agg_logits.amax(0)  # [L, nb]
+        score = torch.full((seq_len, num_blocks), -math.inf, dtype=torch.float64)
+        for c in range(num_blocks):
+            if members[c] > 0:
+                keys = block_score_keys(k[(block == c) & ~focal], agg_k[c], cfg.expand_score)  # [S, d]
+                score[:, c] = (s * q @ keys.T).amax(dim=(0, 2))
         for i in range(seq_len):
             candidates = agg_allowed[i].nonzero().flatten().tolist()
             chosen = sorted(candidates, key=lambda c: (-score[i, c].item(), c))[: cfg.expand_blocks]
