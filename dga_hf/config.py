@@ -7,6 +7,7 @@ The meaning of every field is defined in docs/spec.md. Named presets live as JSO
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -123,6 +124,21 @@ class DGAConfig:
 
     def replace(self, **changes: Any) -> "DGAConfig":
         return dataclasses.replace(self, **changes)
+
+    @functools.cached_property
+    def canonical(self) -> str:
+        """The settings as one canonical string (JSON of every field, sorted): how they reach the operator
+        `dga_hf::prefill` (ops/dispatch.py), whose schema takes strings, not objects; `from_canonical` reads it
+        back. Built once per object, on first use: a patched model builds it when its settings are stored
+        (`StoredDGAConfig`), so no attention call, compiled or not, serialises settings."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_canonical(text: str) -> "DGAConfig":
+        """The settings that `canonical` wrote, parsed once per distinct text (the operator reads them at every
+        call)."""
+        return DGAConfig.from_dict(json.loads(text))
 
     def for_length(self, seq_len: int) -> "DGAConfig":
         """The settings that compute the same function (docs/spec.md) on every sequence of at most `seq_len`
@@ -359,6 +375,12 @@ class StoredDGAConfig(dict):
 
     def __init__(self, config: DGAConfig) -> None:
         super().__init__(config.to_dict())
+        self._hold(config)
+
+    def _hold(self, config: DGAConfig) -> None:
+        """Keep `config` with its canonical text (`DGAConfig.canonical`) built now, where a model's settings are
+        stored, never in a (possibly compiled) forward."""
+        config.canonical
         self.config = config
 
     def _change(name: str) -> Any:  # noqa: N805 - builds the methods below
@@ -367,7 +389,7 @@ class StoredDGAConfig(dict):
         def change(self: "StoredDGAConfig", *args: Any, **kwargs: Any) -> Any:
             changed = dict(self)
             result = apply(changed, *args, **kwargs)  # on a copy first: an invalid change leaves self as it was
-            self.config = resolve_config(changed)
+            self._hold(resolve_config(changed))
             dict.clear(self)
             dict.update(self, self.config.to_dict())
             return self if result is changed else result
