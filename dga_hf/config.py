@@ -6,6 +6,7 @@ The meaning of every field is defined in docs/spec.md. Named presets live as JSO
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
@@ -125,20 +126,27 @@ class DGAConfig:
     def replace(self, **changes: Any) -> "DGAConfig":
         return dataclasses.replace(self, **changes)
 
-    @functools.cached_property
-    def canonical(self) -> str:
-        """The settings as one canonical string (JSON of every field, sorted): how they reach the operator
-        `dga_hf::prefill` (ops/dispatch.py), whose schema takes strings, not objects; `from_canonical` reads it
-        back. Built once per object, on first use: a patched model builds it when its settings are stored
-        (`StoredDGAConfig`), so no attention call, compiled or not, serialises settings."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+    def to_text(self) -> str:
+        """The settings as one text, ``name=<Python literal>`` per field in field order, joined by ``;``: how
+        they reach the operator ``dga_hf::prefill`` (ops/dispatch.py), whose schema takes strings, not objects;
+        `from_text` reads it back. Plain Python on the fields, which torch.compile evaluates while it traces
+        (the settings are constants there): a compiled forward holds the text as a constant and builds
+        nothing per call."""
+        return ";".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
-    def from_canonical(text: str) -> "DGAConfig":
-        """The settings that `canonical` wrote, parsed once per distinct text (the operator reads them at every
+    def from_text(text: str) -> "DGAConfig":
+        """The settings that `to_text` wrote, parsed once per distinct text (the operator reads them at every
         call)."""
-        return DGAConfig.from_dict(json.loads(text))
+        try:
+            fields = dict(item.split("=", 1) for item in text.split(";"))
+            values = {name: ast.literal_eval(value) for name, value in fields.items()}
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"DGA settings text {text!r} is not in DGAConfig.to_text()'s form 'name=<Python literal>;...'"
+            ) from None
+        return DGAConfig.from_dict(values)
 
     def for_length(self, seq_len: int) -> "DGAConfig":
         """The settings that compute the same function (docs/spec.md) on every sequence of at most `seq_len`
@@ -375,12 +383,6 @@ class StoredDGAConfig(dict):
 
     def __init__(self, config: DGAConfig) -> None:
         super().__init__(config.to_dict())
-        self._hold(config)
-
-    def _hold(self, config: DGAConfig) -> None:
-        """Keep `config` with its canonical text (`DGAConfig.canonical`) built now, where a model's settings are
-        stored, never in a (possibly compiled) forward."""
-        config.canonical
         self.config = config
 
     def _change(name: str) -> Any:  # noqa: N805 - builds the methods below
@@ -389,7 +391,7 @@ class StoredDGAConfig(dict):
         def change(self: "StoredDGAConfig", *args: Any, **kwargs: Any) -> Any:
             changed = dict(self)
             result = apply(changed, *args, **kwargs)  # on a copy first: an invalid change leaves self as it was
-            self._hold(resolve_config(changed))
+            self.config = resolve_config(changed)
             dict.clear(self)
             dict.update(self, self.config.to_dict())
             return self if result is changed else result

@@ -42,15 +42,14 @@ _MASKS_DETECT_PACKING = hasattr(masking_utils, "find_packed_sequence_indices")
 _ORIGINAL_ATTN = "_dga_original_attn_implementation"
 
 
-_SHIPPED_DEFAULT: list[StoredDGAConfig] = []
+_SHIPPED_DEFAULT: list[DGAConfig] = []
 
 
 def shipped_default() -> DGAConfig:
-    """The shipped default preset (configs/default.json), read from its file once and held as a model holds
-    its settings."""
+    """The shipped default preset (configs/default.json), read from its file once."""
     if not _SHIPPED_DEFAULT:
-        _SHIPPED_DEFAULT.append(StoredDGAConfig(resolve_config(None)))
-    return _SHIPPED_DEFAULT[0].config
+        _SHIPPED_DEFAULT.append(resolve_config(None))
+    return _SHIPPED_DEFAULT[0]
 
 
 def config_of(module: torch.nn.Module) -> DGAConfig:

@@ -125,7 +125,7 @@ def test_operator_is_dga_attention_and_registered_correctly(backend, padded, len
     settings = SETTINGS["expand"]
     query, key, value = (t.requires_grad_() for t in qkv(2, 4, 2, length, 8, seed=3))
     mask = left_padding(2, length, seed=4) if padded else None
-    arguments = (query, key, value, mask, settings.canonical, 0.3, backend)
+    arguments = (query, key, value, mask, settings.to_text(), 0.3, backend)
     expected = dga_attention(query, key, value, settings, scale=0.3, backend=backend, padding_mask=mask)
     actual = prefill_operator(*arguments)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
@@ -142,21 +142,28 @@ def test_backward_operator_is_registered_correctly():
     """opcheck of dga_hf::prefill_backward (its registration does not depend on the backend)."""
     query, key, value = qkv(2, 4, 2, 40, 8, seed=5)
     grad_out = torch.randn_like(query)
-    arguments = (grad_out, query, key, value, left_padding(2, 40, seed=6), SETTINGS["expand"].canonical, 0.3, "torch")
+    arguments = (grad_out, query, key, value, left_padding(2, 40, seed=6), SETTINGS["expand"].to_text(), 0.3, "torch")
     results = torch.library.opcheck(prefill_backward_operator, arguments)
     assert set(results.values()) == {"SUCCESS"}, results
 
 
-def test_settings_reach_the_operator_as_one_text_built_once():
-    """The operator's schema takes strings: the settings travel as DGAConfig.canonical, built once per
-    DGAConfig (at patch time for a model) and parsed once per text."""
-    model = dga_hf.patch(make_model("llama"), SETTINGS["expand"])
-    settings = model.config.dga.config
-    assert "canonical" in vars(settings)  # built when the model was patched, not in a (compiled) forward
-    assert settings.canonical is settings.canonical
-    assert DGAConfig.from_canonical(settings.canonical) == settings
-    assert DGAConfig.from_canonical(settings.canonical) is DGAConfig.from_canonical(settings.canonical)
-    assert PLAIN.canonical != SETTINGS["expand"].canonical
+def test_settings_reach_the_operator_as_text_built_while_tracing():
+    """The operator's schema takes strings: the settings travel as DGAConfig.to_text(), which the compiler
+    evaluates while it traces (the graph holds the text), and which the operator parses once per text. So
+    dga_attention itself compiles with fullgraph, with settings made outside the compiled function."""
+    settings = SETTINGS["expand"].replace(dense_layers=[3, 1], group_bias="log_size", focal_ratio=0.15)
+    text = settings.to_text()
+    assert DGAConfig.from_text(text) == settings
+    assert DGAConfig.from_text(text) is DGAConfig.from_text(text)
+    assert PLAIN.to_text() != SETTINGS["expand"].to_text()
+    for malformed in ("group_size", "group_size=4;backend"):
+        with pytest.raises(ValueError, match=r"is not in DGAConfig.to_text\(\)'s form 'name=<Python literal>;...'"):
+            DGAConfig.from_text(malformed)
+    with pytest.raises(ValueError, match=r"DGAConfig got unknown fields \['width'\]"):
+        DGAConfig.from_text("width=3")
+    query, key, value = qkv(2, 4, 2, 40, 8, seed=7)
+    compiled = torch.compile(lambda q, k, v: dga_attention(q, k, v, settings), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(query, key, value), dga_attention(query, key, value, settings), atol=1e-6, rtol=1e-6)
 
 
 def test_compile_bench_script_runs(tmp_path):

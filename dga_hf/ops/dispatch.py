@@ -92,7 +92,7 @@ def dga_attention(
     padding_mask = boolean_padding_mask(padding_mask, batch, seq_len)
     scale = checked_scale(scale, head_dim)
     if torch.compiler.is_compiling():
-        return prefill_operator(query, key, value, padding_mask, settings.canonical, scale, backend)
+        return prefill_operator(query, key, value, padding_mask, settings.to_text(), scale, backend)
     return _attend(query, key, value, padding_mask, settings, scale, backend)
 
 
@@ -131,9 +131,9 @@ def prefill_operator(
     backend: str,
 ) -> torch.Tensor:
     """`dga_attention` as an operator that torch.compile keeps opaque: the arguments are `_attend`'s, checked,
-    with the settings as their `DGAConfig.canonical` text. Differentiable with respect to query, key and value
+    with the settings as their text (`DGAConfig.to_text`). Differentiable with respect to query, key and value
     (`prefill_backward_operator`)."""
-    return _attend(query, key, value, padding_mask, DGAConfig.from_canonical(settings), scale, backend).contiguous()
+    return _attend(query, key, value, padding_mask, DGAConfig.from_text(settings), scale, backend).contiguous()
 
 
 @prefill_operator.register_fake
@@ -160,7 +160,7 @@ def prefill_backward_operator(
     recomputing the selection cannot be traced either."""
     with _recording_autograd():
         inputs = [tensor.detach().requires_grad_() for tensor in (query, key, value)]
-        out = _attend(*inputs, padding_mask, DGAConfig.from_canonical(settings), scale, backend)
+        out = _attend(*inputs, padding_mask, DGAConfig.from_text(settings), scale, backend)
         if not out.requires_grad:  # an empty input: the output reads nothing
             return tuple(torch.zeros_like(tensor, memory_format=torch.contiguous_format) for tensor in inputs)
         grads = torch.autograd.grad(out, inputs, grad_out, materialize_grads=True)
