@@ -102,6 +102,8 @@ class DGAConfig:
                 f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
             )
         object.__setattr__(self, "dense_layers", tuple(sorted({int(index) for index in layers})))
+        text = ";".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
+        object.__setattr__(self, "_text", text)  # `to_text`, built here once
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -129,10 +131,10 @@ class DGAConfig:
     def to_text(self) -> str:
         """The settings as one text, ``name=<Python literal>`` per field in field order, joined by ``;``: how
         they reach the operator ``dga_hf::prefill`` (ops/dispatch.py), whose schema takes strings, not objects;
-        `from_text` reads it back. Plain Python on the fields, which torch.compile evaluates while it traces
-        (the settings are constants there): a compiled forward holds the text as a constant and builds
-        nothing per call."""
-        return ";".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
+        `from_text` reads it back. Built once, when the settings are made: a compiled forward reads it as a
+        constant and formats nothing (with dynamic shapes Dynamo may trace a number setting as a symbolic
+        value, which it cannot format)."""
+        return self._text
 
     @staticmethod
     @functools.lru_cache(maxsize=64)

@@ -147,10 +147,10 @@ def test_backward_operator_is_registered_correctly():
     assert set(results.values()) == {"SUCCESS"}, results
 
 
-def test_settings_reach_the_operator_as_text_built_while_tracing():
-    """The operator's schema takes strings: the settings travel as DGAConfig.to_text(), which the compiler
-    evaluates while it traces (the graph holds the text), and which the operator parses once per text. So
-    dga_attention itself compiles with fullgraph, with settings made outside the compiled function."""
+def test_settings_reach_the_operator_as_one_text():
+    """The operator's schema takes strings: the settings travel as DGAConfig.to_text(), built when they are
+    made (a compiled graph holds it as a constant) and parsed by the operator once per text. dga_attention
+    itself compiles with fullgraph, with settings made outside the compiled function."""
     settings = SETTINGS["expand"].replace(dense_layers=[3, 1], group_bias="log_size", focal_ratio=0.15)
     text = settings.to_text()
     assert DGAConfig.from_text(text) == settings
