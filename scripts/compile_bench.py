@@ -7,8 +7,9 @@ token ids (no cache, no gradient, logits of the last token only, as generate's p
 - dga: the shipped default preset with min_seq_len=0, so every layer runs DGA (`dga_hf.patch`);
 - dense: the unpatched model, PyTorch's fused SDPA (the reference).
 Each is timed eager and compiled with ``torch.compile(model)`` (inductor, default mode): the median of
-`--repeats` calls after one warm-up call. A compiled model's first call is its warm-up, timed apart as the
-compile time (Dynamo and inductor, plus that call's run); every (attention, length) compiles afresh. Also
+`--repeats` calls after one warm-up call, eager and compiled calls alternating. A compiled model's first call
+is its warm-up, timed apart as the compile time (Dynamo and inductor, plus that call's run); every
+(attention, length) compiles afresh. Also
 reported: the share of dense attention's keys DGA reads, and the largest difference of the compiled logits
 from the eager ones. Prints a Markdown table; with --out writes compile_bench.json and compile_bench.md there.
 On a shared, loaded machine the times are rough.
@@ -42,27 +43,28 @@ def prefill(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False, logits_to_keep=1).logits
 
 
-def median_ms(model, ids: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        prefill(model, ids)
-        times.append(1000 * (time.perf_counter() - began))
-    return statistics.median(times)
+def timed_ms(model, ids: torch.Tensor) -> float:
+    began = time.perf_counter()
+    prefill(model, ids)
+    return 1000 * (time.perf_counter() - began)
 
 
 def measure(model, ids: torch.Tensor, repeats: int) -> dict:
-    """Eager and compiled times of one prefill of `model` (as it is patched now)."""
+    """Eager and compiled times of one prefill of `model` (as it is patched now). After the warm-ups the two
+    alternate, so that a change in the machine's load falls on both."""
     with stats.counting_keys() as count:
         eager_logits = prefill(model, ids)  # the eager warm-up
-    eager_ms = median_ms(model, ids, repeats)
     torch._dynamo.reset()
     compiled = torch.compile(model)
     began = time.perf_counter()
     compiled_logits = prefill(compiled, ids)
     compile_s = time.perf_counter() - began
-    compiled_ms = median_ms(compiled, ids, repeats)
+    eager_times, compiled_times = [], []
+    for _ in range(repeats):
+        eager_times.append(timed_ms(model, ids))
+        compiled_times.append(timed_ms(compiled, ids))
     torch._dynamo.reset()
+    eager_ms, compiled_ms = statistics.median(eager_times), statistics.median(compiled_times)
     return {
         "keys_read": count.share if count.calls else 1.0,  # dense attention records no count when unpatched
         "eager_ms": eager_ms,
@@ -70,6 +72,8 @@ def measure(model, ids: torch.Tensor, repeats: int) -> dict:
         "compiled_over_eager": compiled_ms / eager_ms,
         "compile_s": compile_s,
         "max_logit_difference": (compiled_logits - eager_logits).abs().max().item(),
+        "eager_ms_all": eager_times,
+        "compiled_ms_all": compiled_times,
     }
 
 
