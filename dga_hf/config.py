@@ -6,7 +6,9 @@ The meaning of every field is defined in docs/spec.md. Named presets live as JSO
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -107,6 +109,8 @@ class DGAConfig:
                 f"DGAConfig.dense_layers={list(layers)!r} is invalid: allowed values are layer indices >= 0"
             )
         object.__setattr__(self, "dense_layers", tuple(sorted({int(index) for index in layers})))
+        text = ";".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
+        object.__setattr__(self, "_text", text)  # `to_text`, built here once
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -130,6 +134,28 @@ class DGAConfig:
 
     def replace(self, **changes: Any) -> "DGAConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_text(self) -> str:
+        """The settings as one text, ``name=<Python literal>`` per field in field order, joined by ``;``: how
+        they reach the operator ``dga_hf::prefill`` (ops/dispatch.py), whose schema takes strings, not objects;
+        `from_text` reads it back. Built once, when the settings are made: a compiled forward reads it as a
+        constant and formats nothing (with dynamic shapes Dynamo may trace a number setting as a symbolic
+        value, which it cannot format)."""
+        return self._text
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_text(text: str) -> "DGAConfig":
+        """The settings that `to_text` wrote, parsed once per distinct text (the operator reads them at every
+        call)."""
+        try:
+            fields = dict(item.split("=", 1) for item in text.split(";"))
+            values = {name: ast.literal_eval(value) for name, value in fields.items()}
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"DGA settings text {text!r} is not in DGAConfig.to_text()'s form 'name=<Python literal>;...'"
+            ) from None
+        return DGAConfig.from_dict(values)
 
     def for_length(self, seq_len: int) -> "DGAConfig":
         """The settings that compute the same function (docs/spec.md) on every sequence of at most `seq_len`

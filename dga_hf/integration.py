@@ -225,15 +225,25 @@ def _check_causal(
         "attention, or extra and/or mask functions), which DGA does not support"
     )
     try:
-        last = torch.as_tensor(q_end - 1, device=device)
+        last = _position(q_end - 1, device)
         causal = torch.as_tensor(mask_function(batch, head, last, keys)).all()
         if q_count > 1:
-            first = torch.as_tensor(q_start, device=device)
+            first = _position(q_start, device)
             ahead = mask_function(batch, head, first, (first + 1).view(1, 1))
             causal = causal & ~torch.as_tensor(ahead).any()
     except Exception:  # a mask function that only works element-wise: cannot be checked, so not supported
         raise ValueError(message) from None
     _require(causal, message)
+
+
+def _position(position: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A query position as the one-element tensor a mask function is called with. One element, not 0-d: a
+    mask function that indexes a tensor with it (packed sequences) would read a 0-d index as an int, a
+    data-dependent value under torch.compile; and an int is filled in, not converted with torch.as_tensor,
+    which under torch.compile(dynamic=True) would fix the sequence length in the graph."""
+    if isinstance(position, torch.Tensor):
+        return position.reshape(1).to(device)
+    return torch.full((1,), position, dtype=torch.long, device=device)
 
 
 def register() -> None:

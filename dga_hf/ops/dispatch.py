@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
+from torch._C import DispatchKey
 
 from ..config import BACKENDS, DGAConfig, resolve_config
 from . import autograd, stats, torch_backend
@@ -76,6 +78,11 @@ def dga_attention(
     and aggregates included, reads such elements as 0, so earlier queries are finite: causality holds
     for every input.
 
+    Under torch.compile the attention is the operator ``torch.ops.dga_hf.prefill`` (`prefill_operator`), which
+    the compiler does not trace into: the selection has data-dependent shapes, so
+    ``torch.compile(model, fullgraph=True)`` captures a DGA prefill whole. Outside it the same computation runs
+    directly, so that training keeps the backward that reuses the forward's layout (ops/autograd.py).
+
     Returns: [B, Hq, L, dv] in the dtype of ``query``.
     """
     settings = resolve_config(config)
@@ -84,6 +91,23 @@ def dga_attention(
     batch, q_heads, seq_len, head_dim = query.shape
     padding_mask = boolean_padding_mask(padding_mask, batch, seq_len)
     scale = checked_scale(scale, head_dim)
+    if torch.compiler.is_compiling():
+        return prefill_operator(query, key, value, padding_mask, settings.to_text(), scale, backend)
+    return _attend(query, key, value, padding_mask, settings, scale, backend)
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    settings: DGAConfig,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """`dga_attention` on checked inputs (a boolean padding mask, a float scale): what it runs directly, and
+    what the operator `dga_hf::prefill` runs."""
+    batch, q_heads, seq_len, _ = query.shape
     if query.numel() == 0 or value.numel() == 0:
         resolve_backend(settings.backend if backend == "auto" else backend, query.device)
         return query.new_zeros(batch, q_heads, seq_len, value.shape[-1])
@@ -91,6 +115,88 @@ def dga_attention(
     out = prefill(query, key, value, settings.for_length(seq_len), scale=scale, backend=backend,
                   padding_mask=padding_mask).output
     return out if unreadable is None else out.masked_fill(unreadable.unsqueeze(-1), math.nan)
+
+
+# PyTorch infers the operator's schema from these (string) annotations: `Optional[...]` is the spelling it has
+# matched since it reads string annotations (2.5, the oldest release this package supports); `X | None` was
+# only checked on 2.13.
+@torch.library.custom_op("dga_hf::prefill", mutates_args=())
+def prefill_operator(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: Optional[torch.Tensor],
+    settings: str,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """`dga_attention` as an operator that torch.compile keeps opaque: the arguments are `_attend`'s, checked,
+    with the settings as their text (`DGAConfig.to_text`). Differentiable with respect to query, key and value
+    (`prefill_backward_operator`)."""
+    return _attend(query, key, value, padding_mask, DGAConfig.from_text(settings), scale, backend).contiguous()
+
+
+@prefill_operator.register_fake
+def _prefill_shape(query, key, value, padding_mask, settings, scale, backend):
+    """The output as the compiler traces it: shape, dtype and device, no values."""
+    batch, q_heads, seq_len, _ = query.shape
+    return query.new_empty(batch, q_heads, seq_len, value.shape[-1])
+
+
+@torch.library.custom_op("dga_hf::prefill_backward", mutates_args=())
+def prefill_backward_operator(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: Optional[torch.Tensor],
+    settings: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `prefill_operator` with respect to query, key and value: its forward is run again with
+    autograd recording (the layout lives only inside one call, so it cannot be kept from the forward) and
+    differentiated through the backend's own backward (ops/autograd.py). An operator of its own, since
+    recomputing the selection cannot be traced either."""
+    with _recording_autograd():
+        inputs = [tensor.detach().requires_grad_() for tensor in (query, key, value)]
+        out = _attend(*inputs, padding_mask, DGAConfig.from_text(settings), scale, backend)
+        if not out.requires_grad:  # an empty input: the output reads nothing
+            return tuple(torch.zeros_like(tensor, memory_format=torch.contiguous_format) for tensor in inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out, materialize_grads=True)
+    return tuple(grad.contiguous() for grad in grads)
+
+
+@prefill_backward_operator.register_fake
+def _prefill_backward_shapes(grad_out, query, key, value, padding_mask, settings, scale, backend):
+    return tuple(tensor.new_empty(tensor.shape) for tensor in (query, key, value))
+
+
+@contextlib.contextmanager
+def _recording_autograd() -> Iterator[None]:
+    """Autograd records again inside an operator's implementation, which PyTorch runs below autograd: the
+    dispatcher excludes autograd's keys there, and grad mode alone does not bring them back. PyTorch has no
+    public switch for this; its own higher-order operators set the keys with the same guard."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (DispatchKey.AutogradFunctionality, DispatchKey.AutogradOther, DispatchKey.AutogradNestedTensor):
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, value, padding_mask, settings, scale, backend = inputs
+    ctx.save_for_backward(query, key, value, padding_mask)
+    ctx.settings, ctx.scale, ctx.backend = settings, scale, backend
+
+
+def _backward(ctx, grad_out):
+    query, key, value, padding_mask = ctx.saved_tensors
+    grads = prefill_backward_operator(grad_out, query, key, value, padding_mask, ctx.settings, ctx.scale, ctx.backend)
+    return (*grads, None, None, None, None)
+
+
+prefill_operator.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _read_non_finite_as_zero(

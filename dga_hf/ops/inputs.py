@@ -36,9 +36,12 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
+
+    def shapes() -> str:  # built only for a message: Dynamo cannot format a dynamic (symbolic) shape
+        return ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
+
     if any(tensor.dim() != 4 for tensor in tensors.values()):
-        raise ValueError(f"query, key and value must be 4-D [batch, heads, length, head_dim]; got {shapes}")
+        raise ValueError(f"query, key and value must be 4-D [batch, heads, length, head_dim]; got {shapes()}")
     dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
     if any(dtype not in FLOAT_DTYPES for dtype in dtypes.values()) or len(set(dtypes.values())) > 1:
         got = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
@@ -49,16 +52,16 @@ def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.
         got = ", ".join(f"{name} on {tensor.device}" for name, tensor in tensors.items())
         raise ValueError(f"query, key and value must be on one device; got {got}")
     if not query.shape[0] == key.shape[0] == value.shape[0]:
-        raise ValueError(f"query, key and value must have the same batch size (dim 0); got {shapes}")
+        raise ValueError(f"query, key and value must have the same batch size (dim 0); got {shapes()}")
     if key.shape[1:3] != value.shape[1:3]:
-        raise ValueError(f"key and value must have the same heads and length (dims 1-2); got {shapes}")
+        raise ValueError(f"key and value must have the same heads and length (dims 1-2); got {shapes()}")
     if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
         raise ValueError(
             f"query heads must be a positive multiple of key/value heads (GQA); got {query.shape[1]} query heads "
-            f"and {key.shape[1]} key/value heads ({shapes})"
+            f"and {key.shape[1]} key/value heads ({shapes()})"
         )
     if query.shape[-1] != key.shape[-1] or query.shape[-1] == 0:
-        raise ValueError(f"query and key must have the same head dim (dim 3), at least 1; got {shapes}")
+        raise ValueError(f"query and key must have the same head dim (dim 3), at least 1; got {shapes()}")
     q_len, kv_len = query.shape[2], key.shape[2]
     if prefill and q_len != kv_len:
         raise ValueError(f"dga_attention computes prefill (q_len == kv_len); got q_len={q_len}, kv_len={kv_len}")
@@ -97,6 +100,7 @@ def checked_scale(scale: object, head_dim: int) -> float:
     docs/spec.md's `s` is not restricted; 0 gives uniform weights over the visible keys)."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a model's float scale is symbolic
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
         raise ValueError(f"scale={scale!r} is invalid: allowed values are None (1/sqrt(head_dim)) or a finite real number")
     return float(scale)
