@@ -11,7 +11,8 @@ For each attention shape, length and DGA configuration (the presets ``default`` 
   docs/spec.md: selection, aggregates, expansion choice and attention), float32, no gradient;
 * ``layout ms``: stages 1-4 and the expansion choice alone (`build_layout`), a part of the DGA time;
 * ``SDPA ms``: `torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`;
-* ``speed-up`` = SDPA ms / DGA ms; ``keys read``: the share of dense attention's (query, key) pairs the DGA call
+* ``speed-up`` = SDPA ms / DGA ms (wall clock; also from the process CPU times, which on a shared machine move
+  less); ``keys read``: the share of dense attention's (query, key) pairs the DGA call
   reads (`dga_hf.ops.stats.counting_keys`, exact for these inputs); ``ideal`` = 1 / keys read; ``share of
   ideal`` = speed-up / ideal (issue 14 asks for >= 0.6).
 
@@ -146,24 +147,28 @@ def model_qkv(shape: str, length: int, layer: int | None, cache_dir: Path) -> tu
 
 # ------------------------------------------------------------------------------------------------ timing
 def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
-    """Per name: the median ms over ``repeats`` rounds that each call every function once, after one warm-up
-    call of each, with every round's ms; or the error of a function that failed (the others go on)."""
+    """Per name: the median wall-clock ms and process CPU ms over ``repeats`` rounds that each call every function
+    once, after one warm-up call of each, with every round's; or the error of a function that failed (the others
+    go on). With one thread the CPU time is what the call would take on an idle machine, less the cache misses
+    other jobs cause: on a shared machine it moves less than the wall time."""
     results: dict[str, dict] = {}
     live = {}
     for name, call in calls.items():
         try:
             call()
             live[name] = call
-            results[name] = {"ms_all": []}
+            results[name] = {"ms_all": [], "cpu_ms_all": []}
         except Exception as exc:  # noqa: BLE001 - one failure (out of memory) must not end the run
             results[name] = {"error": error_text(exc), "traceback": traceback.format_exc(limit=4)[-2000:]}
     for _ in range(repeats):
         for name, call in live.items():
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             call()
+            results[name]["cpu_ms_all"].append(round((time.process_time() - began_cpu) * 1e3, 3))
             results[name]["ms_all"].append(round((time.perf_counter() - began) * 1e3, 3))
     for name in live:
         results[name]["ms"] = statistics.median(results[name]["ms_all"])
+        results[name]["cpu_ms"] = statistics.median(results[name]["cpu_ms_all"])
     return results
 
 
@@ -206,12 +211,12 @@ def measure_cell(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, configs: dic
     rows = []
     for name in configs:
         row = {"config": name, "seq_len": length, "keys_read": shares[name], "ideal_speedup": 1.0 / shares[name]}
-        for method, key in (("dga", "dga"), ("layout", "layout"), ("sdpa", "sdpa")):
+        for method in ("dga", "layout", "sdpa"):
             result = timed[f"{method} {name}" if method != "sdpa" else "sdpa"]
-            row[f"{key}_ms"] = result.get("ms")
-            row[f"{key}_ms_all"] = result.get("ms_all")
+            for key in ("ms", "ms_all", "cpu_ms", "cpu_ms_all"):
+                row[f"{method}_{key}"] = result.get(key)
             if "error" in result:
-                row[f"{key}_error"] = result["error"]
+                row[f"{method}_error"] = result["error"]
         derive(row)
         rows.append(row)
     return rows
@@ -219,10 +224,11 @@ def measure_cell(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, configs: dic
 
 def derive(row: dict) -> None:
     """The ratios of a row, from the numbers it reports: speed-up = SDPA ms / DGA ms, share of ideal =
-    speed-up / ideal (ideal = 1 / keys read)."""
-    if row.get("dga_ms") and row.get("sdpa_ms"):
-        row["speedup"] = row["sdpa_ms"] / row["dga_ms"]
-        row["share_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+    speed-up / ideal (ideal = 1 / keys read); the same from the CPU times."""
+    for prefix, unit in (("", "ms"), ("cpu_", "cpu_ms")):
+        if row.get(f"dga_{unit}") and row.get(f"sdpa_{unit}"):
+            row[f"{prefix}speedup"] = row[f"sdpa_{unit}"] / row[f"dga_{unit}"]
+            row[f"{prefix}share_of_ideal"] = row[f"{prefix}speedup"] / row["ideal_speedup"]
 
 
 def run(lengths: list[int], shapes: list[str], inputs: str, configs: dict[str, DGAConfig], repeats: int,
@@ -276,7 +282,7 @@ def _cpu_name() -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 COLUMNS = ("shape", "inputs", "L", "config", "DGA ms", "layout ms", "SDPA ms", "speed-up", "keys read", "ideal",
-           "share of ideal")
+           "share of ideal", "speed-up (CPU time)", "share of ideal (CPU time)")
 
 
 def _fmt(value, spec: str) -> str:
@@ -288,7 +294,8 @@ def _markdown_row(row: dict) -> str:
     cells = (row["shape"], row["inputs"], str(row["seq_len"]), row["config"], _fmt(row.get("dga_ms"), ".1f"),
              _fmt(row.get("layout_ms"), ".1f"), _fmt(row.get("sdpa_ms"), ".1f"), _fmt(row.get("speedup"), ".2f"),
              _fmt(row.get("keys_read"), ".3f"), _fmt(row.get("ideal_speedup"), ".2f"),
-             _fmt(row.get("share_of_ideal"), ".2f"))
+             _fmt(row.get("share_of_ideal"), ".2f"), _fmt(row.get("cpu_speedup"), ".2f"),
+             _fmt(row.get("cpu_share_of_ideal"), ".2f"))
     return "| " + " | ".join(cells) + " |" + (f" {errors}" if errors else "")
 
 
@@ -307,7 +314,9 @@ def to_markdown(report: dict) -> str:
            "; " + "; ".join(f"{shape}: {src['model']} layer {src['layer']} of {src['layers']}, {src['corpus']} corpus, "
                             f"{src['tokens']} tokens" for shape, src in report["sources"].items()) + "."),
         "DGA ms is the whole operator (`dga_attention`, PyTorch backend); layout ms is its stages 1-4 and the "
-        "expansion choice alone. Speed-up = SDPA ms / DGA ms; ideal = 1 / keys read; share of ideal = speed-up / ideal.",
+        "expansion choice alone. Speed-up = SDPA ms / DGA ms (wall clock); ideal = 1 / keys read; share of ideal = "
+        "speed-up / ideal. The last two columns are the same ratios of the process CPU times (with one thread, "
+        "what an idle machine would take, less other jobs' cache misses).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in ("shape", "inputs", "config") else "---:" for c in COLUMNS) + "|",

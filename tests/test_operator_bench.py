@@ -33,11 +33,14 @@ def test_report_rows_and_ratios_come_from_its_numbers(tmp_path):
     for row in saved["results"]:
         assert "dga_error" not in row and "sdpa_error" not in row and "layout_error" not in row
         for method in ("dga", "layout", "sdpa"):
-            assert len(row[f"{method}_ms_all"]) == 2
-            assert row[f"{method}_ms"] == pytest.approx(statistics.median(row[f"{method}_ms_all"]))
+            for unit in ("ms", "cpu_ms"):
+                assert len(row[f"{method}_{unit}_all"]) == 2
+                assert row[f"{method}_{unit}"] == pytest.approx(statistics.median(row[f"{method}_{unit}_all"]))
         assert row["ideal_speedup"] == pytest.approx(1 / row["keys_read"])
         assert row["speedup"] == pytest.approx(row["sdpa_ms"] / row["dga_ms"])
         assert row["share_of_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+        assert row["cpu_speedup"] == pytest.approx(row["sdpa_cpu_ms"] / row["dga_cpu_ms"])
+        assert row["cpu_share_of_ideal"] == pytest.approx(row["cpu_speedup"] / row["ideal_speedup"])
         # the keys read are counted, not assumed: a window over the whole sequence reads every key
         if row["config"] == "dense_equivalent":
             assert row["keys_read"] == 1.0
@@ -53,7 +56,7 @@ def test_report_rows_and_ratios_come_from_its_numbers(tmp_path):
         assert cells[:4] == [row["shape"], "random", str(row["seq_len"]), row["config"]]
         assert cells[4:] == [f"{row['dga_ms']:.1f}", f"{row['layout_ms']:.1f}", f"{row['sdpa_ms']:.1f}",
                              f"{row['speedup']:.2f}", f"{row['keys_read']:.3f}", f"{row['ideal_speedup']:.2f}",
-                             f"{row['share_of_ideal']:.2f}"]
+                             f"{row['share_of_ideal']:.2f}", f"{row['cpu_speedup']:.2f}", f"{row['cpu_share_of_ideal']:.2f}"]
 
 
 def test_a_failing_method_is_recorded_and_the_others_are_timed():
@@ -61,7 +64,7 @@ def test_a_failing_method_is_recorded_and_the_others_are_timed():
         raise MemoryError("no room")
 
     timed = operator_bench.time_interleaved({"ok": lambda: None, "broken": broken}, repeats=3)
-    assert len(timed["ok"]["ms_all"]) == 3 and timed["ok"]["ms"] >= 0
+    assert len(timed["ok"]["ms_all"]) == len(timed["ok"]["cpu_ms_all"]) == 3 and timed["ok"]["ms"] >= 0
     assert timed["broken"]["error"].startswith("MemoryError: no room") and "ms" not in timed["broken"]
 
 

@@ -8,8 +8,11 @@ memory is bounded by the tile budget, never L x L, in the forward and in the bac
 
 Two forwards compute the same function: `attend_forward` (output and log-sum-exp, for training)
 materialises each tile's logits per stream; `attend` (inference) hands each tile to PyTorch's fused
-`scaled_dot_product_attention` with the rule as an additive mask, which on the CPU is about twice as
-fast (8K, SmolLM2-135M's attention shape, shipped preset: 395 ms against 750 ms per layer, 2 threads).
+attention with the rule as an additive mask, which on the CPU is about twice as fast (8K, SmolLM2-135M's
+attention shape, shipped preset: 395 ms against 750 ms per layer, 2 threads). With query-aware expansion
+(docs/spec.md step 6) inference runs the members of the expanded blocks as a second stream in tiles of their
+own, merged by log-sum-exp (`_add_expanded`); docs/results.md, "CPU operator vs SDPA (issue 14)", has what
+that costs against dense SDPA and why.
 """
 
 from __future__ import annotations
