@@ -137,7 +137,7 @@ def model_qkv(shape: str, length: int, layer: int | None, cache_dir: Path) -> tu
     got = {"q_heads": qkv[0].shape[1], "kv_heads": qkv[1].shape[1], "head_dim": qkv[0].shape[-1]}
     if got != {name: spec[name] for name in got}:
         raise RuntimeError(f"{spec['model']}'s attention has shape {got}, not the shape {shape!r} ({spec})")
-    source = {"model": spec["model"], "corpus": CORPUS, "tokens": f"first {length}", "layer": layer,
+    source = {"model": spec["model"], "corpus": CORPUS, "captured_tokens": length, "layer": layer,
               "layers": model.config.num_hidden_layers}
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"length": length, "qkv": qkv, "source": source}, cache_dir / f"{spec['model']}-{CORPUS}-layer{layer}-{length}.pt")
@@ -304,15 +304,16 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# DGA attention operator vs causal SDPA on the CPU",
         "",
-        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, transformers {meta.get('transformers')}, "
+        f"{meta['cpu']}, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}; torch {meta['torch']}, transformers {meta.get('transformers')}, "
         f"Python {meta['python']}; float32, batch 1; median of {meta['repeats']} interleaved rounds after a warm-up; "
         f"load average {meta['load_average_start']:.1f} at the start"
         + (f", {meta['load_average_end']:.1f} at the end." if "load_average_end" in meta else " (PARTIAL: the run stopped early)."),
         "",
         f"Inputs: {meta['inputs']}"
         + (" (standard normal q, k, v)." if meta["inputs"] == "random" else
-           "; " + "; ".join(f"{shape}: {src['model']} layer {src['layer']} of {src['layers']}, {src['corpus']} corpus, "
-                            f"{src['tokens']} tokens" for shape, src in report["sources"].items()) + "."),
+           ", q, k, v after RoPE of one layer on the first L tokens of the corpus (prefixes of one capture); "
+           + "; ".join(f"{shape}: {src['model']} layer {src['layer']} of {src['layers']}, {src['corpus']} corpus, "
+                       f"captured at {src['captured_tokens']} tokens" for shape, src in report["sources"].items()) + "."),
         "DGA ms is the whole operator (`dga_attention`, PyTorch backend); layout ms is its stages 1-4 and the "
         "expansion choice alone. Speed-up = SDPA ms / DGA ms (wall clock); ideal = 1 / keys read; share of ideal = "
         "speed-up / ideal. The last two columns are the same ratios of the process CPU times (with one thread, "
