@@ -277,15 +277,17 @@ def test_expanding_inference_matches_the_reference(monkeypatch, tile):
     chunk_tiles=st.integers(1, 3),
     similar=st.sampled_from([1.0, 1.15, 100.0]),
     call_scores=st.sampled_from([1, 2**24]),
+    in_place=st.sampled_from([0.0, 0.8, 2.0]),
     shared_tile=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_expanded_stream_tiles_match_the_reference(config, heads, seq_len, padded, tile_blocks, chunk_tiles, similar,
-                                                   call_scores, shared_tile, seed):
+                                                   call_scores, in_place, shared_tile, seed):
     """Inference with expansion in two streams (the shared tiles of old keys and local windows; the expanded
-    stream's tiles over the union of their queries' blocks, sorted by union size into fused calls, merged by
-    log-sum-exp): tiles of 1-3 query blocks (a last tile past the sequence), chunks of 1-3 tiles, groups of
-    one tile (call budget 1, or no two widths alike) or of all, GQA groups of 1, 3 and 7, left padding.
+    stream's tiles over the union of their queries' blocks, sorted by union size into fused calls, or over all
+    their old blocks in place, merged by log-sum-exp): tiles of 1-3 query blocks (a last tile past the
+    sequence), chunks of 1-3 tiles, groups of one tile (call budget 1, or no two widths alike) or of all, every
+    tile in place, some or none, GQA groups of 1, 3 and 7, left padding.
     Float64, with head dim = value dim, so on the CPU both streams run PyTorch's fused flash kernel; equal to the
     float64 transcription of docs/spec.md."""
     from unittest import mock
@@ -296,7 +298,7 @@ def test_expanded_stream_tiles_match_the_reference(config, heads, seq_len, padde
     q, k, v = qkv(2, q_heads, kv_heads, seq_len, 8, seed=seed, dtype=torch.float64)
     mask = left_padding(2, seq_len, seed=seed) if padded else None
     knobs = dict(EXPANDED_TILE_BLOCKS=tile_blocks, EXPANDED_CHUNK_TILES=chunk_tiles, SIMILAR_WIDTH=similar,
-                 EXPANDED_CALL_SCORES=call_scores)
+                 EXPANDED_CALL_SCORES=call_scores, IN_PLACE_UNION_SHARE=in_place)
     with mock.patch.multiple(torch_backend, **knobs), mock.patch.object(torch_backend, "tile_blocks", return_value=shared_tile), \
             torch.no_grad():
         actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)

@@ -41,6 +41,10 @@ EXPANDED_CHUNK_TILES = 64
 EXPANDED_CALL_SCORES = 2**24
 # Tiles whose unions differ by at most this factor share a fused call (padded to the largest).
 SIMILAR_WIDTH = 1.15
+# A tile of the expanded stream whose unions cover at least this share of its old blocks reads all of them in
+# place: computing the rest costs less than copying the union (on random inputs nearly every tile's union
+# covers most old blocks).
+IN_PLACE_UNION_SHARE = 0.8
 
 
 def additive_mask(hidden: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,7 +378,16 @@ def _add_expanded(out, lse, queries, keys, values, expanded, focal, config: DGAC
         chunk_out = queries.new_zeros(rows * tiles, group, tile, values.shape[-1])
         chunk_lse = queries.new_full((rows * tiles, group, tile), -math.inf)
         widths = (union < num_blocks).sum(-1)
-        order = widths.argsort()
+        # a tile whose unions (over its rows) cover most of its old blocks reads all of them, in place
+        last = (torch.arange(1, tiles + 1, device=queries.device) * tile + lo).clamp(max=hi) - 1  # each tile's last query
+        old = rule.old_block_count(rule.block_of(last, m), n)
+        in_place = widths.view(rows, tiles).sum(0) >= IN_PLACE_UNION_SHARE * rows * old
+        for index in in_place.nonzero().flatten().tolist():
+            entries = torch.arange(rows, device=queries.device) * tiles + index
+            _expanded_in_place(chunk_out, chunk_lse, entries, tile_queries[entries], keys, values, chosen[entries],
+                               focal, int(old[index]), m, scale)
+        gathered = ~in_place.repeat(rows)
+        order = widths.masked_fill(~gathered, -1).argsort()[int((~gathered).sum()) :]
         budget = max(1, EXPANDED_CALL_SCORES // (group * tile * m))  # union blocks of one call, all tiles
         for begin, stop, width in _similar_widths(widths[order].tolist(), budget):
             if width == 0:
@@ -397,6 +410,22 @@ def _add_expanded(out, lse, queries, keys, values, expanded, focal, config: DGAC
         chunk_out = chunk_out.view(rows, tiles, group, tile, -1).transpose(1, 2).reshape(rows, group, tiles * tile, -1)
         chunk_lse = chunk_lse.view(rows, tiles, group, tile).transpose(1, 2).reshape(rows, group, tiles * tile)
         _merge(out[:, :, lo:hi], lse[:, :, lo:hi], chunk_out[:, :, : hi - lo], chunk_lse[:, :, : hi - lo])
+
+
+def _expanded_in_place(out, lse, entries, queries, keys, values, chosen, focal, old: int, group_size: int,
+                       scale: float) -> None:
+    """The expanded stream of one tile over all its old blocks, read in place (no copy of the members): for the
+    tile's ``entries`` (one per batch row x kv head, in row order) of ``out`` / ``lse`` [E, G, T, dv] / [E, G, T],
+    queries [R, G, T, d], their choices ``chosen`` [R, T, X] among blocks 0..old-1 (sentinel nb)."""
+    members = old * group_size
+    reads = expanded_mask(chosen, old)  # [R, T, old]
+    readable = ~focal[:, :members].view(-1, old, group_size)
+    mask = additive_mask(~reads, queries.dtype)[..., None] + additive_mask(~readable, queries.dtype)[:, None]
+    part_out, part_lse = _fused_attention(queries, keys[:, None, :members], values[:, None, :members],
+                                          mask.view(len(entries), 1, chosen.shape[1], members), scale, with_lse=True)
+    reads_any = (reads & readable.any(-1)[:, None]).any(-1)  # [R, T]
+    out[entries] = part_out
+    lse[entries] = torch.where(reads_any[:, None], part_lse, -math.inf)
 
 
 def _similar_widths(widths: list[int], budget: int) -> list[tuple[int, int, int]]:
