@@ -336,13 +336,15 @@ def _fused_attention(query, key, value, mask, scale: float, with_lse: bool):
     bound them)."""
     if not with_lse:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True), None
+    group = query.shape[1]
+    key, value = key.expand(-1, group, -1, -1), value.expand(-1, group, -1, -1)  # views: nothing is copied
     if query.device.type == "cpu" and value.shape[-1] == query.shape[-1]:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, attn_mask=mask, scale=scale)
-    logits = torch.baddbmm(mask.expand(-1, query.shape[1], -1, -1).flatten(0, 1), query.flatten(0, 1),
-                           key.expand(-1, query.shape[1], -1, -1).flatten(0, 1).transpose(-1, -2), alpha=scale)
+    logits = torch.baddbmm(mask.expand(-1, group, -1, -1).flatten(0, 1), query.flatten(0, 1),
+                           key.flatten(0, 1).transpose(-1, -2), alpha=scale)
     lse = logits.logsumexp(-1, keepdim=True)
     weights = (logits - torch.where(torch.isfinite(lse), lse, 0.0)).exp_()
-    out = weights @ value.expand(-1, query.shape[1], -1, -1).flatten(0, 1)
+    out = weights @ value.flatten(0, 1)
     return out.view(*query.shape[:-1], -1), lse.view(query.shape[:-1])
 
 
