@@ -4,6 +4,7 @@ Inputs are fresh random tensors (hypothesis draws shapes, settings and seeds).""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -363,7 +364,7 @@ def test_expansion_scores_in_chunks_that_count_the_score_keys(monkeypatch):
     from dga_hf.ops import layout as layout_module
 
     calls = []
-    choose = layout_module.choose_expanded
+    choose = layout_module.choose_expanded_blocks
 
     def counting(query, query_block, score_key, *args):
         calls.append(query.shape[:4].numel() * score_key.shape[2] * score_key.shape[3])
@@ -372,7 +373,7 @@ def test_expansion_scores_in_chunks_that_count_the_score_keys(monkeypatch):
     q, k, v, lengths = expansion_inputs()
     per_query_block = 2 * 2 * 3 * 4 * 16  # B * H * G * m * blocks
     monkeypatch.setattr(layout_module, "EXPANSION_CHUNK_SCORES", 3 * per_query_block)
-    monkeypatch.setattr(layout_module, "choose_expanded", counting)
+    monkeypatch.setattr(layout_module, "choose_expanded_blocks", counting)
     config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=1, expand_blocks=3, probe_queries=5)
     for expand_score, chunks in (("aggregate", 5), ("principal", 15)):  # 15 query blocks have old blocks
         calls.clear()
@@ -414,6 +415,108 @@ def test_expanding_inference_matches_the_reference(monkeypatch, tile, expand_sco
     with torch.no_grad():
         actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
     torch.testing.assert_close(actual, naive_dga_attention(q, k, v, config, padding_mask=mask), atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=dga_config_strategy.map(lambda c: c.replace(expand_blocks=max(1, c.expand_blocks), min_seq_len=0)),
+    heads=st.sampled_from([(2, 2), (3, 1), (6, 2), (7, 1), (14, 2)]),  # G = 1, 3, 3, 7, 7
+    seq_len=st.integers(20, 83),
+    padded=st.booleans(),
+    tile_blocks=st.integers(1, 3),
+    chunk_tiles=st.integers(1, 3),
+    similar=st.sampled_from([1.0, 1.15, 100.0]),
+    call_scores=st.sampled_from([1, 2**24]),
+    in_place=st.sampled_from([0.0, 0.8, 2.0]),
+    shared_tile=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_expanded_stream_tiles_match_the_reference(config, heads, seq_len, padded, tile_blocks, chunk_tiles, similar,
+                                                   call_scores, in_place, shared_tile, seed):
+    """Inference with expansion in two streams (the shared tiles of old keys and local windows; the expanded
+    stream's tiles over the union of their queries' blocks, sorted by union size into fused calls, or over all
+    their old blocks in place, merged by log-sum-exp): tiles of 1-3 query blocks (a last tile past the
+    sequence), chunks of 1-3 tiles, groups of one tile (call budget 1, or no two widths alike) or of all, every
+    tile in place, some or none, GQA groups of 1, 3 and 7, left padding.
+    Float64, with head dim = value dim, so on the CPU both streams run PyTorch's fused flash kernel; equal to the
+    float64 transcription of docs/spec.md."""
+    from unittest import mock
+
+    from dga_hf.ops import torch_backend
+
+    q_heads, kv_heads = heads
+    q, k, v = qkv(2, q_heads, kv_heads, seq_len, 8, seed=seed, dtype=torch.float64)
+    mask = left_padding(2, seq_len, seed=seed) if padded else None
+    knobs = dict(EXPANDED_TILE_BLOCKS=tile_blocks, EXPANDED_CHUNK_TILES=chunk_tiles, SIMILAR_WIDTH=similar,
+                 EXPANDED_CALL_SCORES=call_scores, IN_PLACE_UNION_SHARE=in_place)
+    with mock.patch.multiple(torch_backend, **knobs), mock.patch.object(torch_backend, "tile_blocks", return_value=shared_tile), \
+            torch.no_grad():
+        actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
+    torch.testing.assert_close(actual, naive_dga_attention(q, k, v, config, padding_mask=mask), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("value_dim", [8, 11])  # the CPU's fused kernel (value dim = head dim), materialised logits
+def test_fused_attention_log_sum_exp(value_dim):
+    """The stream attention behind the merge: output and log-sum-exp of the visible logits, for GQA (keys shared
+    by the G heads) and a broadcast additive mask; a row that sees nothing outputs 0 (its log-sum-exp is the
+    caller's to mark)."""
+    from dga_hf.ops.torch_backend import _fused_attention
+
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(5, 3, 7, 8, generator=gen, dtype=torch.float64)
+    key = torch.randn(5, 1, 13, 8, generator=gen, dtype=torch.float64)
+    value = torch.randn(5, 1, 13, value_dim, generator=gen, dtype=torch.float64)
+    hidden = torch.rand(5, 1, 7, 13, generator=gen) < 0.5
+    hidden[2, 0, 4] = True  # a row that sees no key
+    mask = torch.zeros(hidden.shape, dtype=torch.float64).masked_fill(hidden, -math.inf)
+    out, lse = _fused_attention(query, key, value, mask, 0.3, with_lse=True)
+    logits = 0.3 * query @ key.transpose(-1, -2) + mask
+    sees = ~hidden.all(-1).expand(5, 3, 7)
+    torch.testing.assert_close(lse[sees], logits.logsumexp(-1)[sees], atol=1e-12, rtol=1e-12)
+    expected = (logits.softmax(-1) @ value).nan_to_num(0.0)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert out[2, :, 4].abs().max() == 0
+    plain, none = _fused_attention(query, key, value, mask[:, :, :, :], 0.3, with_lse=False)
+    assert none is None
+    torch.testing.assert_close(plain[sees], expected[sees], atol=1e-12, rtol=1e-12)
+
+
+def test_similar_widths_groups_cover_every_tile_within_the_bounds():
+    from dga_hf.ops import torch_backend
+
+    ascending = [0, 0, 3, 3, 4, 9, 10, 10, 11, 40, 41, 200]
+    for widths in (ascending, [10, 3, 3, 11, 200, 0, 41, 40, 9, 10, 4, 0]):
+        for budget in (1, 25, 10**6):
+            groups = torch_backend._similar_widths(widths, budget)
+            assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == len(widths)
+            for begin, end, widest in groups:
+                assert widest == max(widths[begin:end])
+                assert end - begin == 1 or (widest <= torch_backend.SIMILAR_WIDTH * min(widths[begin:end]) + 1
+                                            and widest * (end - begin) <= budget)
+    assert [g[:2] for g in torch_backend._similar_widths(ascending, 10**6)] == [(0, 2), (2, 5), (5, 9), (9, 11), (11, 12)]
+    assert torch_backend._similar_widths([], 5) == []
+
+
+def test_expansion_choice_with_ties_in_some_queries_only():
+    """Blocks 1 and 2 hold one repeated key each, the same one: their aggregates are equal, so a query that
+    ranks them at the boundary of its top E has a tie (the spec's rule: the earlier block), while the other
+    queries' top E is decided by distinct scores. Both kinds in one choice equal the spec's, query by query."""
+    from dga_hf.ops.layout import build_layout
+
+    config = DGAConfig(group_size=4, focal_ratio=0.05, local_blocks=1, expand_blocks=2, probe_queries=2)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 2, 3, 64, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 64, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, 64, 8, generator=gen, dtype=torch.float64)
+    k[:, :, 4:12] = k[:, :, 40:41] * 3  # large: often among the top two
+    layout = build_layout(q, k, v, torch.tensor([64]), config, 0.5)
+    expected = brute_force_expansion(q, layout, config, 0.5, lambda b, h, c, members: layout.agg_key[b, h, c][None])
+    assert torch.equal(layout.expanded, expected)
+    score = (0.5 * q @ layout.agg_key[:, :, None].transpose(-1, -2)).amax(2)  # [1, H, L, nb]
+    old = torch.arange(16) < (torch.arange(64)[:, None] // 4)
+    top = score.masked_fill(~old, -math.inf).topk(3, dim=-1).values
+    at_boundary = (top[..., 1] == top[..., 2]) & torch.isfinite(top[..., 2])
+    assert at_boundary.any() and (~at_boundary[..., 12:]).any()  # both kinds of query occur
 
 
 def test_expansion_reads_the_members_of_the_chosen_blocks():

@@ -39,6 +39,10 @@ scripts/gpu_check.sh runs on the GPU before the benchmark.
 
 This module holds the runs and the command line; the inputs and pair counts are in `attention_workload`,
 the timing in `timing`, the report in `attention_report`.
+
+On the CPU, the operator against causal SDPA at SmolLM2-135M's and Qwen2.5-0.5B's attention shapes is
+``python -m dga_eval.operator_bench`` (in the harness, since it can capture real inputs from the embedded
+models; docs/results.md, "CPU operator vs SDPA (issue 14)").
 """
 
 from __future__ import annotations
@@ -360,7 +364,8 @@ def main(argv=None) -> int:
         train_lengths = list(TRAIN_LENGTHS)
     repeats = args.repeats or (3 if args.quick else 5)
     if not torch.cuda.is_available():
-        print("dga_hf.bench.attention needs a CUDA GPU (none found)", file=sys.stderr)
+        print("dga_hf.bench.attention needs a CUDA GPU (none found); on the CPU, time the operator against "
+              "SDPA with python -m dga_eval.operator_bench", file=sys.stderr)
         return 2
     configs = bench_configs(args.expand_blocks)
     if not args.train_only:

@@ -8,8 +8,11 @@ memory is bounded by the tile budget, never L x L, in the forward and in the bac
 
 Two forwards compute the same function: `attend_forward` (output and log-sum-exp, for training)
 materialises each tile's logits per stream; `attend` (inference) hands each tile to PyTorch's fused
-`scaled_dot_product_attention` with the rule as an additive mask, which on the CPU is about twice as
-fast (8K, SmolLM2-135M's attention shape, shipped preset: 395 ms against 750 ms per layer, 2 threads).
+attention with the rule as an additive mask, which on the CPU is about twice as fast (8K, SmolLM2-135M's
+attention shape, shipped preset: 395 ms against 750 ms per layer, 2 threads). With query-aware expansion
+(docs/spec.md step 6) inference runs the members of the expanded blocks as a second stream in tiles of their
+own, merged by log-sum-exp (`_add_expanded`); docs/results.md, "CPU operator vs SDPA (issue 14)", has what
+that costs against dense SDPA and why.
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ from .layout import DGALayout, expanded_mask
 TILE_LOGITS_BUDGET = 2**24
 # Fewer query rows per tile than this and Python overhead per tile dominates.
 MIN_TILE_QUERIES = 128
+# Query blocks per tile of the expanded stream (`_add_expanded`): the union of the blocks a tile's queries
+# expand, hence its work, grows with the tile.
+EXPANDED_TILE_BLOCKS = 4
+# Query tiles of the expanded stream whose unions are computed and sorted by size at once.
+EXPANDED_CHUNK_TILES = 64
+# Logits of the expanded stream per fused call (tiles of similar union size): 2**24 fp32 is 64 MiB.
+EXPANDED_CALL_SCORES = 2**24
+# Tiles whose unions differ by at most this factor share a fused call (padded to the largest).
+SIMILAR_WIDTH = 1.15
+# A tile of the expanded stream whose unions cover at least this share of its old blocks reads all of them in
+# place: computing the rest costs less than copying the union (on random inputs nearly every tile's union
+# covers most old blocks).
+IN_PLACE_UNION_SHARE = 0.8
 
 
 def additive_mask(hidden: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,16 +53,15 @@ def additive_mask(hidden: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor |
     return torch.where(hidden, -math.inf, visible)
 
 
-def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_blocks: int) -> int:
+def tile_blocks(layout: DGALayout, heads_total: int, config: DGAConfig, num_blocks: int, expanded_keys: int) -> int:
     """Blocks per query tile: an eighth of the local window (a tile of T queries computes T x (T + n*m)
     local logits, so larger tiles waste work on the local stream; measured on CPU at 8K with
     local_blocks=128, tiles of n/8 blocks ran 2.7x faster than tiles of n), at least MIN_TILE_QUERIES
-    queries, and within the logits budget. With expansion the tile also reads the union of its queries'
-    expanded blocks: at most every old block, so the budget counts them all."""
+    queries, and within the logits budget, which counts ``expanded_keys`` more keys per query (the members of
+    the blocks a query expands, where the tile reads them)."""
     m, n = config.group_size, config.local_blocks
     wanted = max(-(-n // 8), -(-MIN_TILE_QUERIES // m))
-    expanded = num_blocks * m if layout.expanded is not None else 0
-    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + (n + wanted) * m + expanded
+    keys_per_query = layout.focal_pos.shape[-1] + num_blocks + (n + wanted) * m + expanded_keys
     affordable = TILE_LOGITS_BUDGET // max(heads_total * m * keys_per_query, 1)
     return max(1, min(num_blocks, wanted, affordable))
 
@@ -132,7 +147,8 @@ def _tiles(query: torch.Tensor, key: torch.Tensor, layout: DGALayout, config: DG
     num_blocks = math.ceil(seq_len / m)
     device = query.device
     focal_block = layout.focal_block  # [B, H, F]
-    step = tile_blocks(layout, batch * heads * group, config, num_blocks)
+    # the expanded stream's logits are [G, T, X * m]; budgeted as every block's members
+    step = tile_blocks(layout, batch * heads * group, config, num_blocks, 0 if layout.expanded is None else num_blocks * m)
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
@@ -209,111 +225,240 @@ def attend_forward(
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: DGALayout, config: DGAConfig, scale: float) -> torch.Tensor:
-    """The output of `attend_forward` without its log-sum-exp (inference): per query tile one fused
-    `scaled_dot_product_attention` over [keys old for the tile | the tile's local window | the members of
-    the blocks its queries expand (`_tile_union`)], the spec's rule and the aggregates' bias in an
-    additive mask, so no [G, T, K] logits are materialised.
+    """The output of `attend_forward` without its log-sum-exp (inference), in two streams.
 
-    The focal keys and the aggregates are merged into one stream sorted by block (`_old_stream`), so
-    the keys old for a tile are a prefix of it. Key, value and mask buffers persist across tiles: a
-    tile copies only the old entries it adds, its local window, its expanded blocks, and the mask
-    columns of the blocks that are old for some of its queries but not all (the other old columns are
-    the bias for every query, written once). The aggregates a query expands are hidden in its mask row
-    for the tile and restored after it."""
+    The shared stream (`_attend_shared`): per query tile one fused scaled-dot-product attention over [keys old
+    for the tile | the tile's local window], the spec's rule, the aggregates' bias and the aggregates each query
+    expands hidden in an additive mask, so no [G, T, K] logits are materialised. With expansion (docs/spec.md
+    step 6) the expanded stream (`_add_expanded`) reads the members of the blocks each query expands, in tiles
+    of EXPANDED_TILE_BLOCKS query blocks, and is merged into the shared stream's result by log-sum-exp."""
     batch, heads, group, seq_len, dim = query.shape
-    m, n = config.group_size, config.local_blocks
-    num_blocks = math.ceil(seq_len / m)
-    device, dtype = query.device, query.dtype
     rows = batch * heads
-    # budgeted as if the [G, T, K] logits were materialised, as SDPA's math fallback does
-    step = tile_blocks(layout, rows * group, config, num_blocks)
-    old_block, old_key, old_value, old_bias, agg_column = _old_stream(layout, num_blocks)
-    tile_rows = min(seq_len, step * m)
-    # the members of the blocks a tile's queries expand: at most every block's
-    expanded = 0 if layout.expanded is None else min(num_blocks, tile_rows * layout.expanded.shape[-1]) * m
-    # a row stride of the mask that is a multiple of 16 elements spares the GPU's memory-efficient SDPA a
-    # padded copy of the mask per tile; the last column is a spare no tile reads (expansion's sentinel)
-    capacity = -(-(old_block.shape[-1] + min(seq_len, (n + step) * m) + expanded + 1) // 16) * 16
-    key_buffer = key.new_empty(rows, 1, capacity, dim)
-    value_buffer = value.new_empty(rows, 1, capacity, value.shape[-1])
-    mask = query.new_empty(rows, 1, tile_rows, capacity)
     queries = query.reshape(rows, group, seq_len, dim)
     keys, values = key.reshape(rows, seq_len, dim), value.reshape(rows, seq_len, -1)  # once: may copy
-    if layout.expanded is not None:
-        key_blocks, value_blocks = _blocks(keys, m), _blocks(values, m)
-        focal = layout.focal.flatten(0, 1)
-    out = query.new_empty(rows, group, seq_len, value.shape[-1])
+    expanded = None
+    if layout.expanded is not None and layout.expanded.shape[-1] > 0:
+        expanded = layout.expanded.flatten(0, 1)  # [rows, L, X]
+    out, lse = _attend_shared(queries, keys, values, layout, config, scale, expanded)
+    if expanded is not None:
+        _add_expanded(out, lse, queries, keys, values, expanded, layout.focal.flatten(0, 1), config, scale)
+    out = out.view(batch, heads, group, seq_len, -1)
+    return out.masked_fill_(_padded_rows(layout, seq_len, query.device).unsqueeze(-1), 0.0)
+
+
+def _attend_shared(queries, keys, values, layout: DGALayout, config: DGAConfig, scale: float, expanded):
+    """The focal keys and aggregates of old blocks and the local window, per query tile one fused attention:
+    queries [R, G, L, d], keys/values [R, L, d] (R = batch rows x kv heads) -> out [R, G, L, dv] and, when
+    ``expanded`` ([R, L, X], each query's expanded blocks) is given, the log-sum-exp [R, G, L] (else None),
+    the aggregates each query expands left out.
+
+    The focal keys and the aggregates are merged into one stream sorted by block (`_old_stream`), so
+    the keys old for a tile are a prefix of it. Key, value and mask buffers persist across tiles, laid out as
+    [the local window, right-aligned in LOCAL columns | the old stream]: a tile copies only the old entries it
+    adds, its local window, and the mask columns of the blocks that are old for some of its queries but not
+    all (the other old columns are the bias for every query, written once). The aggregates a query expands are
+    hidden in its mask row for the tile and restored after it.
+
+    Rows whose old prefixes differ in length (each kv head has its own focal tokens; on SmolLM2-135M at 32K one
+    head's lie mostly in the first half, another's in the last) go through separate calls, so that no row
+    computes the masked tail of another's prefix (`_similar_widths` groups rows of similar length)."""
+    rows, group, seq_len, dim = queries.shape
+    m, n = config.group_size, config.local_blocks
+    num_blocks = math.ceil(seq_len / m)
+    device, dtype = queries.device, queries.dtype
+    # budgeted as if the [G, T, K] logits were materialised, as SDPA's math fallback does
+    step = tile_blocks(layout, rows * group, config, num_blocks, 0)  # the expanded members are another stream's
+    old_block, old_key, old_value, old_bias, agg_column = _old_stream(layout, num_blocks)
+    tile_rows = min(seq_len, step * m)
+    local = min(seq_len, (n + step) * m)  # the longest local window of a tile
+    # a row stride of the mask that is a multiple of 16 elements spares the GPU's memory-efficient SDPA a
+    # padded copy of the mask per tile; the last column is a spare no tile reads (expansion's sentinel)
+    capacity = -(-(local + old_block.shape[-1] + 1) // 16) * 16
+    key_buffer = keys.new_empty(rows, 1, capacity, dim)
+    value_buffer = values.new_empty(rows, 1, capacity, values.shape[-1])
+    mask = queries.new_empty(rows, 1, tile_rows, capacity)
+    out = queries.new_empty(rows, group, seq_len, values.shape[-1])
+    lse = None if expanded is None else queries.new_empty(rows, group, seq_len)
     copied = final = 0  # old entries in the buffers; old mask columns that are the bias for every query
     local_pattern = None
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step) - 1
         q_lo, q_hi = first * m, min(seq_len, (last + 1) * m)
-        visible = int(rule.is_old_block(old_block, last, n).sum(-1).max())
+        counts = rule.is_old_block(old_block, last, n).sum(-1)  # old entries of each row for the tile
+        visible = int(counts.max())
         if visible > copied:
-            key_buffer[:, 0, copied:visible] = old_key[:, copied:visible]
-            value_buffer[:, 0, copied:visible] = old_value[:, copied:visible]
+            key_buffer[:, 0, local + copied : local + visible] = old_key[:, copied:visible]
+            value_buffer[:, 0, local + copied : local + visible] = old_value[:, copied:visible]
             copied = visible
         if visible > final:
             q_block = rule.block_of(torch.arange(q_lo, q_hi, device=device), m).view(1, 1, -1, 1)
-            mask[:, :, : q_hi - q_lo, final:visible] = additive_mask(
+            mask[:, :, : q_hi - q_lo, local + final : local + visible] = additive_mask(
                 ~rule.is_old_block(old_block[:, None, None, final:visible], q_block, n), dtype,
                 old_bias[:, None, None, final:visible],
             )
             final = int(rule.is_old_block(old_block, first, n).sum(-1).min())
         w_lo = rule.first_local_position(first, m, n)
-        end = visible + q_hi - w_lo
-        key_buffer[:, 0, visible:end] = keys[:, w_lo:q_hi]
-        value_buffer[:, 0, visible:end] = values[:, w_lo:q_hi]
+        begin = local - (q_hi - w_lo)
+        key_buffer[:, 0, begin:local] = keys[:, w_lo:q_hi]
+        value_buffer[:, 0, begin:local] = values[:, w_lo:q_hi]
         if local_pattern is None or local_pattern[0] != (q_lo - w_lo, q_hi - q_lo):
             local_pattern = ((q_lo - w_lo, q_hi - q_lo), _local_mask(q_lo, q_hi, w_lo, m, n, device, dtype))
-        mask[:, 0, : q_hi - q_lo, visible:end] = local_pattern[1]
+        mask[:, 0, : q_hi - q_lo, begin:local] = local_pattern[1]
         tile_mask = mask[:, 0, : q_hi - q_lo]
-        chosen = None
-        if layout.expanded is not None and rule.old_block_count(last, n) > 0:
-            chosen = layout.expanded[:, :, q_lo:q_hi].flatten(0, 1).contiguous()  # [rows, T, X]
-            union, reads = _tile_union(chosen, num_blocks)
-            chosen = chosen if union.shape[1] else None
-        if chosen is not None:  # the union of the tile's expanded blocks joins its keys
-            blocks = (key_blocks, value_blocks)
-            end = _write_expanded_members((key_buffer, value_buffer, tile_mask), end, union, reads, blocks, focal, m, seq_len)
+        hidden = None
+        if expanded is not None and rule.old_block_count(last, n) > 0:
             # the aggregates each query expands are hidden in its mask row for this tile only
-            columns = torch.where(chosen < num_blocks, agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen), capacity - 1)
-            kept = tile_mask.gather(-1, columns)
-            tile_mask.scatter_(-1, columns, -math.inf)
-        out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(
-            queries[:, :, q_lo:q_hi], key_buffer[:, :, :end], value_buffer[:, :, :end],
-            attn_mask=mask[:, :, : q_hi - q_lo, :end], scale=scale, enable_gqa=True,
-        )
-        if chosen is not None:
-            tile_mask.scatter_(-1, columns, kept)
-    out = out.view(batch, heads, group, seq_len, -1)
-    return out.masked_fill_(_padded_rows(layout, seq_len, device).unsqueeze(-1), 0.0)
+            chosen = expanded[:, q_lo:q_hi]
+            column = local + agg_column.gather(1, chosen.clamp(max=num_blocks - 1).flatten(1)).view_as(chosen)
+            hidden = torch.where(chosen < num_blocks, column, capacity - 1)
+            kept = tile_mask.gather(-1, hidden)
+            tile_mask.scatter_(-1, hidden, -math.inf)
+        for row_lo, row_hi, longest in _similar_widths(counts.tolist(), rows * capacity):
+            part = slice(row_lo, row_hi)
+            part_out, part_lse = _fused_attention(
+                queries[part, :, q_lo:q_hi], key_buffer[part, :, begin : local + longest],
+                value_buffer[part, :, begin : local + longest], mask[part, :, : q_hi - q_lo, begin : local + longest],
+                scale, with_lse=lse is not None,
+            )
+            out[part, :, q_lo:q_hi] = part_out
+            if lse is not None:
+                lse[part, :, q_lo:q_hi] = part_lse
+        if hidden is not None:
+            tile_mask.scatter_(-1, hidden, kept)
+    return out, lse
 
 
-def _write_expanded_members(buffers, end: int, union, reads, blocks, focal, group_size: int, seq_len: int) -> int:
-    """Append the members of a tile's union of expanded blocks after column ``end`` of its key and value
-    buffers [rows, 1, C, d] and mask rows [rows, T, C] (a query reads the non-focal members of its own
-    blocks); ``blocks`` are the keys and values as whole blocks (`_blocks`). Returns the new end."""
-    key_buffer, value_buffer, tile_mask = buffers
-    rows, width = union.shape
-    num_blocks = blocks[0].shape[0] // rows
-    members = width * group_size
-    index = (union.clamp(max=num_blocks - 1) + num_blocks * torch.arange(rows, device=union.device).view(-1, 1)).flatten()
-    key_buffer[:, 0, end : end + members] = blocks[0].index_select(0, index).view(rows, members, -1)
-    value_buffer[:, 0, end : end + members] = blocks[1].index_select(0, index).view(rows, members, -1)
-    positions = (union[..., None] * group_size + torch.arange(group_size, device=union.device)).flatten(1)
-    readable = (positions < seq_len) & ~focal.gather(1, positions.clamp(max=seq_len - 1))
-    hidden = ~(reads.repeat_interleave(group_size, -1) & readable[:, None])
-    tile_mask[:, :, end : end + members] = additive_mask(hidden, tile_mask.dtype)
-    return end + members
+def _fused_attention(query, key, value, mask, scale: float, with_lse: bool):
+    """Attention of query [R, G, T, d] over key/value [R, 1, K, d] (shared by the G heads) with the additive
+    mask [R, 1, T, K] -> (out [R, G, T, dv], log-sum-exp [R, G, T] or None). On the CPU both come from
+    PyTorch's fused flash kernel where it applies (dv = d; its log-sum-exp of a row that sees no key is not
+    -inf: callers mark such rows); elsewhere the log-sum-exp comes from materialised logits (the tile budgets
+    bound them)."""
+    if not with_lse:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True), None
+    group = query.shape[1]
+    key, value = key.expand(-1, group, -1, -1), value.expand(-1, group, -1, -1)  # views: nothing is copied
+    if query.device.type == "cpu" and value.shape[-1] == query.shape[-1]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, attn_mask=mask, scale=scale)
+    logits = torch.baddbmm(mask.expand(-1, group, -1, -1).flatten(0, 1), query.flatten(0, 1),
+                           key.flatten(0, 1).transpose(-1, -2), alpha=scale)
+    lse = logits.logsumexp(-1, keepdim=True)
+    weights = (logits - torch.where(torch.isfinite(lse), lse, 0.0)).exp_()
+    out = weights @ value.flatten(0, 1)
+    return out.view(*query.shape[:-1], -1), lse.view(query.shape[:-1])
+
+
+def _add_expanded(out, lse, queries, keys, values, expanded, focal, config: DGAConfig, scale: float) -> None:
+    """Merge the expanded stream (docs/spec.md step 6) into ``out`` [R, G, L, dv] with log-sum-exp ``lse``
+    [R, G, L] (the shared stream's, updated in place): each query reads the non-focal members of its
+    expanded blocks (``expanded`` [R, L, X], sentinel nb; ``focal`` [R, L] bool).
+
+    Tiles of EXPANDED_TILE_BLOCKS query blocks: a tile's keys are the union of the blocks its queries expand
+    (`_tile_union`), each query masked to its own. The union grows with the tile (on SmolLM2-135M at 8K, 1.9x
+    the blocks one query expands for 16 queries, 2.7x for 128), so these tiles are smaller than the shared
+    stream's. The tiles (of every batch row and kv head) of EXPANDED_CHUNK_TILES query tiles at a time are
+    sorted by the size of their union and go through the fused attention in groups of similar size
+    (`_similar_widths`), each group's unions padded to its longest."""
+    rows, group, seq_len, dim = queries.shape
+    m, n = config.group_size, config.local_blocks
+    num_blocks = math.ceil(seq_len / m)
+    tile = EXPANDED_TILE_BLOCKS * m
+    key_blocks, value_blocks = _blocks(keys, m), _blocks(values, m)  # [R * nb, m * d]
+    first = rule.first_block_seeing_as_old(0, n) * m  # earlier queries have no old block
+    blocks = torch.arange(m, device=queries.device)
+    for lo in range(first, seq_len, EXPANDED_CHUNK_TILES * tile):
+        hi = min(seq_len, lo + EXPANDED_CHUNK_TILES * tile)
+        tiles = -(-(hi - lo) // tile)
+        missing = tiles * tile - (hi - lo)  # the last tile's queries past the sequence: no choice, no query
+        chosen = F.pad(expanded[:, lo:hi], (0, 0, 0, missing), value=num_blocks).view(rows * tiles, tile, -1)
+        union, reads = _tile_union(chosen, num_blocks)  # [R * tiles, U], [R * tiles, tile, U]
+        if union.shape[1] == 0:
+            continue
+        owner = torch.arange(rows, device=queries.device).repeat_interleave(tiles)  # batch row x kv head of a tile
+        tile_queries = F.pad(queries[:, :, lo:hi], (0, 0, 0, missing)).view(rows, group, tiles, tile, dim)
+        tile_queries = tile_queries.transpose(1, 2).reshape(rows * tiles, group, tile, dim)
+        chunk_out = queries.new_zeros(rows * tiles, group, tile, values.shape[-1])
+        chunk_lse = queries.new_full((rows * tiles, group, tile), -math.inf)
+        widths = (union < num_blocks).sum(-1)
+        # a tile whose unions (over its rows) cover most of its old blocks reads all of them, in place
+        last = (torch.arange(1, tiles + 1, device=queries.device) * tile + lo).clamp(max=hi) - 1  # each tile's last query
+        old = rule.old_block_count(rule.block_of(last, m), n)
+        in_place = widths.view(rows, tiles).sum(0) >= IN_PLACE_UNION_SHARE * rows * old
+        for index in in_place.nonzero().flatten().tolist():
+            entries = torch.arange(rows, device=queries.device) * tiles + index
+            _expanded_in_place(chunk_out, chunk_lse, entries, tile_queries[entries], keys, values, chosen[entries],
+                               focal, int(old[index]), m, scale)
+        gathered = ~in_place.repeat(rows)
+        order = widths.masked_fill(~gathered, -1).argsort()[int((~gathered).sum()) :]
+        budget = max(1, EXPANDED_CALL_SCORES // (group * tile * m))  # union blocks of one call, all tiles
+        for begin, stop, width in _similar_widths(widths[order].tolist(), budget):
+            if width == 0:
+                continue
+            picked = order[begin:stop]
+            part = union[picked, :width]
+            index = (part.clamp(max=num_blocks - 1) + num_blocks * owner[picked, None]).flatten()
+            part_keys = key_blocks.index_select(0, index).view(len(picked), 1, width * m, dim)
+            part_values = value_blocks.index_select(0, index).view(len(picked), 1, width * m, -1)
+            positions = part[..., None] * m + blocks  # [n, U, m]
+            readable = (positions < seq_len) & ~focal[owner[picked, None, None], positions.clamp(max=seq_len - 1)]
+            part_reads = reads[picked, :, :width]
+            # a sum of broadcast biases: on the CPU many times faster than a `where` of the same shape
+            mask = additive_mask(~part_reads, queries.dtype)[..., None] + additive_mask(~readable, queries.dtype)[:, None]
+            part_out, part_lse = _fused_attention(tile_queries[picked], part_keys, part_values,
+                                                  mask.view(len(picked), 1, tile, width * m), scale, with_lse=True)
+            reads_any = (part_reads & readable.any(-1)[:, None]).any(-1)  # [n, tile]
+            chunk_out[picked] = part_out
+            chunk_lse[picked] = torch.where(reads_any[:, None], part_lse, -math.inf)
+        chunk_out = chunk_out.view(rows, tiles, group, tile, -1).transpose(1, 2).reshape(rows, group, tiles * tile, -1)
+        chunk_lse = chunk_lse.view(rows, tiles, group, tile).transpose(1, 2).reshape(rows, group, tiles * tile)
+        _merge(out[:, :, lo:hi], lse[:, :, lo:hi], chunk_out[:, :, : hi - lo], chunk_lse[:, :, : hi - lo])
+
+
+def _expanded_in_place(out, lse, entries, queries, keys, values, chosen, focal, old: int, group_size: int,
+                       scale: float) -> None:
+    """The expanded stream of one tile over all its old blocks, read in place (no copy of the members): for the
+    tile's ``entries`` (one per batch row x kv head, in row order) of ``out`` / ``lse`` [E, G, T, dv] / [E, G, T],
+    queries [R, G, T, d], their choices ``chosen`` [R, T, X] among blocks 0..old-1 (sentinel nb)."""
+    members = old * group_size
+    reads = expanded_mask(chosen, old)  # [R, T, old]
+    readable = ~focal[:, :members].view(-1, old, group_size)
+    mask = additive_mask(~reads, queries.dtype)[..., None] + additive_mask(~readable, queries.dtype)[:, None]
+    part_out, part_lse = _fused_attention(queries, keys[:, None, :members], values[:, None, :members],
+                                          mask.view(len(entries), 1, chosen.shape[1], members), scale, with_lse=True)
+    reads_any = (reads & readable.any(-1)[:, None]).any(-1)  # [R, T]
+    out[entries] = part_out
+    lse[entries] = torch.where(reads_any[:, None], part_lse, -math.inf)
+
+
+def _similar_widths(widths: list[int], budget: int) -> list[tuple[int, int, int]]:
+    """Runs of consecutive entries of ``widths``: (begin, end, the run's widest), each run's widest at most
+    SIMILAR_WIDTH times its narrowest (plus one) and at most ``budget`` in width x entries (sorted widths give
+    the fewest runs)."""
+    runs = []
+    begin = 0
+    low = high = widths[0] if widths else 0
+    for index, width in enumerate(widths):
+        low, high = min(low, width), max(high, width)
+        if index > begin and (high > SIMILAR_WIDTH * low + 1 or high * (index + 1 - begin) > budget):
+            runs.append((begin, index, max(widths[begin:index])))
+            begin, low, high = index, width, width
+    if widths:
+        runs.append((begin, len(widths), max(widths[begin:])))
+    return runs
+
+
+def _merge(out, lse, other_out, other_lse) -> None:
+    """out, lse (in place) <- the softmax over both key sets of two partial results normalised over their own
+    keys (out [..., T, dv], lse [..., T]); other_lse is -inf where the other set is empty."""
+    total = torch.logaddexp(lse, other_lse)
+    out.mul_((lse - total).exp_().unsqueeze(-1)).add_(other_out * (other_lse - total).exp_().unsqueeze(-1))
+    lse.copy_(total)
 
 
 def _tile_union(chosen: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks a tile's queries expand, as one set per row (batch row x kv head), so that they join the
-    tile's shared keys (one SDPA, keys read once per tile: on the CPU, memory traffic, not arithmetic,
-    bounds this step, and per-query copies of X blocks cost far more than the logits of a union).
-    chosen [rows, T, X] (sentinel nb) -> (the union's block indices [rows, U] (sentinel nb), and which
-    query reads which of them [rows, T, U] bool)."""
+    """The blocks a tile's queries expand, as one set per tile, so that the tile reads each block's keys once.
+    chosen [R, T, X] (sentinel nb) -> (the union's block indices [R, U] (sentinel nb), and which query reads
+    which of them [R, T, U] bool)."""
     rows = chosen.shape[0]
     ordered = chosen.flatten(1).sort(-1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
