@@ -345,7 +345,7 @@ def test_aggregate_score_is_the_aggregate_logit_bit_for_bit():
     assert layout.score_key.data_ptr() == layout.agg_key.data_ptr()  # a view: no copy
     query_block = (torch.arange(61) // 4)[None]
     has_members = torch.isfinite(layout.agg_bias)
-    picked = choose_expanded(q, query_block, layout.score_key, has_members, 3, 1, 0.4)
+    picked = choose_expanded(q, query_block, layout.score_key, has_members, 3, 1)
     score = (0.4 * q @ layout.agg_key[:, :, None].transpose(-1, -2)).amax(2)
     eligible = (torch.arange(16) < query_block[..., None]) & has_members[:, :, None, :]
     expected = select_focal(score, eligible, torch.zeros((), dtype=torch.bool), torch.full((1, 1, 1, 1), 3))
@@ -366,9 +366,9 @@ def test_expansion_scores_in_chunks_that_count_the_score_keys(monkeypatch):
     calls = []
     choose = layout_module.choose_expanded_blocks
 
-    def counting(query, query_block, score_key, *args):
+    def counting(query, query_block, score_key, *args, **kwargs):
         calls.append(query.shape[:4].numel() * score_key.shape[2] * score_key.shape[3])
-        return choose(query, query_block, score_key, *args)
+        return choose(query, query_block, score_key, *args, **kwargs)
 
     q, k, v, lengths = expansion_inputs()
     per_query_block = 2 * 2 * 3 * 4 * 16  # B * H * G * m * blocks

@@ -77,7 +77,7 @@ def attend_chunk(buffers: DecodeBuffers, storage, settings: DecodeSettings, toke
         agg_hidden = ~rule.is_old_block(agg_blocks, query_block[:, None, lo:hi, None], n).expand(-1, heads, -1, -1)
         parts_k, parts_v, expanded_hidden = [focal_k, agg_k, raw_k], [focal_v, agg_v, raw_v], []
         if settings.expand and old_blocks:
-            picked = expansion(buffers, settings, tokens.query[:, :, :, lo:hi], query_block[:, lo:hi], old_blocks, scale)
+            picked = expansion(buffers, settings, tokens.query[:, :, :, lo:hi], query_block[:, lo:hi], old_blocks)
             union = picked.flatten(0, 2).any(0).nonzero().flatten()  # the blocks any query of the tile expands
             if union.numel():
                 # a focal token of a block the query expands is read as one of the block's tokens
@@ -132,14 +132,13 @@ def attend_dense(storage, settings: DecodeSettings, tokens: NewTokens, scale: fl
 
 
 def expansion(buffers: DecodeBuffers, settings: DecodeSettings, query: torch.Tensor, query_block: torch.Tensor,
-              old_blocks: int, scale: float) -> torch.Tensor:
+              old_blocks: int) -> torch.Tensor:
     """docs/spec.md step 6 for a step's queries [B, H, G, T, d] in blocks `query_block` [B, T]: the blocks
     among the first `old_blocks` that each query expands, [B, H, T, old_blocks] bool (`choose_expanded` over
     the state's score keys: its aggregates, or its principal ends; a block without members has the bias
     -inf)."""
     return choose_expanded(query, query_block, buffers.score_keys(old_blocks),
-                           torch.isfinite(buffers.agg_bias[:, :, :old_blocks]), settings.expand, settings.local_blocks,
-                           scale)
+                           torch.isfinite(buffers.agg_bias[:, :, :old_blocks]), settings.expand, settings.local_blocks)
 
 
 def expanded_list(picked: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +170,7 @@ def attend_packed(buffers: DecodeBuffers, storage, settings: DecodeSettings, tok
     tail = buffers.tail
     tail_visible = torch.zeros(batch, heads, tail, dtype=torch.bool, device=device)  # stale rows hidden
     if settings.expand and old_blocks:
-        expanded = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
+        expanded = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks)[:, :, 0]
         chosen, usable = expanded_list(expanded, min(settings.expand, old_blocks))
         agg_bias[..., :old_blocks].masked_fill_(expanded, -math.inf)
         block = rule.block_of(focal_pos, m).clamp_(max=old_blocks - 1)
@@ -201,7 +200,7 @@ def attend_fused(buffers: DecodeBuffers, storage, settings: DecodeSettings, toke
     query_block = rule.block_of(tokens.positions[:, 0], m)  # [B]
     expanded = None
     if settings.expand and old_blocks:
-        mask = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks, scale)[:, :, 0]
+        mask = expansion(buffers, settings, tokens.query, query_block[:, None], old_blocks)[:, :, 0]
         chosen, usable = expanded_list(mask, min(settings.expand, old_blocks))
         expanded = (mask, chosen, usable, storage.arch_k, storage.arch_v)
     out = triton_decode.attend_step(

@@ -112,7 +112,7 @@ def build_layout(
     if config.expand_blocks:
         score_key = block_score_keys(agg_key, ends)
         with torch.no_grad():
-            expanded = select_expanded(query, score_key, agg_bias, config, scale)
+            expanded = select_expanded(query, score_key, agg_bias, config)
     return DGALayout(
         lengths=lengths,
         focal_pos=focal_pos,
@@ -128,10 +128,8 @@ def build_layout(
     )
 
 
-def select_expanded(
-    query: torch.Tensor, score_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig, scale: float
-) -> torch.Tensor:
-    """Step 6 of docs/spec.md over a prefill (`choose_expanded` for every query). query [B, H, G, L, d],
+def select_expanded(query: torch.Tensor, score_key: torch.Tensor, agg_bias: torch.Tensor, config: DGAConfig) -> torch.Tensor:
+    """Step 6 of docs/spec.md over a prefill (`choose_expanded_blocks` for every query). query [B, H, G, L, d],
     score_key [B, H, nb, S, d] (`block_score_keys`) and agg_bias [B, H, nb] (-inf: no members) -> [B, H, L, X]
     block indices, ascending, padded with nb (see `DGALayout.expanded`). Scored a chunk of whole blocks of
     queries at a time (EXPANSION_CHUNK_SCORES logits, the S score keys of a block counted apart), each over
@@ -144,6 +142,8 @@ def select_expanded(
     chosen = torch.full((batch, heads, seq_len, width), num_blocks, dtype=torch.long, device=query.device)
     if width == 0:
         return chosen
+    has_members = torch.isfinite(agg_bias)
+    all_have_members = bool(has_members.all())
     first_block = rule.first_block_seeing_as_old(0, n)  # earlier queries have no old block
     per_chunk = max(1, EXPANSION_CHUNK_SCORES // max(batch * heads * group * m * num_blocks * per_block, 1))
     for first in range(first_block, last_block + 1, per_chunk):
@@ -152,7 +152,8 @@ def select_expanded(
         old = rule.old_block_count(last, n)
         q_block = rule.block_of(torch.arange(q_lo, q_hi, device=query.device), m).view(1, -1)
         listed = choose_expanded_blocks(query[:, :, :, q_lo:q_hi], q_block, score_key[:, :, :old],
-                                        torch.isfinite(agg_bias[:, :, :old]), config.expand_blocks, n, scale)
+                                        None if all_have_members else has_members[:, :, :old],
+                                        config.expand_blocks, n, old_for_all=rule.old_block_count(first, n))
         count = min(width, old)
         chosen[:, :, q_lo:q_hi, :count] = torch.where(listed[..., :count] < old, listed[..., :count], num_blocks)
     return chosen
@@ -165,49 +166,70 @@ def choose_expanded(
     has_members: torch.Tensor,
     expand_blocks: int,
     local_blocks: int,
-    scale: float,
 ) -> torch.Tensor:
     """`choose_expanded_blocks` as [B, H, T, nb] bool, True at the blocks each query expands (what a decoding
     step's mask takes)."""
-    listed = choose_expanded_blocks(query, query_block, score_key, has_members, expand_blocks, local_blocks, scale)
+    listed = choose_expanded_blocks(query, query_block, score_key, has_members, expand_blocks, local_blocks)
     return expanded_mask(listed, score_key.shape[2])
+
+
+def block_scores(query: torch.Tensor, score_key: torch.Tensor) -> torch.Tensor:
+    """``max_g max_S Q[g,i] . score_key[c, S]`` for queries [B, H, G, T, d] and score keys [B, H, nb, S, d]:
+    [B, H, T, nb] in the compute dtype of the score keys. The spec's factor s > 0 is left out: it orders the
+    scores alike. One matrix product of the T*G query rows (query-major) with the S*nb keys (S-major), so
+    that the G*S logits of a query and block lie nb apart and reduce over a middle dimension (on the CPU five
+    times faster than reducing the inner S and then G)."""
+    batch, heads, group, queries, dim = query.shape
+    num_blocks, per_block = score_key.shape[2:4]
+    dtype = compute_dtype(score_key.dtype)
+    rows = query.to(dtype).transpose(2, 3).reshape(batch, heads, queries * group, dim)
+    keys = score_key.to(dtype).transpose(2, 3).reshape(batch, heads, per_block * num_blocks, dim)
+    logits = rows @ keys.transpose(-1, -2)  # [B, H, T * G, S * nb]
+    return logits.view(batch, heads, queries, group * per_block, num_blocks).amax(dim=3)
 
 
 def choose_expanded_blocks(
     query: torch.Tensor,
     query_block: torch.Tensor,
     score_key: torch.Tensor,
-    has_members: torch.Tensor,
+    has_members: torch.Tensor | None,
     expand_blocks: int,
     local_blocks: int,
-    scale: float,
+    old_for_all: int = 0,
 ) -> torch.Tensor:
     """The choice of docs/spec.md step 6, the one implementation of it: prefill (`select_expanded`) and every
     decoding step (one-token steps and chunks, dga_hf/decoding/steps.py, through `choose_expanded`) call it.
 
     For queries [B, H, G, T, d] in blocks `query_block` [B or 1, T], over the score keys score_key
     [B, H, nb, S, d] of blocks 0..nb-1 (`block_score_keys`: the aggregates K_hat_c, or the principal ends
-    P+_c, P-_c; `has_members` [B, H, nb]: the block has members outside F): per query and kv head, the
-    `expand_blocks` blocks old for the query (`rule.is_old_block`) with members whose score
-    ``max_g max_S s*Q[g,i]*score_key[c, S]`` is highest, ties to the earlier block, as block indices
-    [B, H, T, min(expand_blocks, nb)], ascending, then nb where a query has fewer candidates. Scored in the
-    compute dtype of the score keys.
+    P+_c, P-_c; `has_members` [B, H, nb]: the block has members outside F, None when every block has): per
+    query and kv head, the `expand_blocks` blocks old for the query (`rule.is_old_block`) with members whose
+    score (`block_scores`) is highest, ties to the earlier block, as block indices
+    [B, H, T, min(expand_blocks, nb)], ascending, then nb where a query has fewer candidates. `old_for_all`:
+    how many leading blocks the caller knows to be old for every query (only the blocks after them are
+    masked by query).
 
     One top-k of the scores decides every query whose E-th highest score differs from its (E+1)-th (with
     continuous scores, all of them); the queries where they are equal take stage 2's `select_focal` (budget E,
     no sinks), whose ties go to the earlier block. (Measured on the CPU at 16K, `select_focal` for every query,
     then a top-k of the picked blocks' positions, took twice as long.)"""
-    dtype = compute_dtype(score_key.dtype)
-    num_blocks, per_block = score_key.shape[2:4]
-    keys = score_key.flatten(2, 3).to(dtype)[:, :, None].transpose(-1, -2)
-    logits = scale * query.to(dtype) @ keys  # [B, H, G, T, nb * S]
-    score = logits.unflatten(-1, (num_blocks, per_block)).amax(-1).amax(2)  # [B, H, T, nb]
-    blocks = torch.arange(num_blocks, device=query.device)
-    eligible = rule.is_old_block(blocks, query_block[:, None, :, None], local_blocks) & has_members[:, :, None, :]
+    num_blocks = score_key.shape[2]
     count = min(expand_blocks, num_blocks)
     if count == 0:
-        return torch.full((*score.shape[:-1], 0), num_blocks, dtype=torch.long, device=query.device)
-    candidates = score.masked_fill(~eligible, -math.inf)
+        return torch.full((*query.shape[:2], query.shape[3], 0), num_blocks, dtype=torch.long, device=query.device)
+    score = block_scores(query, score_key)
+
+    def eligible(blocks: torch.Tensor, block_query: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
+        old = rule.is_old_block(blocks, block_query[..., None], local_blocks)
+        return old if members is None else old & members
+
+    blocks = torch.arange(num_blocks, device=query.device)
+    candidates = score
+    if has_members is not None:
+        candidates = candidates.masked_fill(~has_members[:, :, None, :], -math.inf)
+    if old_for_all < num_blocks:  # in place: `score` itself is only read again for tied queries, masked anew
+        tail = candidates[..., old_for_all:]
+        tail.masked_fill_(~rule.is_old_block(blocks[old_for_all:], query_block[:, None, :, None], local_blocks), -math.inf)
     # the top count + 1: the last one tells whether the count-th score is tied with one left out
     top, listed = torch.topk(candidates, min(count + 1, num_blocks), dim=-1)
     tied = torch.isfinite(top[..., count - 1]) & (top[..., count - 1] == top[..., -1]) if count < num_blocks else None
@@ -215,9 +237,11 @@ def choose_expanded_blocks(
     listed = listed.masked_fill(top == -math.inf, num_blocks)  # fewer candidates than E: all of them
     if tied is not None and bool(tied.any()):
         rows = tied.nonzero(as_tuple=True)
+        batch_rows = rows[0] if query_block.shape[0] > 1 else torch.zeros_like(rows[0])
+        members = None if has_members is None else has_members[rows[0], rows[1]]
         no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
         budget = torch.full((1, 1), expand_blocks, dtype=torch.long, device=query.device)
-        picked = select_focal(score[rows], eligible[rows], no_sink, budget)
+        picked = select_focal(candidates[rows], eligible(blocks, query_block[batch_rows, rows[2]], members), no_sink, budget)
         listed[rows] = expanded_indices(picked, count, num_blocks)
     return listed.sort(dim=-1).values
 
