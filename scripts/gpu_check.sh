@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check, run from the repository root on the GPU machine (no network; torch/triton/transformers there):
 #   1. editable install of dga_hf (no deps, no build isolation);
-#   2. the GPU test subset with compiled Triton kernels (TRITON_INTERPRET unset, CUDA used), among them
+#   2. the prefill attention benchmark (presets default, expand, paper against SDPA-flash), results in
+#      $OUT/bench: first, so that a run cut short still gives the headline table;
+#   3. the GPU test subset with compiled Triton kernels (TRITON_INTERPRET unset, CUDA used), among them
 #      the check of the Triton backend against the PyTorch backend at the benchmark's shape and presets
-#      (forward and gradients), which the benchmark does not repeat;
-#   3. the attention benchmark, results in $OUT/bench;
+#      (forward and gradients), which the benchmark does not repeat: read the table of step 2 only with it;
 #   4. its training table (forward + backward at 16K and 32K), added to the same report, in a process of
 #      its own (a fault in the backward kernels cannot take the prefill numbers with it);
 #   5. the attention of one decoding step, dense vs DGACache keep_full / compact (Triton decode kernels, and
@@ -40,15 +41,15 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 # limits add up to 550 s (+ a few seconds of probes): the whole script fits one 10-minute call
 step pip_install 40 python -m pip install --no-deps --no-build-isolation -e .
 
+step bench 170 python -m dga_hf.bench.attention --out "$OUT/bench"
+
 tests=(tests/test_triton_backend.py)
 [ -f tests/test_triton_backward.py ] && tests+=(tests/test_triton_backward.py)
 [ -f tests/test_ops.py ] && tests+=(tests/test_ops.py)
 [ -f tests/test_triton_decode.py ] && tests+=(tests/test_triton_decode.py)
-step pytest 190 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
+step pytest 155 python -m pytest -q --maxfail=10 -rs --durations=10 "${tests[@]}"
 
 step model_smoke 55 python scripts/gpu_model_smoke.py
-
-step bench 135 python -m dga_hf.bench.attention --out "$OUT/bench"
 
 step bench_train 75 python -m dga_hf.bench.attention --train-only --repeats 3 --out "$OUT/bench"
 

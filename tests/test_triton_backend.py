@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 
 from dga_hf import rule  # noqa: E402
+from dga_hf.bench.attention import PRESETS as BENCH_PRESETS  # noqa: E402
 from dga_hf.bench.attention_workload import LLAMA3_8B, executed_pairs, random_qkv, stage5_inputs, visible_pairs  # noqa: E402
 from dga_hf.config import DGAConfig  # noqa: E402
 from dga_hf.ops import dga_attention, naive_dga_attention, torch_backend, triton_backend, triton_plan  # noqa: E402
@@ -201,7 +202,7 @@ def test_matches_torch_backend_on_bench_inputs(device):
 
 
 @pytest.mark.skipif(not CUDA_COMPILED, reason=NOT_CUDA_COMPILED)
-@pytest.mark.parametrize("preset", ["default", "paper"])
+@pytest.mark.parametrize("preset", BENCH_PRESETS)
 def test_cuda_matches_torch_backend_at_bench_shape(preset):
     """The benchmark's shape (Llama-3-8B attention, bf16) and presets, at 4K tokens."""
     _check_backends_on_bench_inputs("cuda", 4096, LLAMA3_8B["q_heads"], LLAMA3_8B["kv_heads"], LLAMA3_8B["head_dim"],

@@ -15,8 +15,8 @@ Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head dim 128), bf16, ba
   layout;
 * ``torch_<preset>``: the PyTorch backend's whole path, only up to 16K (it is slow).
 
-``<preset>``: the shipped presets ``default`` and ``paper``, and with ``--expand-blocks E`` each again with
-query-aware expansion of E blocks (docs/spec.md step 6), ``<preset>_e<E>``.
+``<preset>``: the shipped presets ``default``, ``expand`` (query-aware expansion, principal score: docs/spec.md
+step 6) and ``paper``, and with ``--expand-blocks E`` each again with E expanded blocks, ``<preset>_e<E>``.
 
 With ``--train`` (or ``--train-only``) a training table follows, at ``--train-lengths`` (default 16K, 32K):
 one step of forward + backward (gradients of q, k, v for a random dO) of ``sdpa_flash_train``,
@@ -35,7 +35,7 @@ failure (OOM, compile error) is recorded as an error string and the run goes on.
 
 The benchmark does not check correctness: the Triton kernels are checked against the PyTorch backend
 at this shape and these presets by tests/test_triton_backend.py and tests/test_triton_backward.py, which
-scripts/gpu_check.sh runs on the GPU before the benchmark.
+scripts/gpu_check.sh runs on the GPU right after the benchmark (the table first, so that a run cut short keeps it).
 
 This module holds the runs and the command line; the inputs and pair counts are in `attention_workload`,
 the timing in `timing`, the report in `attention_report`.
@@ -62,7 +62,7 @@ DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 QUICK_LENGTHS = (8192, 32768)
 TRAIN_LENGTHS = (16384, 32768)
 TORCH_BACKEND_MAX_LEN = 16384
-PRESETS = ("default", "paper")
+PRESETS = ("default", "expand", "paper")
 
 
 # ------------------------------------------------------------------------------------------------ prefill
