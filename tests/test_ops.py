@@ -57,8 +57,40 @@ def test_inference_tiles_match_naive_reference(config, shape, padded, seed, tile
     expected = naive_dga_attention(q, k, v, config, padding_mask=mask)
     with mock.patch.object(torch_backend, "tile_blocks", return_value=tile) as tiles:
         actual = dga_attention(q, k, v, config, backend="torch", padding_mask=mask)
-    assert tiles.called or (mask is None and seq_len < config.min_seq_len)
+    assert tiles.called or (mask is None and seq_len < config.min_seq_len) or all_local(config, seq_len)
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+
+
+def all_local(config: DGAConfig, seq_len: int) -> bool:
+    """No query of a `seq_len`-token sequence has an old block: the window spans the sequence."""
+    from dga_hf import rule
+
+    bounded = config.for_length(seq_len)
+    return rule.old_block_count(rule.block_of(seq_len - 1, bounded.group_size), bounded.local_blocks) == 0
+
+
+@pytest.mark.parametrize("expand_blocks", [0, 3])
+def test_a_window_that_spans_the_sequence_runs_dense_attention(expand_blocks):
+    """When no query has an old block (L <= local_blocks * group_size), DGA is dense attention by the spec's
+    invariant, and `dga_attention` runs the dense kernel without building a selection; one token more and
+    the selection is built. A decode state builds it anyway (its prompt's blocks leave the window later)."""
+    from unittest import mock
+
+    from dga_hf.ops import dispatch
+
+    config = DGAConfig(group_size=4, focal_ratio=0.2, local_blocks=3, expand_blocks=expand_blocks, probe_queries=3,
+                       min_seq_len=0)
+    q, k, v = qkv(1, 4, 2, 13, 8, seed=3, dtype=torch.float64)
+    with mock.patch.object(dispatch, "build_layout", wraps=dispatch.build_layout) as layouts:
+        spanned = dga_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], config, backend="torch")
+        assert not layouts.called
+        torch.testing.assert_close(spanned, dense_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12]), atol=1e-12, rtol=1e-12)
+        longer = dga_attention(q, k, v, config, backend="torch")
+        assert layouts.call_count == 1
+        torch.testing.assert_close(longer, naive_dga_attention(q, k, v, config), atol=1e-12, rtol=1e-12)
+        prompt = dispatch.prefill(q[:, :, :12].view(1, 2, 2, 12, 8).flatten(1, 2), k[:, :, :12], v[:, :, :12], config,
+                                  scale=8**-0.5, keep_selection=True)
+        assert layouts.call_count == 2 and not prompt.focal.all()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])

@@ -114,7 +114,7 @@ class DGADecodeState:
         min_seq_len), then the state from its selection."""
         settings = DecodeSettings.resolve(self.options, config, dense_layer, query.dtype)
         prefill = dispatch.prefill(query, key, value, config, scale=scale, padding_mask=padding_mask,
-                                   dense=settings.is_dense(query.shape[2]))
+                                   dense=settings.is_dense(query.shape[2]), keep_selection=True)
         # the decode kernels expand blocks, which the prefill kernel does not yet: with expand_blocks > 0,
         # backend "auto" runs the prefill on PyTorch and the one-token steps still in the kernels
         decode_backend = dispatch.resolve_backend(config.backend, query.device)

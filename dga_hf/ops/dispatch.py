@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 from torch._C import DispatchKey
 
+from .. import rule
 from ..config import BACKENDS, DGAConfig, resolve_config
 from . import autograd, stats, torch_backend
 from .dense import dense_attention
@@ -248,18 +249,25 @@ def prefill(
     backend: str = "auto",
     padding_mask: torch.Tensor | None = None,
     dense: bool = False,
+    keep_selection: bool = False,
 ) -> Prefill:
     """The one dispatch of a prefill: backend choice, padding compaction, layout (stages 1-4), stage 5,
-    uncompaction. `dga_attention` returns its output; a decode state also keeps the selection.
+    uncompaction. `dga_attention` returns its output; a decode state also keeps the selection
+    (`keep_selection`).
     `dense`: dense attention with the padding mask (a decode state's dense layer or short prompt); else
-    the naive backend, dense attention for an unpadded sequence shorter than min_seq_len, or DGA."""
+    the naive backend, dense attention for an unpadded sequence shorter than min_seq_len, dense attention
+    when no query has an old block (the window spans the sequence: the same function, docs/spec.md's
+    invariants, without the selection; unless `keep_selection`, since a decode state ages the prompt's blocks
+    out of the window later), or DGA."""
     batch, q_heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
     chosen = resolve_backend(config.backend if backend == "auto" else backend, query.device)
     q, k, v, lengths, order = compact_padding(query, key, value, padding_mask)
     q = q.view(batch, kv_heads, q_heads // kv_heads, seq_len, head_dim)
     short = padding_mask is None and seq_len < config.min_seq_len and chosen != "naive"
-    if dense or short:
+    all_local = not keep_selection and chosen != "naive" and rule.old_block_count(
+        rule.block_of(seq_len - 1, config.group_size), config.local_blocks) == 0
+    if dense or short or all_local:
         out = dense_attention(query, key, value, scale=scale, padding_mask=padding_mask)
         real = torch.arange(seq_len, device=query.device)[None, :] < lengths[:, None]
         if stats.counting():
