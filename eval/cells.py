@@ -12,8 +12,9 @@ everything that determines it:
   length;
 - the configuration's resolved settings (every `DGAConfig` field and the decoding cache, or "dense"), not its
   name;
-- the run: the model (its name, type and parameter count), dtype, seed, device type and name, device map, and the
-  number of processes.
+- the run: the model (its name, type, parameter count and a digest of its weights, `models.weights_digest`:
+  other weights under the same path run every cell again), dtype, seed, device type and name, device map, and
+  the number of processes.
 
 The versions of dga-hf (and its commit), torch, transformers and lm-eval are not in it: a long run is resumed
 over sessions of a repository that keeps changing, and a commit in the fingerprint would throw every cell away at

@@ -31,7 +31,7 @@ from dga_hf.environment import package_versions
 
 from .cells import CellStore, refusal
 from .harness import Processes, run_tasks
-from .models import EMBEDDED_MODELS, display_name, load_model, resolve_model_path
+from .models import EMBEDDED_MODELS, display_name, load_model, resolve_model_path, weights_digest
 from .report import write_report
 from .runconfig import dga_configs, load_run_config
 
@@ -166,6 +166,7 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
         "model_path": resolve_model_path(spec.get("model")),
         "model_type": model.config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": weights_digest(model),
         "device": str(model.device),
         "device_map": args.device_map,
         "hf_device_map": getattr(model, "hf_device_map", None),  # where from_pretrained put each module
@@ -181,7 +182,7 @@ def run_settings(args: argparse.Namespace, argv: list[str] | None, spec: dict, m
     }
 
 
-FINGERPRINTED_SETTINGS = ("model", "model_type", "parameters", "dtype", "seed", "device_name", "device_map", "processes")
+FINGERPRINTED_SETTINGS = ("model", "model_type", "parameters", "weights", "dtype", "seed", "device_name", "device_map", "processes")
 
 
 def cell_fingerprint_settings(settings: dict) -> dict:

@@ -181,6 +181,30 @@ def embedded_model(name: str | None) -> EmbeddedModel | None:
     return None
 
 
+WEIGHTS_DIGEST_SAMPLES = 4096  # elements read per tensor, evenly spaced
+
+
+def weights_digest(model) -> str:
+    """A digest of the model's weights (sha256, 16 hex digits) that tells two checkpoints of one architecture
+    apart, so that a resumed run never reuses cells of other weights (a fine-tuned model saved over the same
+    path, another `--model PATH`): per tensor of the state dict, its name, dtype and shape, the float64 sum of
+    its elements and WEIGHTS_DIGEST_SAMPLES of them evenly spaced. Every element is summed once (a second or
+    so at 0.5B parameters on the CPU); the samples catch a change the sums miss (a permutation)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if tensor.device.type == "meta":  # offloaded by a device map: its shape is all there is to read here
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|meta|".encode())
+                continue
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // WEIGHTS_DIGEST_SAMPLES)
+            sampled = flat[::step][:WEIGHTS_DIGEST_SAMPLES].to(device="cpu", dtype=torch.float64)
+            total = flat.sum(dtype=torch.float64).item() if flat.is_floating_point() else int(flat.sum())
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{total!r}|".encode())
+            digest.update(sampled.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def display_name(name: str | None) -> str:
     """The model's name in reports: the upstream name of an embedded model, else the path or Hub name given."""
     model = embedded_model(name)

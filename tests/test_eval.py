@@ -460,6 +460,35 @@ def test_changed_settings_errors_and_broken_files_run_their_cells_again(tmp_path
     assert json.loads(errored.read_text())["fingerprint"]["task_spec"] == RESUMED_RUN["tasks"]["copy"]
 
 
+def test_other_weights_under_the_same_path_run_every_cell_again(tmp_path, tiny_model_dir, uninterrupted, capsys):
+    """The weights are in the fingerprint: a model saved again under the same path with one weight changed (as
+    fine-tuning would) reuses no cell, and says why."""
+    from transformers import AutoModelForCausalLM
+
+    from dga_eval import harness
+
+    out, model_dir = tmp_path / "out", tmp_path / "model"
+    shutil.copytree(uninterrupted["out"], out)
+    shutil.copytree(tiny_model_dir, model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 0.5
+    model.save_pretrained(model_dir)
+    for path in (out / "cells").glob("*/*/*.json"):  # as if the first run had read the model from model_dir
+        record = json.loads(path.read_text())
+        record["fingerprint"]["run"]["model"] = str(model_dir)
+        path.write_text(json.dumps(record))
+    before = json.loads((out / "cells" / "copy" / "128" / "dense.json").read_text())["fingerprint"]["run"]["weights"]
+    with pytest.MonkeyPatch.context() as patched:
+        computed = count_cells(patched, harness, "run_share")
+        evaluate(tmp_path, model_dir, RESUMED_RUN, out, "--resume")
+    assert len(computed) == 12
+    after = json.loads((out / "cells" / "copy" / "128" / "dense.json").read_text())["fingerprint"]["run"]["weights"]
+    assert before != after and len(after) == 16
+    log = capsys.readouterr().err
+    assert f'(run.weights: "{before}" -> "{after}"): running it again' in log and "run.model" not in log
+
+
 def test_an_out_holding_cells_is_refused_without_resume(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
     from dga_eval import cli, harness
 
