@@ -50,14 +50,14 @@ class CellKey:
         return f"{self.task}/{self.length}/{self.config}"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, whenever the process is killed: a temporary file of the same
-    folder, flushed to disk, renamed over it."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """`path` holds `content` (text, or bytes: a plot) or what it held before, whenever the process is killed: a
+    temporary file of the same folder, flushed to disk, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
+        with os.fdopen(descriptor, "wb" if isinstance(content, bytes) else "w") as file:
+            file.write(content)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -3,6 +3,7 @@ ratio to dense, per length) and PNG plots (each metric against length, every con
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -240,8 +241,10 @@ def plot_metrics(task: dict, metrics: list[str], configs: list[str], path: Path,
         axis.set_visible(False)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
+    write_atomically(path, image.getvalue())  # a run killed while plotting keeps the last whole plot
 
 
 def ylabel(meta: dict[str, Any]) -> str:
