@@ -226,6 +226,13 @@ dga_config_strategy = st.builds(
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 CUDA_COMPILED = not INTERPRET and torch.cuda.is_available()
 NOT_CUDA_COMPILED = "needs CUDA and TRITON_INTERPRET unset (compiled kernels)"
+# a test of the Triton backend on whichever device runs it: only a process where triton was imported before
+# conftest.py could set TRITON_INTERPRET=1, on a machine without CUDA, has neither (the README's command has it)
+needs_triton = pytest.mark.skipif(
+    not (INTERPRET or CUDA_COMPILED),
+    reason="the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported) "
+    "or compiled on CUDA; this process has neither",
+)
 
 DEVICES = [
     pytest.param(

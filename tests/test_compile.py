@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from helpers import CUDA_COMPILED, INTERPRET, VOCAB, left_padding, load_script, make_model, qkv, save_char_model
+from helpers import VOCAB, left_padding, load_script, make_model, needs_triton, qkv, save_char_model
 
 import dga_hf
 from dga_hf import DGAConfig
@@ -25,10 +25,7 @@ from dga_hf.ops.dispatch import prefill_backward_operator, prefill_operator
 PLAIN = DGAConfig(group_size=4, focal_ratio=0.1, probe_queries=8, local_blocks=1, min_seq_len=0, backend="torch")
 SETTINGS = {"plain": PLAIN, "expand": PLAIN.replace(expand_blocks=2)}
 LENGTH = 70
-NO_TRITON = "needs TRITON_INTERPRET=1 (the CPU) or CUDA"
-TRITON_PADDED = pytest.param(
-    "triton", True, 21, marks=pytest.mark.skipif(not (INTERPRET or CUDA_COMPILED), reason=NO_TRITON), id="triton-True-21"
-)
+TRITON_PADDED = pytest.param("triton", True, 21, marks=needs_triton, id="triton-True-21")
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +105,7 @@ def test_gradients_through_the_compiled_prefill():
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(not (INTERPRET or CUDA_COMPILED), reason=NO_TRITON)
+@needs_triton
 def test_triton_backend_compiles_with_fullgraph():
     """The Triton backend runs inside the operator too (interpreted on the CPU)."""
     model = dga_hf.patch(make_model("llama"), SETTINGS["expand"].replace(backend="triton"))

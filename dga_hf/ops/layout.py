@@ -219,15 +219,11 @@ def choose_expanded_blocks(
         return torch.full((*query.shape[:2], query.shape[3], 0), num_blocks, dtype=torch.long, device=query.device)
     score = block_scores(query, score_key)
 
-    def eligible(blocks: torch.Tensor, block_query: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
-        old = rule.is_old_block(blocks, block_query[..., None], local_blocks)
-        return old if members is None else old & members
-
     blocks = torch.arange(num_blocks, device=query.device)
     candidates = score
     if has_members is not None:
         candidates = candidates.masked_fill(~has_members[:, :, None, :], -math.inf)
-    if old_for_all < num_blocks:  # in place: `score` itself is only read again for tied queries, masked anew
+    if old_for_all < num_blocks:  # in place: nothing reads the unmasked scores again
         tail = candidates[..., old_for_all:]
         tail.masked_fill_(~rule.is_old_block(blocks[old_for_all:], query_block[:, None, :, None], local_blocks), -math.inf)
     # the top count + 1: the last one tells whether the count-th score is tied with one left out
@@ -237,11 +233,10 @@ def choose_expanded_blocks(
     listed = listed.masked_fill(top == -math.inf, num_blocks)  # fewer candidates than E: all of them
     if tied is not None and bool(tied.any()):
         rows = tied.nonzero(as_tuple=True)
-        batch_rows = rows[0] if query_block.shape[0] > 1 else torch.zeros_like(rows[0])
-        members = None if has_members is None else has_members[rows[0], rows[1]]
+        tied_candidates = candidates[rows]  # the ineligible are -inf there, every score of a block is finite
         no_sink = torch.zeros((), dtype=torch.bool, device=query.device)
         budget = torch.full((1, 1), expand_blocks, dtype=torch.long, device=query.device)
-        picked = select_focal(candidates[rows], eligible(blocks, query_block[batch_rows, rows[2]], members), no_sink, budget)
+        picked = select_focal(tied_candidates, torch.isfinite(tied_candidates), no_sink, budget)
         listed[rows] = expanded_indices(picked, count, num_blocks)
     return listed.sort(dim=-1).values
 
